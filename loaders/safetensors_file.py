@@ -1,0 +1,170 @@
+"""The safetensors container, read and written without copying tensor bytes.
+
+Shared by the offline stage (reading sources, writing rank files) and the runtime (mapping a rank file), so the
+format's rules live in one place. A file is ``u64 little-endian header length | JSON header | data``; every tensor
+in the header names its dtype, shape and ``[begin, end)`` byte range relative to the start of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reshard.errors import FileFormatError
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_DTYPE: dict[torch.dtype, str] = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as a safetensors header describes it; ``offset`` is absolute in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of one file: its tensors in data order, metadata and where the data starts."""
+
+    path: Path
+    tensors: dict[str, HeaderEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name."""
+    return DTYPES[dtype][1]
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of ``path``; raise ``FileFormatError`` naming the file (and tensor) if it lies.
+
+    Checks what a reader relies on: the header fits in the file, is a JSON object, every dtype is known, every
+    byte range matches its shape and lies inside the file. A truncated file fails here, before any byte is mapped.
+    """
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise FileFormatError(f"{path}: {file_size} bytes is too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
+                raise FileFormatError(
+                    f"{path}: header claims {header_len} bytes but the file has {file_size} "
+                    "(truncated, or not a safetensors file)"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, HeaderEntry] = {}
+    for name, info in header.items():
+        entries[name] = _parse_entry(path, name, info, data_start, data_size)
+    ordered = dict(sorted(entries.items(), key=lambda item: item[1].offset))
+    return SafetensorsHeader(path, ordered, dict(metadata), data_start, file_size)
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> HeaderEntry:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise FileFormatError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPES:
+        raise FileFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise FileFormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise FileFormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * itemsize(dtype)
+    if end - begin != expected or begin < 0:
+        raise FileFormatError(
+            f"{path}: tensor {name!r} header lies about its size: {dtype}{shape} needs {expected} bytes, "
+            f"data_offsets give {end - begin}"
+        )
+    if end > data_size:
+        raise FileFormatError(
+            f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {data_start + data_size} "
+            "(truncated)"
+        )
+    return HeaderEntry(name, dtype, tuple(shape), data_start + begin, expected)
+
+
+def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise a header for tensors laid out back to back in the given order, padded to 8 bytes.
+
+    Returns the full prefix (length + JSON); the data section starts right after it. Deterministic: the same
+    arguments always give the same bytes.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Map a whole file read-only as a flat uint8 tensor; slices of it are views of the page cache, not copies.
+
+    ``shared=False`` maps the file private: nothing written to a view can reach the file on disk.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
+    """The tensor ``entry`` describes, as a zero-copy view of the mapped file ``flat``."""
+    dtype = DTYPES[entry.dtype][0]
+    raw = flat[entry.offset : entry.offset + entry.nbytes]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    if entry.offset % itemsize(entry.dtype):
+        raw = raw.clone()  # an unaligned tensor cannot be viewed in place; copy just this one
+    return raw.view(dtype).view(entry.shape)

@@ -1,0 +1,289 @@
+"""The manifest: what an artifact holds, as typed dataclasses with JSON in and out.
+
+An artifact is a folder with ``manifest.json`` and one safetensors file per rank (plus copied config and tokenizer
+files). The manifest is written last, so a folder without one is incomplete by definition. Its JSON Schema is
+``manifests/manifest.schema.json``; ``FORMAT_VERSION`` changes whenever a reader of the old version would misread
+the new one.
+
+Both the offline stage and the runtime import this module; it imports nothing of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from reshard.errors import ManifestError
+
+FORMAT_NAME = "reshard-tp"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a tensor is spread over the tp ranks, as a DTensor placement.
+
+    ``kind`` is ``"shard"`` (torch.chunk along ``dim``), ``"strided_shard"`` (``_StridedShard``: ``dim`` cut into
+    ``split_factor`` groups, each chunked; packed ``[gate; up]`` weights), ``"replicate"`` (a Replicate DTensor,
+    e.g. a rowwise bias) or ``"plain"`` (not a DTensor at all: an unplanned tensor, full on every rank).
+    """
+
+    kind: str
+    dim: int | None = None
+    split_factor: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.dim is not None:
+            out["dim"] = self.dim
+        if self.split_factor is not None:
+            out["split_factor"] = self.split_factor
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Placement:
+        return cls(data["kind"], data.get("dim"), data.get("split_factor"))
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.kind in ("shard", "strided_shard")
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """One rank's piece of a tensor: ``ranges`` of the global tensor along the placement's dim, concatenated.
+
+    A plain or replicated tensor has one range covering its whole first dim (or none for a scalar).
+    ``xxh3`` is the xxh3-128 of the piece's bytes as stored in the rank file.
+    """
+
+    rank: int
+    ranges: list[tuple[int, int]]
+    shape: tuple[int, ...]
+    xxh3: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the model: global shape and dtype, the plan style that placed it, and every rank's slice."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    style: str | None
+    placement: Placement
+    slices: list[RankSlice]
+
+    def slice_for(self, rank: int) -> RankSlice:
+        return self.slices[rank]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the artifact (or of its source): relative path, size and xxh3-128; ``rank`` for rank files."""
+
+    path: str
+    size: int
+    xxh3: str
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the weights came from: a Hub repo (id, revision, resolved commit) or a local folder, and its files."""
+
+    repo_id: str | None
+    revision: str | None
+    commit: str | None
+    files: list[FileEntry] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """Everything the runtime needs without the source checkpoint.
+
+    ``mesh`` maps mesh dimension names to sizes in order (``{"tp": 8}``); the rank files are numbered in
+    row-major order over it. ``plan`` is the resolved tensor-parallel plan in transformers' own form (module
+    names with ``*`` for layer numbers → style names), applied unchanged by the runtime.
+    """
+
+    tool_version: str
+    model_type: str | None
+    architecture: str | None
+    mesh: dict[str, int]
+    plan: dict[str, str]
+    source: SourceInfo
+    tensors: list[TensorEntry]
+    files: list[FileEntry]
+    options: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] | None = None
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def tp(self) -> int:
+        return self.mesh["tp"]
+
+    @property
+    def world_size(self) -> int:
+        size = 1
+        for dim in self.mesh.values():
+            size *= dim
+        return size
+
+    def rank_file(self, rank: int) -> FileEntry:
+        for entry in self.files:
+            if entry.rank == rank:
+                return entry
+        raise ManifestError(f"manifest has no file for rank {rank} (world size {self.world_size})")
+
+    def tensor(self, name: str) -> TensorEntry:
+        for entry in self.tensors:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        """Serialise deterministically (sorted plan, fixed key order), ending with a newline."""
+        data = {
+            "format": self.format,
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "mesh": self.mesh,
+            "plan": dict(sorted(self.plan.items())),
+            "options": self.options,
+            "lineage": self.lineage,
+            "source": asdict(self.source),
+            "files": [asdict(f) for f in self.files],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "style": t.style,
+                    "placement": t.placement.to_json(),
+                    "slices": [
+                        {"rank": s.rank, "ranges": [list(r) for r in s.ranges], "shape": list(s.shape), "xxh3": s.xxh3}
+                        for s in t.slices
+                    ],
+                }
+                for t in self.tensors
+            ],
+        }
+        return json.dumps(data, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = MANIFEST_NAME) -> Manifest:
+        """Parse and validate; raise ``ManifestError`` naming ``origin`` on anything a reader could misread."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{origin}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{origin}: not a reshard manifest (format is not {FORMAT_NAME!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{origin}: manifest format version {version!r}, this reshard reads version {FORMAT_VERSION}; "
+                "convert the checkpoint again or use a matching reshard"
+            )
+        try:
+            manifest = cls(
+                tool_version=data["tool_version"],
+                model_type=data.get("model_type"),
+                architecture=data.get("architecture"),
+                mesh={str(k): int(v) for k, v in data["mesh"].items()},
+                plan=dict(data["plan"]),
+                source=_source_from_json(data["source"]),
+                tensors=[_tensor_from_json(t) for t in data["tensors"]],
+                files=[FileEntry(**f) for f in data["files"]],
+                options=dict(data.get("options") or {}),
+                lineage=data.get("lineage"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{origin}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        manifest.validate(origin)
+        return manifest
+
+    def validate(self, origin: str = MANIFEST_NAME) -> None:
+        """Check internal consistency: safe relative paths, one file per rank, one slice per rank per tensor."""
+        if "tp" not in self.mesh or any(size < 1 for size in self.mesh.values()):
+            raise ManifestError(f"{origin}: mesh {self.mesh} has no positive 'tp' dimension")
+        for entry in self.files:
+            check_relative_path(entry.path, origin)
+        ranks = sorted(entry.rank for entry in self.files if entry.rank is not None)
+        if ranks != list(range(self.world_size)):
+            raise ManifestError(f"{origin}: rank files {ranks} do not cover world size {self.world_size}")
+        for tensor in self.tensors:
+            if [s.rank for s in tensor.slices] != list(range(self.world_size)):
+                raise ManifestError(f"{origin}: tensor {tensor.name!r} does not have one slice per rank")
+
+
+def check_relative_path(path: str, origin: str = MANIFEST_NAME) -> PurePosixPath:
+    """Return ``path`` as a POSIX path if it stays inside the artifact; raise ``ManifestError`` otherwise."""
+    pure = PurePosixPath(path)
+    if not path or "\\" in path or pure.is_absolute() or ".." in pure.parts or path.startswith("~"):
+        raise ManifestError(f"{origin}: file path {path!r} leaves the artifact folder")
+    return pure
+
+
+def resolve_in(root: str | os.PathLike[str], path: str, origin: str = MANIFEST_NAME) -> Path:
+    """Join a manifest path onto the artifact root, refusing anything that resolves outside it (symlinks too)."""
+    root_path = Path(root).resolve()
+    target = (root_path / check_relative_path(path, origin)).resolve()
+    if root_path != target and root_path not in target.parents:
+        raise ManifestError(f"{origin}: file path {path!r} resolves outside the artifact folder")
+    return target
+
+
+def read_manifest(root: str | os.PathLike[str]) -> Manifest:
+    """Read ``root/manifest.json``; a folder without one is not a (complete) artifact."""
+    path = Path(root) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ManifestError(
+            f"{path}: no manifest; {root} is not a reshard artifact, or its conversion did not finish"
+        ) from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return Manifest.from_json(text, origin=str(path))
+
+
+def rank_file_name(rank: int, world_size: int) -> str:
+    """The rank file's name, e.g. ``rank-00003-of-00008.safetensors``."""
+    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def _source_from_json(data: dict[str, Any]) -> SourceInfo:
+    return SourceInfo(
+        repo_id=data.get("repo_id"),
+        revision=data.get("revision"),
+        commit=data.get("commit"),
+        files=[FileEntry(**f) for f in data.get("files", [])],
+    )
+
+
+def _tensor_from_json(data: dict[str, Any]) -> TensorEntry:
+    return TensorEntry(
+        name=data["name"],
+        dtype=data["dtype"],
+        shape=tuple(data["shape"]),
+        style=data.get("style"),
+        placement=Placement.from_json(data["placement"]),
+        slices=[
+            RankSlice(
+                rank=s["rank"],
+                ranges=[(int(a), int(b)) for a, b in s["ranges"]],
+                shape=tuple(s["shape"]),
+                xxh3=s["xxh3"],
+            )
+            for s in data["slices"]
+        ],
+    )

@@ -1,0 +1,217 @@
+"""``reshard.convert``: a checkpoint in, a tensor-parallel artifact out. Plan first, then write, manifest last.
+
+The artifact is built in a hidden ``.NAME.partial`` folder next to the output and renamed into place only once
+every file is written, fsynced and hashed and the manifest is in it, so an interrupted run never leaves a folder
+that looks complete, and rerunning simply starts over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import reshard
+from reshard.errors import OutputExistsError, ReshardError
+from reshard.layout import TensorLayout, file_order, tensor_layout
+from reshard.loaders.integrity import hash_file
+from reshard.loaders.safetensors_file import DTYPES
+from reshard.manifests import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    Placement,
+    RankSlice,
+    SourceInfo,
+    TensorEntry,
+    rank_file_name,
+)
+from reshard.plan import assign_styles, builtin_plan, load_plan
+from reshard.preflight import require_shardable, text_config
+from reshard.source import Checkpoint, open_checkpoint
+from reshard.write import WrittenFile, write_rank_files
+
+ITEMSIZE = {name: size for name, (_, size) in DTYPES.items()}
+
+
+def default_output(model: str, tp: int) -> Path:
+    """``./NAME-tpN`` in the current folder, NAME being the last part of the model path or repo id."""
+    return Path(f"{Path(model.rstrip('/')).name}-tp{tp}")
+
+
+def convert(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    tp: int = 1,
+    plan: str | dict[str, str] = "auto",
+    revision: str | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Convert a Hugging Face checkpoint into one safetensors file per tp rank plus ``manifest.json``.
+
+    Args:
+        source: a local checkpoint folder or a Hub repo id.
+        out: the artifact folder to create (default ``./NAME-tpN``).
+        tp: the tensor-parallel size.
+        plan: ``"auto"`` (transformers' own plan for the architecture), a JSON plan file, or a plan dict.
+        revision: Hub revision (branch, tag or commit) when ``source`` is a repo id.
+        overwrite: replace ``out`` if it exists.
+        progress: show tqdm progress bars.
+
+    Returns:
+        The manifest written into ``out``.
+
+    Example:
+        >>> reshard.convert("./SmolLM2-1.7B", "./SmolLM2-1.7B-tp8", tp=8)  # doctest: +SKIP
+    """
+    if not isinstance(tp, int) or tp < 1:
+        raise ReshardError(f"tp must be a positive integer, got {tp!r}")
+    model = os.fspath(source)
+    out_path = Path(out) if out is not None else default_output(model, tp)
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
+
+    checkpoint = open_checkpoint(model, revision)
+    resolved_plan = load_plan(plan, checkpoint.config)
+    config = text_config(checkpoint.config)
+    tied = bool(checkpoint.config.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    styles = assign_styles(list(checkpoint.tensors), resolved_plan, tied_embeddings=tied, strict=plan != "auto")
+    require_shardable(checkpoint.config, resolved_plan, tp, model)
+    layouts = plan_layouts(checkpoint, styles, tp)
+
+    with _staging_folder(out_path, overwrite) as staging:
+        names = [rank_file_name(rank, tp) for rank in range(tp)]
+        written = _write_ranks(checkpoint, layouts, [staging / n for n in names], tp, progress)
+        extras = _copy_extras(checkpoint, staging)
+        manifest = Manifest(
+            tool_version=reshard.__version__,
+            model_type=checkpoint.config.get("model_type"),
+            architecture=_architecture(checkpoint.config),
+            mesh={"tp": tp},
+            plan=resolved_plan,
+            source=_source_info(checkpoint, progress),
+            tensors=_tensor_entries(layouts, written),
+            files=[
+                FileEntry(name, w.size, w.xxh3, rank) for rank, (name, w) in enumerate(zip(names, written, strict=True))
+            ]
+            + extras,
+        )
+        _write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
+    return manifest
+
+
+def plan_layouts(checkpoint: Checkpoint, styles: dict[str, str | None], tp: int) -> list[TensorLayout]:
+    """Every tensor's layout, in rank-file order. Pure: no tensor bytes are read."""
+    layouts = [
+        tensor_layout(name, t.entry.dtype, t.entry.shape, styles[name], tp) for name, t in checkpoint.tensors.items()
+    ]
+    return file_order(layouts, ITEMSIZE)
+
+
+def _write_ranks(
+    checkpoint: Checkpoint, layouts: list[TensorLayout], paths: list[Path], tp: int, progress: bool
+) -> list[WrittenFile]:
+    total = sum(t.entry.nbytes for t in checkpoint.tensors.values())
+    sources = {name: (t.file, t.entry) for name, t in checkpoint.tensors.items()}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"write tp={tp}", disable=not progress) as bar:
+        return write_rank_files(
+            layouts, sources, paths, metadata={"format": "pt", "reshard.tp": str(tp)}, on_bytes=bar.update
+        )
+
+
+def _tensor_entries(layouts: list[TensorLayout], written: list[WrittenFile]) -> list[TensorEntry]:
+    entries = []
+    for layout in layouts:
+        slices = [
+            RankSlice(rank, list(layout.ranges[rank]), layout.local_shapes[rank], w.tensor_hashes[layout.name])
+            for rank, w in enumerate(written)
+        ]
+        placement = Placement(layout.placement.kind, layout.placement.dim, layout.placement.split_factor)
+        entries.append(TensorEntry(layout.name, layout.dtype, layout.shape, layout.style, placement, slices))
+    return entries
+
+
+def _copy_extras(checkpoint: Checkpoint, staging: Path) -> list[FileEntry]:
+    """Copy config, tokenizer and generation files verbatim and hash them."""
+    entries = []
+    for path in checkpoint.extra_files:
+        target = staging / path.name
+        shutil.copyfile(path, target)
+        size, digest = hash_file(target)
+        entries.append(FileEntry(path.name, size, digest))
+    return entries
+
+
+def _source_info(checkpoint: Checkpoint, progress: bool) -> SourceInfo:
+    files = sorted([*checkpoint.weight_files, *checkpoint.extra_files])
+    index = checkpoint.root / "model.safetensors.index.json"
+    if index.exists():
+        files.append(index)
+    total = sum(p.stat().st_size for p in files)
+    entries = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hash source", disable=not progress) as bar:
+        for path in sorted(files):
+            size, digest = hash_file(path, bar.update)
+            entries.append(FileEntry(path.name, size, digest))
+    return SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, entries)
+
+
+def _architecture(config: dict[str, object]) -> str | None:
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        return str(architectures[0])
+    model_type = config.get("model_type")
+    if isinstance(model_type, str):
+        try:
+            return str(builtin_plan(model_type)["architecture"])
+        except ReshardError:
+            return None
+    return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``out``; on success swap it into place, on failure remove it."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        _fsync_dir(staging)
+        if out.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{out}: appeared while converting (pass --overwrite to replace it)")
+            retired = parent / f".{out.name}.old"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,170 @@
+"""The layout: which bytes of each tensor every rank holds. Pure functions, no I/O.
+
+Each sharding style is defined here once, as data (``STYLES``), mirroring what transformers 5.x's
+``ParallelStyle.shard_param`` does to a parameter; the writer, the manifest, the verifier and the resharder all
+read the ``RankSlice`` values computed here and never re-derive them.
+
+Example:
+    >>> placement = placement_for("colwise", "lm_head.weight", ndim=2)
+    >>> [rank_ranges(placement, (1001, 64), tp=4, rank=r) for r in range(4)]
+    [[(0, 251)], [(251, 502)], [(502, 753)], [(753, 1001)]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from reshard.errors import PlanError
+from reshard.manifests import Placement
+
+PLAIN = Placement("plain")
+REPLICATE = Placement("replicate")
+
+
+@dataclass(frozen=True)
+class StyleRule:
+    """How one plan style places a parameter of its module, by the parameter's rank (ndim) and leaf name.
+
+    ``matrix``/``vector`` give the placement for ndim >= 2 / ndim == 1 parameters, with negative dims counted
+    from the end (resolved per tensor); ``bias`` overrides ``vector`` for a parameter named ``bias``.
+    ``None`` leaves the parameter plain (the style only hooks the module's forward).
+    """
+
+    matrix: Placement | None
+    vector: Placement | None
+    bias: Placement | None = None
+
+
+def _shard(dim: int) -> Placement:
+    return Placement("shard", dim)
+
+
+def _strided(dim: int) -> Placement:
+    return Placement("strided_shard", dim, 2)
+
+
+# transformers/distributed/tensor_parallel.py, style by style (shard_param of each registered ParallelStyle).
+STYLES: dict[str, StyleRule] = {
+    # ColwiseParallel: Shard(ndim - 2): dim -2 of a weight (dim 1 of a 3-D expert weight), dim 0 of a bias.
+    "colwise": StyleRule(_shard(-2), _shard(-1)),
+    "colwise_gather_output": StyleRule(_shard(-2), _shard(-1)),
+    "colwise_rep": StyleRule(_shard(-2), _shard(-1)),
+    # RowwiseParallel: the weight's input dim; the bias is added once after the all-reduce, so replicated.
+    "rowwise": StyleRule(_shard(-1), _shard(-1), bias=REPLICATE),
+    "rowwise_split_input": StyleRule(_shard(-1), _shard(-1), bias=REPLICATE),
+    "rowwise_rep": StyleRule(_shard(-1), _shard(-1), bias=REPLICATE),
+    # EmbeddingParallel(shard_dim): the vocabulary (rowwise) or the hidden dim (colwise).
+    "embedding_rowwise": StyleRule(_shard(0), _shard(0)),
+    "embedding_colwise": StyleRule(_shard(1), _shard(1)),
+    # Packed [gate; up] weights: each half chunked, rank r holds [gate_r; up_r].
+    "packed_colwise": StyleRule(_strided(-2), _shard(-1)),
+    "packed_rowwise": StyleRule(_strided(-1), REPLICATE),
+    # Styles that only hook a module's forward or keep the full parameter on every rank.
+    "replicate": StyleRule(None, None),
+    "replicated_with_grad_allreduce": StyleRule(None, None),
+    "moe_tp_experts": StyleRule(None, None),
+    "moe_identity_expert": StyleRule(None, None),
+    "all_reduce": StyleRule(None, None),
+    "local_params": StyleRule(None, None),
+    "mla_kv_a_proj": StyleRule(None, None),
+}
+
+# Styles whose runtime behaviour reshard reproduces today; the rest need key conversions (fused experts) or
+# hooks that change parameters at install time (sequence_parallel), and are refused with a clear message.
+SUPPORTED_STYLES = frozenset(STYLES) - {"packed_colwise", "packed_rowwise", "moe_tp_experts", "moe_identity_expert"}
+
+
+def placement_for(style: str | None, name: str, ndim: int) -> Placement:
+    """The placement of tensor ``name`` (``ndim`` dims) under plan ``style``, with its dim made non-negative."""
+    if style is None:
+        return PLAIN
+    rule = STYLES.get(style)
+    if rule is None:
+        raise PlanError(f"tensor {name!r}: unknown tensor-parallel style {style!r}; known styles: {sorted(STYLES)}")
+    if ndim == 0:
+        return PLAIN
+    if ndim == 1:
+        placement = rule.bias if (rule.bias is not None and name.endswith(".bias")) else rule.vector
+    else:
+        placement = rule.matrix
+    if placement is None:
+        return PLAIN
+    if placement.dim is None:
+        return placement
+    dim = placement.dim % ndim
+    return Placement(placement.kind, dim, placement.split_factor)
+
+
+def chunk_range(length: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``index`` when ``length`` is cut like ``torch.chunk`` into ``parts``.
+
+    Every chunk has ``ceil(length / parts)`` items except the last non-empty one; trailing chunks may be empty
+    (a vocabulary of 1001 over 4 ranks: 251/251/251/248; 5 over 4: 2/2/1/0), as DTensor's ``Shard`` does.
+    """
+    size = math.ceil(length / parts) if parts else 0
+    start = min(index * size, length)
+    return start, min(start + size, length)
+
+
+def rank_ranges(placement: Placement, shape: tuple[int, ...], tp: int, rank: int) -> list[tuple[int, int]]:
+    """The ranges of ``placement.dim`` that ``rank`` holds, in the order they are concatenated locally.
+
+    A plain or replicated tensor is held whole: one range over its first dim (none for a scalar).
+    """
+    if not placement.is_sharded:
+        return [(0, shape[0])] if shape else []
+    assert placement.dim is not None
+    length = shape[placement.dim]
+    if placement.kind == "shard":
+        return [chunk_range(length, tp, rank)]
+    # _StridedShard: cut the dim into split_factor groups of ceil(n / sf), chunk each group over the ranks.
+    factor = placement.split_factor or 1
+    width = math.ceil(length / factor)
+    ranges = []
+    for group in range(factor):
+        group_start = group * width
+        group_len = max(0, min(group_start + width, length) - group_start)
+        start, stop = chunk_range(group_len, tp, rank)
+        if stop > start:
+            ranges.append((group_start + start, group_start + stop))
+    return ranges
+
+
+def local_shape(placement: Placement, shape: tuple[int, ...], ranges: list[tuple[int, int]]) -> tuple[int, ...]:
+    """The shape of a rank's piece: the global shape with the placement's dim cut to the ranges' total length."""
+    if not placement.is_sharded:
+        return shape
+    assert placement.dim is not None
+    out = list(shape)
+    out[placement.dim] = sum(stop - start for start, stop in ranges)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """The planned placement of one tensor: per rank, its ranges along the placement dim and its local shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    style: str | None
+    placement: Placement
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
+    local_shapes: tuple[tuple[int, ...], ...]
+
+
+def tensor_layout(name: str, dtype: str, shape: tuple[int, ...], style: str | None, tp: int) -> TensorLayout:
+    """Compute where every byte of tensor ``name`` goes under ``style`` at ``tp``."""
+    placement = placement_for(style, name, len(shape))
+    ranges = tuple(tuple(rank_ranges(placement, shape, tp, rank)) for rank in range(tp))
+    shapes = tuple(local_shape(placement, shape, list(r)) for r in ranges)
+    return TensorLayout(name, dtype, shape, style, placement, ranges, shapes)
+
+
+def file_order(layouts: list[TensorLayout], itemsize: dict[str, int]) -> list[TensorLayout]:
+    """The order tensors take in every rank file: widest dtype first (keeps each tensor aligned), then by name.
+
+    safetensors forbids gaps between tensors, so alignment comes from ordering, as safetensors' own writer does.
+    """
+    return sorted(layouts, key=lambda t: (-itemsize[t.dtype], t.name))

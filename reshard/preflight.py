@@ -1,0 +1,86 @@
+"""Shardability, decided from config.json and the plan alone, before any weight is read.
+
+transformers loads a model whose attention heads or KV heads do not divide by tp and crashes in the first
+forward (``shape '[2, 16, -1, 32]' is invalid``, upstream #48307). reshard refuses it up front and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from reshard.errors import ShardabilityError
+
+# Projections whose output holds attention heads; sharding them colwise splits heads across ranks.
+_QUERY_PROJECTIONS = ("q_proj", "query", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
+_KEY_PROJECTIONS = ("k_proj", "key", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
+
+
+@dataclass
+class Verdict:
+    """Whether ``tp`` works for a model: ``problems`` would break the model, ``notes`` are harmless facts."""
+
+    tp: int
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's config: multimodal configs nest it under ``text_config``."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def _shards_heads(plan: dict[str, str], projections: tuple[str, ...]) -> bool:
+    # A gathered output (colwise_gather_output, e.g. phi3's fused qkv) hands every rank all heads again.
+    return any(
+        rule.rpartition(".")[2] in projections and style in ("colwise", "colwise_rep") for rule, style in plan.items()
+    )
+
+
+def check_shardability(config: dict[str, Any], plan: dict[str, str], tp: int) -> Verdict:
+    """Decide whether ``tp`` can split this model; never raises (see ``require_shardable``)."""
+    verdict = Verdict(tp)
+    if tp < 1:
+        verdict.problems.append(f"tp must be at least 1, got {tp}")
+        return verdict
+    cfg = text_config(config)
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if heads and _shards_heads(plan, _QUERY_PROJECTIONS) and heads % tp:
+        verdict.problems.append(
+            f"num_attention_heads={heads} is not divisible by tp={tp}: the query projection would split a head "
+            "across ranks and attention would fail in the first forward"
+        )
+    if kv_heads and _shards_heads(plan, _KEY_PROJECTIONS) and kv_heads % tp:
+        verdict.problems.append(
+            f"num_key_value_heads={kv_heads} is not divisible by tp={tp}: each rank would hold a fraction of a KV "
+            "head; transformers loads this and crashes in the first forward (upstream #48307)"
+        )
+    vocab = cfg.get("vocab_size")
+    if vocab and vocab % tp:
+        verdict.notes.append(
+            f"vocab_size={vocab} is uneven over tp={tp}: the last rank holds fewer rows (as transformers)"
+        )
+    intermediate = cfg.get("intermediate_size")
+    if intermediate and intermediate % tp:
+        verdict.notes.append(f"intermediate_size={intermediate} is uneven over tp={tp}: the last rank holds less")
+    return verdict
+
+
+def valid_tp_sizes(config: dict[str, Any], plan: dict[str, str], up_to: int = 64) -> list[int]:
+    """Every tp in 1..up_to that passes the check, for error messages."""
+    return [tp for tp in range(1, up_to + 1) if check_shardability(config, plan, tp).ok]
+
+
+def require_shardable(config: dict[str, Any], plan: dict[str, str], tp: int, model: str) -> Verdict:
+    """Raise ``ShardabilityError`` with the reasons and the tp sizes that would work."""
+    verdict = check_shardability(config, plan, tp)
+    if not verdict.ok:
+        sizes = ", ".join(str(t) for t in valid_tp_sizes(config, plan, 16))
+        raise ShardabilityError(f"{model}: cannot use tp={tp}: " + "; ".join(verdict.problems) + f". Valid tp: {sizes}")
+    return verdict

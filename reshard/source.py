@@ -1,0 +1,157 @@
+"""The source checkpoint: a local folder or a Hub repo, its config, and where every tensor's bytes are.
+
+Only headers are read here; tensor bytes are streamed later by the writer. Hub repos are fetched with
+huggingface_hub's ``snapshot_download`` (its cache, token and ``HF_HUB_OFFLINE`` apply), weights and the files a
+model needs to run only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reshard.errors import SourceError
+from reshard.loaders.safetensors_file import HeaderEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# What a Hub download fetches besides weights: configs, tokenizer and generation files.
+HUB_PATTERNS = [
+    "*.safetensors",
+    INDEX_NAME,
+    "*.json",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.py",
+    "tokenizer*",
+]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A checkpoint tensor: its header entry (dtype, shape, absolute byte offset) and the file holding it."""
+
+    name: str
+    file: Path
+    entry: HeaderEntry
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint: root folder, parsed config, tensors by name, and the other files to carry along."""
+
+    root: Path
+    config: dict[str, Any]
+    tensors: dict[str, SourceTensor]
+    weight_files: list[Path]
+    extra_files: list[Path]
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+
+def resolve_source(model: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
+    """Turn MODEL into a local folder: itself if it exists, else a Hub snapshot. Returns (folder, repo_id, commit)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{model}: not a folder (pass the checkpoint folder, not a file)")
+        return path, None, None
+    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
+        raise SourceError(f"{model}: no such folder, and not a Hub repo id (owner/name)")
+    return _download(model, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except RepositoryNotFoundError as exc:
+        raise SourceError(f"{repo_id}: repository not found on the Hub (or it is gated and no token is set)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise SourceError(
+            f"{repo_id}: not in the local Hub cache and downloads are off (HF_HUB_OFFLINE) or the Hub is unreachable"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise SourceError(f"{repo_id}: download failed ({exc})") from exc
+    folder_path = Path(folder)
+    # A cache snapshot folder is named after the commit it holds.
+    commit = folder_path.name if re.fullmatch(r"[0-9a-f]{40}", folder_path.name) else None
+    return folder_path, repo_id, commit
+
+
+def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
+    """Resolve MODEL and index every tensor from the safetensors headers, validating them against the index."""
+    root, repo_id, commit = resolve_source(model, revision)
+    config = _read_config(root)
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        weight_map = _read_index(index_path)
+        files = sorted({root / f for f in weight_map.values()})
+    elif (root / SINGLE_NAME).exists():
+        weight_map = None
+        files = [root / SINGLE_NAME]
+    else:
+        raise SourceError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are supported)")
+
+    tensors: dict[str, SourceTensor] = {}
+    for file in files:
+        if not file.exists():
+            missing = sorted(n for n, f in (weight_map or {}).items() if root / f == file)
+            raise SourceError(
+                f"{file}: missing, but {INDEX_NAME} maps {len(missing)} tensors to it, e.g. {missing[0]!r}"
+            )
+        header = read_header(file)
+        for name, entry in header.tensors.items():
+            if weight_map is not None and weight_map.get(name) is not None and root / weight_map[name] != file:
+                continue  # the index assigns this name to another file
+            if name in tensors:
+                raise SourceError(f"{file}: tensor {name!r} also appears in {tensors[name].file}")
+            tensors[name] = SourceTensor(name, file, entry)
+    if weight_map is not None:
+        for name, file_name in weight_map.items():
+            if name not in tensors:
+                raise SourceError(
+                    f"{root / file_name}: {INDEX_NAME} names tensor {name!r} but the file does not hold it"
+                )
+
+    weights = set(files) | {index_path}
+    extra = sorted(p for p in root.iterdir() if p.is_file() and p not in weights and not p.name.startswith("."))
+    extra = [p for p in extra if not p.name.endswith(".safetensors")]
+    return Checkpoint(root, config, dict(sorted(tensors.items())), files, extra, repo_id, revision, commit)
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise SourceError(f"{path}: missing (a checkpoint needs its config.json)") from exc
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{path}: not a JSON object")
+    return config
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise SourceError(f"{path}: has no weight_map") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{path}: weight_map must map tensor names to file names")
+    for name, file_name in weight_map.items():
+        if "/" in file_name or "\\" in file_name or file_name in ("", ".", ".."):
+            raise SourceError(f"{path}: tensor {name!r} maps to {file_name!r}, outside the checkpoint folder")
+    return weight_map

@@ -1,0 +1,193 @@
+"""Stream tensor bytes from source safetensors files into per-rank safetensors files, hashing as they pass.
+
+Every rank file's header is computed from the layout before any byte is read and written first; then each tensor
+is read once from its source in blocks of at most ``buffer_bytes`` and each rank's ranges are appended to its
+file. Memory stays bounded by the buffers, whatever the model's size. Knows nothing of plans or styles: it
+executes the ``TensorLayout`` values it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+import xxhash
+
+from reshard.errors import FileFormatError
+from reshard.layout import TensorLayout
+from reshard.loaders.safetensors_file import HeaderEntry, encode_header, itemsize
+
+DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class RankSink:
+    """One rank file being written: the open handle, the running file hash, and each tensor's hash."""
+
+    path: Path
+    handle: BinaryIO
+    file_hash: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
+    tensor_hashes: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+
+    def write(self, data: memoryview | bytes, tensor_hash: xxhash.xxh3_128 | None) -> None:
+        self.handle.write(data)
+        self.file_hash.update(data)
+        if tensor_hash is not None:
+            tensor_hash.update(data)
+        self.size += len(data)
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What the manifest records of a rank file once it is closed."""
+
+    path: Path
+    size: int
+    xxh3: str
+    tensor_hashes: dict[str, str]
+
+
+def write_rank_files(
+    layouts: list[TensorLayout],
+    sources: dict[str, tuple[Path, HeaderEntry]],
+    paths: list[Path],
+    *,
+    metadata: dict[str, str],
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> list[WrittenFile]:
+    """Write ``paths[r]`` for every rank r: header, then each layout's rank-r bytes in order; fsync each file.
+
+    ``sources`` maps a tensor name to the file and header entry its bytes come from. ``on_bytes`` is called with
+    the number of source bytes consumed (for a progress bar).
+    """
+    handles: list[BinaryIO] = []
+    fds: dict[Path, int] = {}
+    try:
+        sinks = []
+        for rank, path in enumerate(paths):
+            handle = open(path, "wb")  # noqa: SIM115 - closed in finally, many at once
+            handles.append(handle)
+            sinks.append(RankSink(path, handle))
+            header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
+            sinks[rank].write(encode_header(header, {**metadata, "rank": str(rank)}), None)
+        buffer = bytearray(buffer_bytes)
+        gather = bytearray(buffer_bytes)
+        for layout in layouts:
+            file, entry = sources[layout.name]
+            if file not in fds:
+                fds[file] = os.open(file, os.O_RDONLY)
+            hashes = [xxhash.xxh3_128() for _ in sinks]
+            _stream_tensor(fds[file], file, entry, layout, sinks, hashes, buffer, gather, on_bytes)
+            for sink, digest in zip(sinks, hashes, strict=True):
+                sink.tensor_hashes[layout.name] = digest.hexdigest()
+        written = []
+        for sink in sinks:
+            sink.handle.flush()
+            os.fsync(sink.handle.fileno())
+            written.append(WrittenFile(sink.path, sink.size, sink.file_hash.hexdigest(), sink.tensor_hashes))
+        return written
+    finally:
+        for handle in handles:
+            handle.close()
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _read_exact(fd: int, file: Path, name: str, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise FileFormatError(f"{file}: tensor {name!r} is cut short at byte {offset + done} (truncated file)")
+        done += got
+
+
+def _stream_tensor(
+    fd: int,
+    file: Path,
+    entry: HeaderEntry,
+    layout: TensorLayout,
+    sinks: list[RankSink],
+    hashes: list[xxhash.xxh3_128],
+    buffer: bytearray,
+    gather: bytearray,
+    on_bytes: Callable[[int], None],
+) -> None:
+    """Copy one tensor: view it as ``[outer, dim, row]`` around the placement's dim and cut ranges of ``dim``."""
+    if entry.nbytes == 0:
+        return
+    dim = layout.placement.dim if layout.placement.is_sharded else 0
+    shape = layout.shape or (1,)
+    outer = math.prod(shape[:dim])
+    length = shape[dim]
+    row = math.prod(shape[dim + 1 :]) * itemsize(layout.dtype)
+    block = length * row
+    if block <= len(buffer):
+        _stream_whole_blocks(fd, file, entry, layout, sinks, hashes, buffer, gather, outer, length, row, on_bytes)
+        return
+    # One outer index is larger than the buffer: walk it in runs of rows; every rank's piece is contiguous.
+    rows_per_read = max(1, len(buffer) // row)
+    mv = memoryview(buffer)
+    for index in range(outer):
+        base = entry.offset + index * block
+        for first in range(0, length, rows_per_read):
+            last = min(first + rows_per_read, length)
+            nbytes = (last - first) * row
+            chunk = mv[:nbytes] if nbytes <= len(buffer) else memoryview(bytearray(nbytes))
+            _read_exact(fd, file, layout.name, chunk, base + first * row)
+            on_bytes(nbytes)
+            for rank, sink in enumerate(sinks):
+                for start, stop in layout.ranges[rank]:
+                    lo, hi = max(start, first), min(stop, last)
+                    if lo < hi:
+                        sink.write(chunk[(lo - first) * row : (hi - first) * row], hashes[rank])
+
+
+def _stream_whole_blocks(
+    fd: int,
+    file: Path,
+    entry: HeaderEntry,
+    layout: TensorLayout,
+    sinks: list[RankSink],
+    hashes: list[xxhash.xxh3_128],
+    buffer: bytearray,
+    gather: bytearray,
+    outer: int,
+    length: int,
+    row: int,
+    on_bytes: Callable[[int], None],
+) -> None:
+    """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns)."""
+    block = length * row
+    per_read = max(1, len(buffer) // block)
+    source = torch.frombuffer(buffer, dtype=torch.uint8)
+    target = torch.frombuffer(gather, dtype=torch.uint8)
+    mv, gathered = memoryview(buffer), memoryview(gather)
+    for first in range(0, outer, per_read):
+        count = min(per_read, outer - first)
+        nbytes = count * block
+        _read_exact(fd, file, layout.name, mv[:nbytes], entry.offset + first * block)
+        on_bytes(nbytes)
+        blocks = source[:nbytes].view(count, length, row)
+        for rank, sink in enumerate(sinks):
+            ranges = layout.ranges[rank]
+            width = sum(stop - start for start, stop in ranges)
+            if not width:
+                continue
+            if ranges == ((0, length),):  # the whole tensor (replicated): the buffer as read
+                sink.write(mv[:nbytes], hashes[rank])
+                continue
+            if count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
+                start, stop = ranges[0]
+                sink.write(mv[start * row : stop * row], hashes[rank])
+                continue
+            out = target[: count * width * row].view(count, width, row)
+            torch.cat([blocks[:, start:stop] for start, stop in ranges], dim=1, out=out)
+            sink.write(gathered[: count * width * row], hashes[rank])

@@ -1,0 +1,151 @@
+"""Generate the built-in tensor/expert-parallel plans in ``manifests/plans`` from the installed transformers.
+
+For every model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` the causal-LM class is built on the meta device from
+its default config, and the resolved plans are read from ``model._tp_plan`` / ``model._ep_plan``: this is what
+``PreTrainedModel.post_init -> init_parallel_plans`` computes and what ``from_pretrained`` shards with when the
+plan is ``"auto"`` (only a dict given in ``DistributedConfig`` overrides it).
+
+Usage::
+
+    python scripts/generate_plans.py            # (re)write manifests/plans/*.json
+    python scripts/generate_plans.py --check    # exit 1 if the files on disk are stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PLANS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "plans"
+INDEX_NAME = "INDEX.json"
+
+
+@dataclass(frozen=True)
+class BuiltPlan:
+    """The resolved plans of one model type."""
+
+    model_type: str
+    architecture: str
+    transformers_version: str
+    tp_plan: dict[str, str]
+    ep_plan: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON document written to ``<model_type>.json``."""
+        return {
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "transformers_version": self.transformers_version,
+            "tp_plan": dict(self.tp_plan),
+            "ep_plan": dict(self.ep_plan),
+            "styles": sorted(set(self.tp_plan.values())),
+        }
+
+
+def build_plan(model_type: str) -> BuiltPlan:
+    """Build the causal LM of ``model_type`` on the meta device and return its resolved TP/EP plans."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    plans = {"tp_plan": dict(model._tp_plan or {}), "ep_plan": dict(model._ep_plan or {})}
+    for name, plan in plans.items():
+        bad = {k: v for k, v in plan.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise TypeError(f"non-string {name} entries: {bad}")
+    return BuiltPlan(model_type, type(model).__name__, transformers.__version__, **plans)
+
+
+def dumps(document: dict[str, Any]) -> str:
+    """Serialize deterministically: 2-space indent, sorted keys, trailing newline."""
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def generate() -> tuple[dict[str, str], dict[str, str]]:
+    """Return ``({file name: content}, {skipped model type: reason})`` for every causal-LM model type."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    files: dict[str, str] = {}
+    index: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plan = build_plan(model_type)
+        except Exception as exc:  # noqa: BLE001 - any build failure is reported and skipped
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            skipped[model_type] = f"build failed: {type(exc).__name__}: {first_line}"[:200]
+            continue
+        if not plan.tp_plan and not plan.ep_plan:
+            skipped[model_type] = "empty tp_plan and ep_plan"
+            continue
+        document = plan.to_json()
+        files[f"{model_type}.json"] = dumps(document)
+        index[model_type] = {"architecture": document["architecture"], "styles": document["styles"]}
+    files[INDEX_NAME] = dumps(index)
+    return files, skipped
+
+
+def diff(files: dict[str, str], out_dir: Path) -> list[str]:
+    """List the files that are missing, different or stale in ``out_dir``."""
+    problems = []
+    for name, content in files.items():
+        path = out_dir / name
+        if not path.is_file():
+            problems.append(f"missing: {name}")
+        elif path.read_bytes() != content.encode("utf-8"):
+            problems.append(f"differs: {name}")
+    if out_dir.is_dir():
+        problems += [f"stale: {p.name}" for p in sorted(out_dir.glob("*.json")) if p.name not in files]
+    return problems
+
+
+def write(files: dict[str, str], out_dir: Path) -> None:
+    """Write ``files`` into ``out_dir`` and delete JSON files that are no longer generated."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.json"):
+        if stale.name not in files:
+            stale.unlink()
+    for name, content in files.items():
+        (out_dir / name).write_bytes(content.encode("utf-8"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=PLANS_DIR, help="output directory (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ, write nothing")
+    args = parser.parse_args(argv)
+
+    files, skipped = generate()
+    print(f"{len(files) - 1} plans generated, {len(skipped)} model types skipped:")
+    for model_type, reason in sorted(skipped.items()):
+        print(f"  {model_type}: {reason}")
+
+    if args.check:
+        problems = diff(files, args.out)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print("plans are stale" if problems else "plans are up to date", file=sys.stderr if problems else sys.stdout)
+        return 1 if problems else 0
+    write(files, args.out)
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
