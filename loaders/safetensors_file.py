@@ -7,6 +7,7 @@ in the header names its dtype, shape and ``[begin, end)`` byte range relative to
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -168,3 +169,16 @@ def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
     if entry.offset % itemsize(entry.dtype):
         raw = raw.clone()  # an unaligned tensor cannot be viewed in place; copy just this one
     return raw.view(dtype).view(entry.shape)
+
+
+def tensor_memoryview(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a zero-copy memoryview (no numpy needed).
+
+    The view borrows the tensor's memory: keep the tensor alive while the view is used.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("tensor_memoryview needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")

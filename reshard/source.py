@@ -155,3 +155,22 @@ def _read_index(path: Path) -> dict[str, str]:
         if "/" in file_name or "\\" in file_name or file_name in ("", ".", ".."):
             raise SourceError(f"{path}: tensor {name!r} maps to {file_name!r}, outside the checkpoint folder")
     return weight_map
+
+
+def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]:
+    """config.json of MODEL without touching any weight: the local file, or just that file from the Hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _read_config(path)
+    if path.exists() or not _REPO_ID.match(model):
+        raise SourceError(f"{model}: no such folder, and not a Hub repo id (owner/name)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        config_path = hf_hub_download(model, "config.json", revision=revision)
+    except LocalEntryNotFoundError as exc:
+        raise SourceError(f"{model}: config.json is not in the local Hub cache and the Hub is unreachable") from exc
+    except HfHubHTTPError as exc:
+        raise SourceError(f"{model}: cannot fetch config.json ({exc})") from exc
+    return _read_config(Path(config_path).parent)

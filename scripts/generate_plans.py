@@ -86,7 +86,7 @@ def generate() -> tuple[dict[str, str], dict[str, str]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 plan = build_plan(model_type)
-        except Exception as exc:  # noqa: BLE001 - any build failure is reported and skipped
+        except Exception as exc:  # any build failure is reported and skipped
             first_line = (str(exc).strip().splitlines() or [""])[0]
             skipped[model_type] = f"build failed: {type(exc).__name__}: {first_line}"[:200]
             continue

@@ -1,0 +1,194 @@
+"""The ``reshard`` command line. ``reshard --tp 8 MODEL`` converts; subcommands verify, inspect and check.
+
+Errors reshard raises on purpose print as one line (``reshard: error: ...``) with an exit code per kind;
+``--debug`` anywhere on the line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from reshard.errors import ReshardError, ShardabilityError
+
+CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
+
+\b
+  reshard --tp 8 HuggingFaceTB/SmolLM2-1.7B
+  reshard --tp 4 ./my-checkpoint -o ./my-checkpoint-tp4 --plan auto
+  reshard --tp 2 ./ckpt --plan my_plan.json
+
+The plan is `auto` (the plan transformers applies for the architecture) or a JSON file of
+module pattern -> style, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}. The artifact is
+written into a hidden folder and renamed into place when complete; manifest.json records every
+tensor's placement, slices and xxh3-128 hashes.
+"""
+
+
+class _DefaultToConvert(click.Group):
+    """A group where a first positional argument that is not a subcommand means ``convert``.
+
+    So ``reshard --tp 8 MODEL`` works exactly as written, options before the model, next to the subcommands.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = _first_positional(args, self.commands["convert"])
+        wants_group_help = not args or args[0] in ("-h", "--help", "--version")
+        if (first is None and not wants_group_help) or (first is not None and first not in self.commands):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+def _first_positional(args: list[str], command: click.Command) -> str | None:
+    takes_value = {
+        opt for param in command.params if isinstance(param, click.Option) and not param.is_flag for opt in param.opts
+    }
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--":
+            return None
+        if arg.startswith("-"):
+            skip = arg in takes_value
+            continue
+        return arg
+    return None
+
+
+@click.group(cls=_DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reshard")
+def cli() -> None:
+    """Pre-shard Hugging Face checkpoints for tensor parallelism.
+
+    \b
+      reshard --tp 8 MODEL [-o OUT]     convert (same as `reshard convert`)
+      reshard check --tp 8 MODEL        can MODEL be split 8 ways? (config.json only)
+      reshard verify ARTIFACT           re-hash every file and tensor
+      reshard inspect ARTIFACT          model, tp, plan, bytes per rank, tensors
+
+    Add --debug to any command for a full traceback on error.
+    """
+
+
+@cli.command(help=CONVERT_HELP)
+@click.argument("model")
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel size (number of rank files).")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Artifact folder [default: ./NAME-tpN].")
+@click.option("--plan", default="auto", show_default=True, help="`auto` or a JSON plan file.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def convert(
+    model: str, tp: int, output: str | None, plan: str, revision: str | None, overwrite: bool, quiet: bool
+) -> None:
+    from reshard.convert import convert as run_convert
+    from reshard.convert import default_output
+
+    out = output or str(default_output(model, tp))
+    manifest = run_convert(model, out, tp=tp, plan=plan, revision=revision, overwrite=overwrite, progress=not quiet)
+    size = sum(f.size for f in manifest.files if f.rank is not None)
+    click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def verify(artifact: str, quiet: bool) -> None:
+    """Re-hash every file and tensor slice of ARTIFACT against its manifest.
+
+    Exits non-zero, naming each file and tensor that is wrong, if anything differs.
+
+    \b
+      reshard verify ./my-checkpoint-tp4
+    """
+    from tqdm.auto import tqdm
+
+    from reshard.errors import IntegrityError
+    from reshard.manifests import read_manifest
+    from reshard.verify import total_bytes, verify_artifact
+
+    manifest = read_manifest(artifact)
+    with tqdm(total=total_bytes(manifest), unit="B", unit_scale=True, desc="verify", disable=quiet) as bar:
+        problems = verify_artifact(artifact, bar.update)
+    if problems:
+        for problem in problems:
+            click.echo(f"reshard: {artifact}/{problem}", err=True)
+        raise IntegrityError(f"{artifact}: {len(problems)} problem(s) found")
+    click.echo(f"{artifact}: OK ({len(manifest.files)} files, {len(manifest.tensors)} tensors verified)")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(artifact: str, as_json: bool) -> None:
+    """Show what ARTIFACT holds: model, tp, plan, bytes per rank and a tensor table.
+
+    \b
+      reshard inspect ./my-checkpoint-tp4 [--json]
+    """
+    from reshard.inspect import render_text, summarize
+    from reshard.manifests import read_manifest
+
+    manifest = read_manifest(artifact)
+    click.echo(json.dumps(summarize(manifest), indent=2) if as_json else render_text(manifest))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--tp", "tps", type=click.IntRange(min=1), multiple=True, help="tp sizes to check [default: 1-16].")
+@click.option("--plan", default="auto", show_default=True, help="`auto` or a JSON plan file.")
+@click.option("--revision", default=None, help="Hub revision when MODEL is a repo id.")
+def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None) -> None:
+    """Say whether MODEL can be split at each tp, from config.json alone (no weights are read).
+
+    Exits non-zero if any requested tp would not work.
+
+    \b
+      reshard check --tp 8 HuggingFaceTB/SmolLM2-1.7B
+      reshard check --tp 2 --tp 3 --tp 4 ./ckpt
+    """
+    from reshard.plan import load_plan
+    from reshard.preflight import check_shardability
+    from reshard.source import read_model_config
+
+    config = read_model_config(model, revision)
+    resolved = load_plan(plan, config)
+    failed = False
+    for tp in tps or tuple(range(1, 17)):
+        verdict = check_shardability(config, resolved, tp)
+        failed |= not verdict.ok
+        click.echo(f"tp={tp:<3} {'ok' if verdict.ok else 'NO'}")
+        for problem in verdict.problems:
+            click.echo(f"        ✗ {problem}")
+        for note in verdict.notes:
+            click.echo(f"        · {note}")
+    if failed and tps:
+        sys.exit(ShardabilityError.exit_code)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: run the CLI, turning ReshardError into a one-line message and its exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        return cli.main(args=args, prog_name="reshard", standalone_mode=False)
+    except ReshardError as exc:
+        if debug:
+            raise
+        click.echo(f"reshard: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("reshard: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("reshard: interrupted; no artifact was left behind", err=True)
+        sys.exit(130)

@@ -1,0 +1,69 @@
+"""``reshard inspect``: what an artifact holds, from its manifest alone (no tensor bytes are read)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from reshard.manifests import Manifest
+
+
+def summarize(manifest: Manifest) -> dict[str, Any]:
+    """A JSON-ready summary: model, mesh, plan, bytes per rank file, and one row per tensor."""
+    return {
+        "model_type": manifest.model_type,
+        "architecture": manifest.architecture,
+        "mesh": manifest.mesh,
+        "format_version": manifest.format_version,
+        "tool_version": manifest.tool_version,
+        "source": {"repo_id": manifest.source.repo_id, "revision": manifest.source.revision},
+        "plan": manifest.plan,
+        "options": manifest.options,
+        "lineage": manifest.lineage,
+        "rank_files": [{"rank": f.rank, "path": f.path, "bytes": f.size} for f in manifest.files if f.rank is not None],
+        "other_files": [{"path": f.path, "bytes": f.size} for f in manifest.files if f.rank is None],
+        "tensors": [
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "style": t.style,
+                "placement": t.placement.to_json(),
+                "local_shapes": [list(s.shape) for s in t.slices],
+            }
+            for t in manifest.tensors
+        ],
+    }
+
+
+def render_text(manifest: Manifest) -> str:
+    """The summary as a human-readable report."""
+    summary = summarize(manifest)
+    lines = [
+        f"model        {summary['architecture']} ({summary['model_type']})",
+        f"mesh         {' x '.join(f'{k}={v}' for k, v in manifest.mesh.items())}",
+        f"source       {summary['source']['repo_id'] or '(local folder)'}"
+        + (f" @ {summary['source']['revision']}" if summary["source"]["revision"] else ""),
+        f"format       v{manifest.format_version}, written by reshard {manifest.tool_version}",
+        "plan",
+        *(f"  {rule:<48} {style}" for rule, style in sorted(manifest.plan.items())),
+        "rank files",
+        *(f"  {f['path']:<40} {_human(f['bytes']):>10}" for f in summary["rank_files"]),
+        f"tensors ({len(manifest.tensors)})",
+        f"  {'name':<52} {'dtype':<5} {'global shape':<16} {'placement':<18} rank 0 shape",
+    ]
+    for tensor in manifest.tensors:
+        placement = tensor.placement.kind + (f"({tensor.placement.dim})" if tensor.placement.dim is not None else "")
+        lines.append(
+            f"  {tensor.name:<52} {tensor.dtype:<5} {json.dumps(list(tensor.shape)):<16} {placement:<18} "
+            f"{json.dumps(list(tensor.slices[0].shape))}"
+        )
+    return "\n".join(lines)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
