@@ -86,8 +86,8 @@ def cli() -> None:
 def convert(
     model: str, tp: int, output: str | None, plan: str, revision: str | None, overwrite: bool, quiet: bool
 ) -> None:
-    from reshard.convert import convert as run_convert
-    from reshard.convert import default_output
+    from reshard.conversion import convert as run_convert
+    from reshard.conversion import default_output
 
     out = output or str(default_output(model, tp))
     manifest = run_convert(model, out, tp=tp, plan=plan, revision=revision, overwrite=overwrite, progress=not quiet)

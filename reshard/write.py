@@ -59,7 +59,7 @@ def write_rank_files(
     paths: list[Path],
     *,
     metadata: dict[str, str],
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    buffer_bytes: int | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> list[WrittenFile]:
     """Write ``paths[r]`` for every rank r: header, then each layout's rank-r bytes in order; fsync each file.
@@ -77,8 +77,8 @@ def write_rank_files(
             sinks.append(RankSink(path, handle))
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             sinks[rank].write(encode_header(header, {**metadata, "rank": str(rank)}), None)
-        buffer = bytearray(buffer_bytes)
-        gather = bytearray(buffer_bytes)
+        buffer = bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES)
+        gather = bytearray(len(buffer))
         for layout in layouts:
             file, entry = sources[layout.name]
             if file not in fds:

@@ -32,7 +32,7 @@ from reshard.manifests import (
 )
 from reshard.plan import assign_styles, builtin_plan, load_plan
 from reshard.preflight import require_shardable, text_config
-from reshard.source import Checkpoint, open_checkpoint
+from reshard.source import Checkpoint, open_checkpoint, read_model_config
 from reshard.write import WrittenFile, write_rank_files
 
 ITEMSIZE = {name: size for name, (_, size) in DTYPES.items()}
@@ -77,12 +77,13 @@ def convert(
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
 
+    # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
+    config = read_model_config(model, revision)
+    resolved_plan = load_plan(plan, config)
+    require_shardable(config, resolved_plan, tp, model)
     checkpoint = open_checkpoint(model, revision)
-    resolved_plan = load_plan(plan, checkpoint.config)
-    config = text_config(checkpoint.config)
-    tied = bool(checkpoint.config.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
     styles = assign_styles(list(checkpoint.tensors), resolved_plan, tied_embeddings=tied, strict=plan != "auto")
-    require_shardable(checkpoint.config, resolved_plan, tp, model)
     layouts = plan_layouts(checkpoint, styles, tp)
 
     with _staging_folder(out_path, overwrite) as staging:

@@ -1,0 +1,5 @@
+"""``python -m reshard`` runs the CLI."""
+
+from reshard.cli import main
+
+main()
