@@ -19,7 +19,7 @@ import reshard
 from reshard.errors import OutputExistsError, ReshardError
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.integrity import hash_file
-from reshard.loaders.safetensors_file import DTYPES
+from reshard.loaders.safetensors_file import DTYPES, HeaderEntry
 from reshard.manifests import (
     MANIFEST_NAME,
     FileEntry,
@@ -30,7 +30,7 @@ from reshard.manifests import (
     TensorEntry,
     rank_file_name,
 )
-from reshard.plan import assign_styles, builtin_plan, load_plan
+from reshard.plan import assign_styles, builtin_plan, key_renames, load_plan, model_key
 from reshard.preflight import require_shardable, text_config
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
 from reshard.write import WrittenFile, write_rank_files
@@ -82,19 +82,22 @@ def convert(
     resolved_plan = load_plan(plan, config)
     require_shardable(config, resolved_plan, tp, model)
     checkpoint = open_checkpoint(model, revision)
+    renames = key_renames(config)
+    sources = {model_key(name, renames): (t.file, t.entry) for name, t in checkpoint.tensors.items()}
     tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
-    styles = assign_styles(list(checkpoint.tensors), resolved_plan, tied_embeddings=tied, strict=plan != "auto")
-    layouts = plan_layouts(checkpoint, styles, tp)
+    styles = assign_styles(list(sources), resolved_plan, tied_embeddings=tied, strict=plan != "auto")
+    layouts = plan_layouts(sources, styles, tp)
 
     with _staging_folder(out_path, overwrite) as staging:
         names = [rank_file_name(rank, tp) for rank in range(tp)]
-        written = _write_ranks(checkpoint, layouts, [staging / n for n in names], tp, progress)
+        written = _write_ranks(sources, layouts, [staging / n for n in names], tp, progress)
         extras = _copy_extras(checkpoint, staging)
         manifest = Manifest(
             tool_version=reshard.__version__,
             model_type=checkpoint.config.get("model_type"),
             architecture=_architecture(checkpoint.config),
             mesh={"tp": tp},
+            options={"key_renames": [list(r) for r in renames]} if renames else {},
             plan=resolved_plan,
             source=_source_info(checkpoint, progress),
             tensors=_tensor_entries(layouts, written),
@@ -107,19 +110,22 @@ def convert(
     return manifest
 
 
-def plan_layouts(checkpoint: Checkpoint, styles: dict[str, str | None], tp: int) -> list[TensorLayout]:
+def plan_layouts(
+    sources: dict[str, tuple[Path, HeaderEntry]], styles: dict[str, str | None], tp: int
+) -> list[TensorLayout]:
     """Every tensor's layout, in rank-file order. Pure: no tensor bytes are read."""
-    layouts = [
-        tensor_layout(name, t.entry.dtype, t.entry.shape, styles[name], tp) for name, t in checkpoint.tensors.items()
-    ]
+    layouts = [tensor_layout(name, entry.dtype, entry.shape, styles[name], tp) for name, (_, entry) in sources.items()]
     return file_order(layouts, ITEMSIZE)
 
 
 def _write_ranks(
-    checkpoint: Checkpoint, layouts: list[TensorLayout], paths: list[Path], tp: int, progress: bool
+    sources: dict[str, tuple[Path, HeaderEntry]],
+    layouts: list[TensorLayout],
+    paths: list[Path],
+    tp: int,
+    progress: bool,
 ) -> list[WrittenFile]:
-    total = sum(t.entry.nbytes for t in checkpoint.tensors.values())
-    sources = {name: (t.file, t.entry) for name, t in checkpoint.tensors.items()}
+    total = sum(entry.nbytes for _, entry in sources.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"write tp={tp}", disable=not progress) as bar:
         return write_rank_files(
             layouts, sources, paths, metadata={"format": "pt", "reshard.tp": str(tp)}, on_bytes=bar.update

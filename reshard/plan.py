@@ -84,6 +84,22 @@ def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, s
     return resolved
 
 
+def key_renames(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """The checkpoint-key renames transformers applies when loading this architecture (e.g. gpt_neox's
+    ``embed_out.`` → ``lm_head.``), so rank files hold the names of the model's parameters."""
+    model_type = config.get("model_type")
+    if not model_type or model_type not in builtin_plan_names():
+        return []
+    return [(pattern, target) for pattern, target in builtin_plan(model_type).get("key_renames", [])]
+
+
+def model_key(checkpoint_key: str, renames: list[tuple[str, str]]) -> str:
+    """The model parameter name of a checkpoint key, after transformers' renames."""
+    for pattern, target in renames:
+        checkpoint_key = re.sub(pattern, target, checkpoint_key)
+    return checkpoint_key
+
+
 def assign_styles(
     tensor_names: list[str], plan: dict[str, str], *, tied_embeddings: bool, strict: bool
 ) -> dict[str, str | None]:

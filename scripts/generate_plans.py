@@ -35,6 +35,8 @@ class BuiltPlan:
     transformers_version: str
     tp_plan: dict[str, str]
     ep_plan: dict[str, str]
+    key_renames: list[list[str]]
+    key_converters: list[str]
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON document written to ``<model_type>.json``."""
@@ -45,6 +47,8 @@ class BuiltPlan:
             "tp_plan": dict(self.tp_plan),
             "ep_plan": dict(self.ep_plan),
             "styles": sorted(set(self.tp_plan.values())),
+            "key_renames": self.key_renames,
+            "key_converters": self.key_converters,
         }
 
 
@@ -62,7 +66,32 @@ def build_plan(model_type: str) -> BuiltPlan:
         bad = {k: v for k, v in plan.items() if not isinstance(k, str) or not isinstance(v, str)}
         if bad:
             raise TypeError(f"non-string {name} entries: {bad}")
-    return BuiltPlan(model_type, type(model).__name__, transformers.__version__, **plans)
+    renames, converters = _key_conversions(model)
+    return BuiltPlan(
+        model_type,
+        type(model).__name__,
+        transformers.__version__,
+        **plans,
+        key_renames=renames,
+        key_converters=converters,
+    )
+
+
+def _key_conversions(model: Any) -> tuple[list[list[str]], list[str]]:
+    """The checkpoint-key renames transformers applies at load for this class (regex, replacement), in order,
+    and a description of the converters (fused experts etc.) that reshard must reproduce itself."""
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+    from transformers.core_model_loading import WeightRenaming
+
+    renames: list[list[str]] = []
+    converters: list[str] = []
+    for transform in extract_weight_conversions_for_model(model) or []:
+        sources, targets = list(transform.source_patterns), list(transform.target_patterns)
+        if type(transform) is WeightRenaming and len(sources) == 1 and len(targets) == 1:
+            renames.append([sources[0], targets[0]])
+        else:
+            converters.append(f"{type(transform).__name__}: {sources} -> {targets}")
+    return renames, converters
 
 
 def dumps(document: dict[str, Any]) -> str:

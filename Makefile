@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test` (both install first).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test lint bench-convert bench-coldstart clean
+
+setup:
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+
+demo: setup
+	$(PYTHON) examples/demo.py
+
+test: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+bench-convert: setup
+	$(PYTHON) benchmarks/convert.py
+
+bench-coldstart: setup
+	$(PYTHON) benchmarks/coldstart.py
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache

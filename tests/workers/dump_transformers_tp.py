@@ -1,0 +1,49 @@
+"""Under torchrun: load each checkpoint with transformers' own TP (tp_plan="auto") and save this rank's local tensors.
+
+argv: a JSON file ``[[source_dir, out_prefix], ...]``; writes ``{out_prefix}.rank{R}.safetensors`` holding every
+parameter's local shard (``to_local()`` for DTensors) plus ``{out_prefix}.rank{R}.json`` with placements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+from transformers import AutoModelForCausalLM
+
+
+def describe(placement: object) -> list[object]:
+    """A placement as JSON: ``["shard", dim]``, ``["strided_shard", dim, split_factor]`` or ``["replicate"]``."""
+    if isinstance(placement, _StridedShard):
+        return ["strided_shard", placement.dim, placement.split_factor]
+    if isinstance(placement, Shard):
+        return ["shard", placement.dim]
+    return [type(placement).__name__.lower()]
+
+
+def main() -> None:
+    with open(sys.argv[1]) as handle:
+        jobs = json.load(handle)
+    rank = int(os.environ["RANK"])
+    for source, prefix in jobs:
+        model = AutoModelForCausalLM.from_pretrained(source, tp_plan="auto")
+        tensors, placements = {}, {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            local = param.to_local() if isinstance(param, DTensor) else param.data
+            tensors[name] = local.detach().clone().contiguous()
+            placements[name] = [describe(p) for p in param.placements] if isinstance(param, DTensor) else None
+        save_file(tensors, f"{prefix}.rank{rank}.safetensors")
+        with open(f"{prefix}.rank{rank}.json", "w") as handle:
+            json.dump(placements, handle)
+        del model
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
