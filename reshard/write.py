@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 import xxhash
@@ -53,9 +53,78 @@ class WrittenFile:
     tensor_hashes: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """A tensor seen as ``[outer, length, row]`` around its placement dim: ``row`` is bytes per index of the dim."""
+
+    outer: int
+    length: int
+    row: int
+
+    @classmethod
+    def of(cls, layout: TensorLayout) -> Geometry:
+        dim = layout.placement.dim if layout.placement.is_sharded else 0
+        shape = layout.shape or (1,)  # a scalar is one row of one element
+        assert dim is not None
+        row = math.prod(shape[dim + 1 :]) * itemsize(layout.dtype)
+        return cls(math.prod(shape[:dim]), shape[dim], row)
+
+
+class TensorReader(Protocol):
+    """Where a global tensor's bytes come from: a checkpoint file, or the rank files of another artifact."""
+
+    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
+        """Fill ``out`` with global rows ``[lo, hi)`` of outer indices ``[first, first + count)``, row-major."""
+        ...
+
+
+class OpenFiles:
+    """Read-only descriptors opened once per file and closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def read_exact(fd: int, file: Path, name: str, view: memoryview, offset: int) -> None:
+    """``pread`` exactly ``len(view)`` bytes; a short read means the file was cut (or changed) under us."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise FileFormatError(f"{file}: tensor {name!r} is cut short at byte {offset + done} (truncated file)")
+        done += got
+
+
+@dataclass
+class CheckpointTensorReader:
+    """A whole tensor stored contiguously in one safetensors file (a Hugging Face checkpoint)."""
+
+    files: OpenFiles
+    file: Path
+    entry: HeaderEntry
+    geometry: Geometry
+
+    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
+        g = self.geometry
+        offset = self.entry.offset + (first * g.length + lo) * g.row
+        # Contiguous in the file when whole outer blocks are read, or a run of rows inside one of them.
+        assert (lo == 0 and hi == g.length) or count == 1
+        read_exact(self.files.fd(self.file), self.file, self.entry.name, out, offset)
+
+
 def write_rank_files(
     layouts: list[TensorLayout],
-    sources: dict[str, tuple[Path, HeaderEntry]],
+    readers: dict[str, TensorReader],
     paths: list[Path],
     *,
     metadata: dict[str, str],
@@ -64,11 +133,10 @@ def write_rank_files(
 ) -> list[WrittenFile]:
     """Write ``paths[r]`` for every rank r: header, then each layout's rank-r bytes in order; fsync each file.
 
-    ``sources`` maps a tensor name to the file and header entry its bytes come from. ``on_bytes`` is called with
-    the number of source bytes consumed (for a progress bar).
+    ``readers`` gives each tensor's global bytes. ``on_bytes`` is called with the number of global bytes
+    consumed (for a progress bar).
     """
     handles: list[BinaryIO] = []
-    fds: dict[Path, int] = {}
     try:
         sinks = []
         for rank, path in enumerate(paths):
@@ -80,11 +148,8 @@ def write_rank_files(
         buffer = bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES)
         gather = bytearray(len(buffer))
         for layout in layouts:
-            file, entry = sources[layout.name]
-            if file not in fds:
-                fds[file] = os.open(file, os.O_RDONLY)
             hashes = [xxhash.xxh3_128() for _ in sinks]
-            _stream_tensor(fds[file], file, entry, layout, sinks, hashes, buffer, gather, on_bytes)
+            _stream_tensor(readers[layout.name], layout, sinks, hashes, buffer, gather, on_bytes)
             for sink, digest in zip(sinks, hashes, strict=True):
                 sink.tensor_hashes[layout.name] = digest.hexdigest()
         written = []
@@ -96,23 +161,10 @@ def write_rank_files(
     finally:
         for handle in handles:
             handle.close()
-        for fd in fds.values():
-            os.close(fd)
-
-
-def _read_exact(fd: int, file: Path, name: str, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise FileFormatError(f"{file}: tensor {name!r} is cut short at byte {offset + done} (truncated file)")
-        done += got
 
 
 def _stream_tensor(
-    fd: int,
-    file: Path,
-    entry: HeaderEntry,
+    reader: TensorReader,
     layout: TensorLayout,
     sinks: list[RankSink],
     hashes: list[xxhash.xxh3_128],
@@ -120,74 +172,65 @@ def _stream_tensor(
     gather: bytearray,
     on_bytes: Callable[[int], None],
 ) -> None:
-    """Copy one tensor: view it as ``[outer, dim, row]`` around the placement's dim and cut ranges of ``dim``."""
-    if entry.nbytes == 0:
+    """Copy one tensor: view it as ``[outer, length, row]`` around the placement's dim and cut ranges of ``length``."""
+    g = Geometry.of(layout)
+    block = g.length * g.row
+    if block == 0 or g.outer == 0:
         return
-    dim = layout.placement.dim if layout.placement.is_sharded else 0
-    shape = layout.shape or (1,)
-    outer = math.prod(shape[:dim])
-    length = shape[dim]
-    row = math.prod(shape[dim + 1 :]) * itemsize(layout.dtype)
-    block = length * row
     if block <= len(buffer):
-        _stream_whole_blocks(fd, file, entry, layout, sinks, hashes, buffer, gather, outer, length, row, on_bytes)
+        _stream_whole_blocks(reader, layout, g, sinks, hashes, buffer, gather, on_bytes)
         return
     # One outer index is larger than the buffer: walk it in runs of rows; every rank's piece is contiguous.
-    rows_per_read = max(1, len(buffer) // row)
+    rows_per_read = max(1, len(buffer) // g.row)
     mv = memoryview(buffer)
-    for index in range(outer):
-        base = entry.offset + index * block
-        for first in range(0, length, rows_per_read):
-            last = min(first + rows_per_read, length)
-            nbytes = (last - first) * row
+    for index in range(g.outer):
+        for first in range(0, g.length, rows_per_read):
+            last = min(first + rows_per_read, g.length)
+            nbytes = (last - first) * g.row
             chunk = mv[:nbytes] if nbytes <= len(buffer) else memoryview(bytearray(nbytes))
-            _read_exact(fd, file, layout.name, chunk, base + first * row)
+            reader.read(index, 1, first, last, chunk)
             on_bytes(nbytes)
             for rank, sink in enumerate(sinks):
                 for start, stop in layout.ranges[rank]:
                     lo, hi = max(start, first), min(stop, last)
                     if lo < hi:
-                        sink.write(chunk[(lo - first) * row : (hi - first) * row], hashes[rank])
+                        sink.write(chunk[(lo - first) * g.row : (hi - first) * g.row], hashes[rank])
 
 
 def _stream_whole_blocks(
-    fd: int,
-    file: Path,
-    entry: HeaderEntry,
+    reader: TensorReader,
     layout: TensorLayout,
+    g: Geometry,
     sinks: list[RankSink],
     hashes: list[xxhash.xxh3_128],
     buffer: bytearray,
     gather: bytearray,
-    outer: int,
-    length: int,
-    row: int,
     on_bytes: Callable[[int], None],
 ) -> None:
     """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns)."""
-    block = length * row
+    block = g.length * g.row
     per_read = max(1, len(buffer) // block)
     source = torch.frombuffer(buffer, dtype=torch.uint8)
     target = torch.frombuffer(gather, dtype=torch.uint8)
     mv, gathered = memoryview(buffer), memoryview(gather)
-    for first in range(0, outer, per_read):
-        count = min(per_read, outer - first)
+    for first in range(0, g.outer, per_read):
+        count = min(per_read, g.outer - first)
         nbytes = count * block
-        _read_exact(fd, file, layout.name, mv[:nbytes], entry.offset + first * block)
+        reader.read(first, count, 0, g.length, mv[:nbytes])
         on_bytes(nbytes)
-        blocks = source[:nbytes].view(count, length, row)
+        blocks = source[:nbytes].view(count, g.length, g.row)
         for rank, sink in enumerate(sinks):
             ranges = layout.ranges[rank]
             width = sum(stop - start for start, stop in ranges)
             if not width:
                 continue
-            if ranges == ((0, length),):  # the whole tensor (replicated): the buffer as read
+            if ranges == ((0, g.length),):  # the whole tensor (replicated): the buffer as read
                 sink.write(mv[:nbytes], hashes[rank])
                 continue
             if count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
                 start, stop = ranges[0]
-                sink.write(mv[start * row : stop * row], hashes[rank])
+                sink.write(mv[start * g.row : stop * g.row], hashes[rank])
                 continue
-            out = target[: count * width * row].view(count, width, row)
+            out = target[: count * width * g.row].view(count, width, g.row)
             torch.cat([blocks[:, start:stop] for start, stop in ranges], dim=1, out=out)
-            sink.write(gathered[: count * width * row], hashes[rank])
+            sink.write(gathered[: count * width * g.row], hashes[rank])

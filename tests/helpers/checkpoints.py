@@ -1,46 +1,105 @@
-"""Tiny checkpoints with real architectures, written by transformers' save_pretrained like the Hub has them.
+"""Tiny Hugging Face checkpoints for tests, written with ``save_pretrained`` and split into several files.
 
-Random weights, a few KB each, sharded into several files with ``model.safetensors.index.json`` so that every
-test exercises the multi-file path.
+Every kind is small (hidden 64, 2 layers) but exercises what tensor parallelism gets wrong: a vocabulary of 1001
+that no tp divides, grouped-query attention, tied and untied embeddings, biases (qwen2). Weights are random but
+seeded, so a kind always gives the same bytes; norms are random too, so a swapped or missing tensor shows.
+
+Kinds:
+    ``llama``        4 heads, 2 KV heads (GQA; shardable at tp 2, not 4), untied, bfloat16
+    ``llama_tied``   the same with ``tie_word_embeddings``
+    ``llama_mha8``   8 heads, 8 KV heads (shardable at tp 4)
+    ``llama_gqa8``   8 heads, 4 KV heads (GQA shardable at tp 2 and 4)
+    ``qwen2``        4 heads, 2 KV heads, biases on q/k/v, untied, float32
+    ``llama_h24``    24 heads of width 4 (tp 1, 2, 3, 4, 6, 8 valid), intermediate 100, untied
+    ``family_NAME``  the smallest sensible model of each dense family in ``FAMILIES``
+
+Example:
+    >>> make_checkpoint("llama_gqa8", tmp_path / "src", tie_word_embeddings=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-# Small shapes that still show the interesting cases: GQA (4 heads, 2 KV heads), an uneven vocabulary (1001).
-BASE: dict[str, Any] = {
-    "vocab_size": 1001,
+import torch
+
+_TINY: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 96,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
+    "vocab_size": 1001,
     "max_position_embeddings": 128,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 
-KINDS: dict[str, dict[str, Any]] = {
-    "llama": {"model_type": "llama", "tie_word_embeddings": False},
-    "llama_tied": {"model_type": "llama", "tie_word_embeddings": True},
-    "llama_mha8": {"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 64},
-    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {"tie_word_embeddings": False, "dtype": "bfloat16"}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True, "dtype": "bfloat16"}),
+    "llama_mha8": ("llama", {"num_attention_heads": 8, "num_key_value_heads": 8, "dtype": "bfloat16"}),
+    "llama_gqa8": ("llama", {"num_attention_heads": 8, "num_key_value_heads": 4, "dtype": "bfloat16"}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": False, "dtype": "float32"}),
+    # 24 heads: tp 1, 2, 3, 4, 6 and 8 are all valid, with the vocabulary and MLP uneven at most of them
+    "llama_h24": (
+        "llama",
+        {
+            "hidden_size": 96,
+            "num_attention_heads": 24,
+            "num_key_value_heads": 24,
+            "intermediate_size": 100,
+            "tie_word_embeddings": False,
+            "dtype": "bfloat16",
+        },
+    ),
+}
+
+# Dense families with a built-in plan, and what their tiny config needs beyond _TINY (head_dim defaults of 128 or
+# 256 would dwarf hidden 64; gpt_neox has no KV heads).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16},
+    "granite": {},
+    "olmo2": {},
+    "cohere": {},
+    "starcoder2": {},
+    "phi3": {"pad_token_id": 0},
+    "gpt_neox": {"num_key_value_heads": None},
 }
 
 
-def make_checkpoint(kind: str, path: str | Path, *, dtype: str = "bfloat16", seed: int = 0, **overrides: Any) -> Path:
-    """Save a random ``kind`` model (see ``KINDS``) with save_pretrained into ``path``, sharded into several files."""
-    import torch
+def make_checkpoint(
+    kind: str, path: str | os.PathLike[str], *, max_shard_size: str = "60KB", seed: int = 0, **overrides: Any
+) -> Path:
+    """Write a tiny checkpoint of ``kind`` (see the module docstring) to ``path``; ``overrides`` set config fields.
+
+    ``max_shard_size`` splits the weights over several safetensors files plus an index, like a real Hub repo.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = {**BASE, **KINDS[kind], **overrides}
-    model_type = settings.pop("model_type")
-    config = AutoConfig.for_model(model_type, **settings)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with torch.no_grad():  # norms start at exactly 1 or 0: make every tensor distinct so slices cannot pass by luck
-        for param in model.parameters():
-            param.copy_(torch.randn_like(param, dtype=torch.float32).to(param.dtype) * 0.05)
+    if kind.startswith("family_"):
+        model_type, extra = kind.removeprefix("family_"), {"dtype": "float32", **FAMILIES[kind.removeprefix("family_")]}
+    else:
+        model_type, extra = KINDS[kind]
+    fields = {key: value for key, value in {**_TINY, **extra, **overrides}.items() if value is not None}
+    dtype = getattr(torch, fields.pop("dtype"))
+    config = AutoConfig.for_model(model_type, **fields)
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            value = 1.0 + 0.2 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise
+            param.copy_(value.to(param.dtype))
     path = Path(path)
-    model.save_pretrained(path, max_shard_size="100KB")
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     return path

@@ -1,0 +1,102 @@
+"""Read a reshard artifact as a source: each global tensor is assembled from the old rank files' pieces.
+
+Lets ``reshard --tp 4 ./model-tp8`` build a new artifact from the rank files alone, streaming with the same
+bounded buffers as a conversion from a checkpoint, and without the original checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reshard.errors import FileFormatError
+from reshard.loaders.integrity import hash_file
+from reshard.loaders.safetensors_file import read_header
+from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
+from reshard.write import Geometry, OpenFiles, read_exact
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One old rank's part of a tensor: where its local bytes start, its local length and global ranges."""
+
+    path: Path
+    offset: int
+    length: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass
+class ArtifactTensorReader:
+    """Global rows of a tensor, read from the old ranks that hold them (one rank for a replicated tensor)."""
+
+    files: OpenFiles
+    name: str
+    geometry: Geometry
+    pieces: list[Piece]
+    scratch: bytearray = field(default_factory=bytearray)
+
+    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
+        row, width = self.geometry.row, hi - lo
+        target = torch.frombuffer(out, dtype=torch.uint8).view(count, width, row) if count > 1 else None
+        for piece in self.pieces:
+            fd = self.files.fd(piece.path)
+            position = 0  # where each global range starts in the old rank's local tensor
+            for start, stop in piece.ranges:
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
+                    local = position + a - start
+                    base = piece.offset + (first * piece.length + local) * row
+                    if count == 1:
+                        read_exact(fd, piece.path, self.name, out[(a - lo) * row : (b - lo) * row], base)
+                    else:
+                        # count outer blocks of this piece lie in the old file every `length` rows: read them in one
+                        # span and copy the rows wanted into place.
+                        span = ((count - 1) * piece.length + (b - a)) * row
+                        need = count * piece.length * row
+                        if len(self.scratch) < need:
+                            self.scratch = bytearray(need)
+                        read_exact(fd, piece.path, self.name, memoryview(self.scratch)[:span], base)
+                        rows = torch.frombuffer(self.scratch, dtype=torch.uint8)[:need].view(count, piece.length, row)
+                        assert target is not None
+                        target[:, a - lo : b - lo].copy_(rows[:, : b - a])
+                position += stop - start
+
+
+def open_artifact(root: Path) -> tuple[Manifest, str]:
+    """The artifact's manifest and the xxh3-128 of ``manifest.json`` (the new artifact's lineage points at it)."""
+    manifest = read_manifest(root)
+    _, digest = hash_file(root / MANIFEST_NAME)
+    return manifest, digest
+
+
+def artifact_readers(
+    root: Path, manifest: Manifest, files: OpenFiles, geometries: dict[str, Geometry]
+) -> dict[str, ArtifactTensorReader]:
+    """A reader per tensor; every rank file's header is checked against the manifest first."""
+    headers = {}
+    for entry in manifest.files:
+        if entry.rank is not None:
+            headers[entry.rank] = read_header(resolve_in(root, entry.path))
+    readers = {}
+    for tensor in manifest.tensors:
+        pieces = []
+        ranks = tensor.slices if tensor.placement.is_sharded else tensor.slices[:1]
+        for piece in ranks:
+            header = headers[piece.rank]
+            entry = header.tensors.get(tensor.name)
+            _check_piece(header.path, tensor, entry, piece.shape)
+            assert entry is not None
+            length = piece.shape[tensor.placement.dim] if tensor.placement.is_sharded else (tensor.shape or (1,))[0]
+            pieces.append(Piece(header.path, entry.offset, length, tuple(piece.ranges) or ((0, 1),)))
+        readers[tensor.name] = ArtifactTensorReader(files, tensor.name, geometries[tensor.name], pieces)
+    return readers
+
+
+def _check_piece(path: Path, tensor: TensorEntry, entry: object, shape: tuple[int, ...]) -> None:
+    if entry is None:
+        raise FileFormatError(f"{path}: tensor {tensor.name!r} is missing from this rank file")
+    if getattr(entry, "dtype", None) != tensor.dtype or tuple(getattr(entry, "shape", ())) != tuple(shape):
+        raise FileFormatError(f"{path}: tensor {tensor.name!r} does not match the manifest's dtype/shape")

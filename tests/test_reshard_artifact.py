@@ -1,0 +1,62 @@
+"""Changing tp from an artifact alone: the result equals converting the original checkpoint at the new tp."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import reshard
+from reshard.errors import ShardabilityError
+from tests.helpers.checkpoints import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint("llama_h24", tmp_path_factory.mktemp("src") / "llama")
+
+
+def without_lineage(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    data.pop("lineage")
+    return data
+
+
+@pytest.mark.parametrize(("old_tp", "new_tp"), [(8, 4), (4, 8), (8, 3), (2, 1), (3, 2)])
+def test_reshard_equals_direct_conversion(source: Path, tmp_path: Path, monkeypatch, old_tp: int, new_tp: int):
+    old = tmp_path / f"tp{old_tp}"
+    reshard.convert(source, old, tp=old_tp, progress=False)
+    direct = tmp_path / f"direct-tp{new_tp}"
+    reshard.convert(source, direct, tp=new_tp, progress=False)
+    # the original checkpoint is gone: only the old artifact's rank files can be read
+    moved = tmp_path / "elsewhere"
+    shutil.move(source, moved)
+    try:
+        resharded = tmp_path / f"resharded-tp{new_tp}"
+        manifest = reshard.convert(old, resharded, tp=new_tp, progress=False)
+    finally:
+        shutil.move(moved, source)
+    assert sorted(p.name for p in resharded.iterdir()) == sorted(p.name for p in direct.iterdir())
+    for path in direct.iterdir():
+        if path.name != "manifest.json":
+            assert path.read_bytes() == (resharded / path.name).read_bytes(), path.name
+    assert without_lineage(resharded / "manifest.json") == without_lineage(direct / "manifest.json")
+    assert manifest.lineage is not None and manifest.lineage["resharded_from"]["mesh"] == {"tp": old_tp}
+
+
+@pytest.mark.parametrize("buffer_bytes", [16, 700])
+def test_reshard_with_small_buffers(source: Path, tmp_path: Path, monkeypatch, buffer_bytes: int):
+    reshard.convert(source, tmp_path / "tp4", tp=4, progress=False)
+    reshard.convert(source, tmp_path / "direct", tp=3, progress=False)
+    monkeypatch.setattr("reshard.write.DEFAULT_BUFFER_BYTES", buffer_bytes)
+    reshard.convert(tmp_path / "tp4", tmp_path / "tp3", tp=3, progress=False)
+    for path in (tmp_path / "direct").glob("rank-*"):
+        assert path.read_bytes() == (tmp_path / "tp3" / path.name).read_bytes()
+
+
+def test_reshard_checks_the_new_tp(source: Path, tmp_path: Path):
+    reshard.convert(source, tmp_path / "tp8", tp=8, progress=False)
+    with pytest.raises(ShardabilityError, match="tp=5"):
+        reshard.convert(tmp_path / "tp8", tmp_path / "tp5", tp=5, progress=False)
