@@ -70,6 +70,8 @@ def cli() -> None:
       reshard check --tp 8 MODEL        can MODEL be split 8 ways? (config.json only)
       reshard verify ARTIFACT           re-hash every file and tensor
       reshard inspect ARTIFACT          model, tp, plan, bytes per rank, tensors
+      reshard --tp 4 ARTIFACT           re-shard an artifact to another tp (no source needed)
+      reshard consolidate ARTIFACT -o D back to a Hugging Face checkpoint
 
     Add --debug to any command for a full traceback on error.
     """
@@ -169,6 +171,41 @@ def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None) -> 
             click.echo(f"        · {note}")
     if failed and tps:
         sys.exit(ShardabilityError.exit_code)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(), required=True, help="Checkpoint folder to write.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 2GB, 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def consolidate(artifact: str, output: str, max_shard_size: str, overwrite: bool, quiet: bool) -> None:
+    """Turn ARTIFACT back into a Hugging Face checkpoint (sharded safetensors + index, config, tokenizer).
+
+    Every tensor equals the original checkpoint's bit for bit, under its original name, and
+    from_pretrained loads the folder.
+
+    \b
+      reshard consolidate ./SmolLM2-1.7B-tp8 -o ./SmolLM2-1.7B
+    """
+    from reshard.consolidate import consolidate as run_consolidate
+
+    run_consolidate(
+        artifact, output, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, progress=not quiet
+    )
+    click.echo(f"wrote {output}")
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` → 5_000_000_000 (decimal units, like save_pretrained's max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    cleaned = text.strip().upper()
+    for unit, factor in units.items():
+        if cleaned.endswith(unit) and cleaned[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(cleaned[: -len(unit)]) * factor)
+    if cleaned.isdigit():
+        return int(cleaned)
+    raise click.BadParameter(f"{text!r} is not a size such as 5GB or 500MB", param_hint="--max-shard-size")
 
 
 def main(argv: list[str] | None = None) -> Any:

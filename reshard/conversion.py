@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from reshard.manifests import (
 from reshard.plan import assign_styles, builtin_plan, key_renames, load_plan, model_key
 from reshard.preflight import require_shardable, text_config
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
+from reshard.staging import copy_hashed, staging_folder, write_durably
 from reshard.write import (
     CheckpointTensorReader,
     Geometry,
@@ -109,10 +108,10 @@ def convert(
     else:
         job = _job_from_checkpoint(model, revision, tp, plan)
 
-    with _staging_folder(out_path, overwrite) as staging:
+    with staging_folder(out_path, overwrite) as staging:
         names = [rank_file_name(rank, tp) for rank in range(tp)]
         written = _write_ranks(job, [staging / n for n in names], tp, progress)
-        extras = _copy_extras(job.extra_files, staging)
+        extras = copy_hashed(job.extra_files, staging)
         manifest = Manifest(
             tool_version=reshard.__version__,
             model_type=job.config.get("model_type"),
@@ -128,7 +127,7 @@ def convert(
             ]
             + extras,
         )
-        _write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
+        write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
     return manifest
 
 
@@ -211,17 +210,6 @@ def _tensor_entries(layouts: list[TensorLayout], written: list[WrittenFile]) -> 
     return entries
 
 
-def _copy_extras(paths: list[Path], staging: Path) -> list[FileEntry]:
-    """Copy config, tokenizer and generation files verbatim and hash them."""
-    entries = []
-    for path in paths:
-        target = staging / path.name
-        shutil.copyfile(path, target)
-        size, digest = hash_file(target)
-        entries.append(FileEntry(path.name, size, digest))
-    return entries
-
-
 def _source_info(checkpoint: Checkpoint, progress: bool) -> SourceInfo:
     files = sorted([*checkpoint.weight_files, *checkpoint.extra_files])
     index = checkpoint.root / "model.safetensors.index.json"
@@ -247,45 +235,3 @@ def _architecture(config: dict[str, object]) -> str | None:
         except ReshardError:
             return None
     return None
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``out``; on success swap it into place, on failure remove it."""
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        _fsync_dir(staging)
-        if out.exists():
-            if not overwrite:
-                raise OutputExistsError(f"{out}: appeared while converting (pass --overwrite to replace it)")
-            retired = parent / f".{out.name}.old"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(out, retired)
-            os.replace(staging, out)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

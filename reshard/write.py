@@ -130,11 +130,12 @@ def write_rank_files(
     metadata: dict[str, str],
     buffer_bytes: int | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
+    rank_metadata: bool = True,
 ) -> list[WrittenFile]:
     """Write ``paths[r]`` for every rank r: header, then each layout's rank-r bytes in order; fsync each file.
 
     ``readers`` gives each tensor's global bytes. ``on_bytes`` is called with the number of global bytes
-    consumed (for a progress bar).
+    consumed (for a progress bar). ``rank_metadata`` records each file's rank in its header metadata.
     """
     handles: list[BinaryIO] = []
     try:
@@ -144,7 +145,8 @@ def write_rank_files(
             handles.append(handle)
             sinks.append(RankSink(path, handle))
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
-            sinks[rank].write(encode_header(header, {**metadata, "rank": str(rank)}), None)
+            file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
+            sinks[rank].write(encode_header(header, file_metadata), None)
         buffer = bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES)
         gather = bytearray(len(buffer))
         for layout in layouts:
