@@ -20,11 +20,15 @@ CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safet
   reshard --tp 8 HuggingFaceTB/SmolLM2-1.7B
   reshard --tp 4 ./my-checkpoint -o ./my-checkpoint-tp4 --plan auto
   reshard --tp 2 ./ckpt --plan my_plan.json
+  reshard --tp 4 ./ckpt-tp8 -o ./ckpt-tp4          # re-shard an artifact: no source needed
+  reshard --tp 8 ./ckpt --workers 2                 # split the work over 2 processes
+  torchrun --nproc-per-node 4 -m reshard --tp 8 ./ckpt -o ./ckpt-tp8
 
 The plan is `auto` (the plan transformers applies for the architecture) or a JSON file of
 module pattern -> style, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}. The artifact is
 written into a hidden folder and renamed into place when complete; manifest.json records every
-tensor's placement, slices and xxh3-128 hashes.
+tensor's placement, slices and xxh3-128 hashes. Rerunning a killed conversion reuses the rank
+files it had finished.
 """
 
 
@@ -85,14 +89,38 @@ def cli() -> None:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Local processes to split the rank files over (under torchrun, every torchrun process is a worker).",
+)
+@click.option(
+    "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
+)
 def convert(
-    model: str, tp: int, output: str | None, plan: str, revision: str | None, overwrite: bool, quiet: bool
+    model: str,
+    tp: int,
+    output: str | None,
+    plan: str,
+    revision: str | None,
+    overwrite: bool,
+    quiet: bool,
+    workers: int,
+    worker_slot: str | None,
 ) -> None:
     from reshard.conversion import convert as run_convert
-    from reshard.conversion import default_output
+    from reshard.conversion import convert_part, default_output
 
     out = output or str(default_output(model, tp))
-    manifest = run_convert(model, out, tp=tp, plan=plan, revision=revision, overwrite=overwrite, progress=not quiet)
+    if worker_slot is not None:
+        index, size = (int(part) for part in worker_slot.split("/"))
+        convert_part(model, out, tp, plan, revision, index, size)
+        return
+    manifest = run_convert(
+        model, out, tp=tp, plan=plan, revision=revision, overwrite=overwrite, progress=not quiet, workers=workers
+    )
     size = sum(f.size for f in manifest.files if f.rank is not None)
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")
 

@@ -85,7 +85,7 @@ def consolidate(
                 write_rank_files(
                     renamed,
                     {r.name: readers[source_of[r.name]] for r in renamed},
-                    [staging / name],
+                    {0: staging / name},
                     metadata={"format": "pt"},
                     on_bytes=bar.update,
                     rank_metadata=False,

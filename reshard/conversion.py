@@ -7,6 +7,7 @@ that looks complete, and rerunning simply starts over.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import reshard
 from reshard.errors import OutputExistsError, PlanError, ReshardError
 from reshard.from_artifact import artifact_readers, open_artifact
 from reshard.layout import TensorLayout, file_order, tensor_layout
-from reshard.loaders.integrity import hash_file
+from reshard.loaders.integrity import hash_bytes, hash_file
 from reshard.loaders.safetensors_file import DTYPES
 from reshard.manifests import (
     MANIFEST_NAME,
@@ -31,12 +32,14 @@ from reshard.manifests import (
     SourceInfo,
     TensorEntry,
     rank_file_name,
+    read_manifest,
     resolve_in,
 )
+from reshard.parallel import WorkerGroup, from_torchrun, run_workers, solo, worker_command
 from reshard.plan import assign_styles, builtin_plan, key_renames, load_plan, model_key
 from reshard.preflight import require_shardable, text_config
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
-from reshard.staging import copy_hashed, staging_folder, write_durably
+from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
 from reshard.write import (
     CheckpointTensorReader,
     Geometry,
@@ -65,8 +68,25 @@ class ConversionJob:
     total_bytes: int
     extra_files: list[Path]
     source_info: Callable[[bool], SourceInfo]
+    identity: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] | None = None
+
+    @property
+    def tp(self) -> int:
+        return len(self.layouts[0].ranges) if self.layouts else 1
+
+    def fingerprint(self, tp: int) -> str:
+        """Identifies the job (inputs, plan, layout, tool version): finished files of a run with the same
+        fingerprint can be reused by a resumed run."""
+        document = {
+            "tool": reshard.__version__,
+            "tp": tp,
+            "plan": self.plan,
+            "identity": self.identity,
+            "layouts": [[t.name, t.dtype, list(t.shape), t.style] for t in self.layouts],
+        }
+        return hash_bytes(json.dumps(document, sort_keys=True).encode())
 
 
 def convert(
@@ -78,6 +98,8 @@ def convert(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 1,
+    group: WorkerGroup | None = None,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -90,9 +112,13 @@ def convert(
         revision: Hub revision (branch, tag or commit) when ``source`` is a repo id.
         overwrite: replace ``out`` if it exists.
         progress: show tqdm progress bars.
+        workers: split the rank files over this many local processes.
+        group: this process's worker group; by default the torchrun group when run under torchrun, else alone.
 
     Returns:
         The manifest written into ``out``.
+
+    A killed run resumes: the same command reuses the rank files already finished (after re-hashing them).
 
     Example:
         >>> reshard.convert("./SmolLM2-1.7B", "./SmolLM2-1.7B-tp8", tp=8)  # doctest: +SKIP
@@ -101,33 +127,123 @@ def convert(
         raise ReshardError(f"tp must be a positive integer, got {tp!r}")
     model = os.fspath(source)
     out_path = Path(out) if out is not None else default_output(model, tp)
-    if out_path.exists() and not overwrite:
+    group = group or from_torchrun() or solo()
+    if out_path.exists() and not overwrite and group.index == 0:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    if (Path(model) / MANIFEST_NAME).is_file():
-        job = _job_from_artifact(Path(model), tp, plan)
+    job = _build_job(model, tp, plan, revision)
+    job_id = job.fingerprint(tp)
+    if group.is_leader:
+        prepare_staging(out_path, job_id)
+    group.barrier()
+    staging = staging_path(out_path)
+    if workers > 1 and group.size == 1:
+        if not isinstance(plan, str):
+            raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
+        argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", plan]
+        argv += ["--revision", revision] if revision else []
+        run_workers([worker_command(argv, index, workers) for index in range(workers)])
     else:
-        job = _job_from_checkpoint(model, revision, tp, plan)
+        write_part(job, staging, group.ranks(tp), job_id, progress=progress)
+    group.barrier()
+    manifest = _finish(job, staging, out_path, tp, job_id, overwrite, progress) if group.is_leader else None
+    group.barrier()
+    return manifest if manifest is not None else read_manifest(out_path)
 
-    with staging_folder(out_path, overwrite) as staging:
-        names = [rank_file_name(rank, tp) for rank in range(tp)]
-        written = _write_ranks(job, [staging / n for n in names], tp, progress)
-        extras = copy_hashed(job.extra_files, staging)
-        manifest = Manifest(
-            tool_version=reshard.__version__,
-            model_type=job.config.get("model_type"),
-            architecture=_architecture(job.config),
-            mesh={"tp": tp},
-            options=job.options,
-            lineage=job.lineage,
-            plan=job.plan,
-            source=job.source_info(progress),
-            tensors=_tensor_entries(job.layouts, written),
-            files=[
-                FileEntry(name, w.size, w.xxh3, rank) for rank, (name, w) in enumerate(zip(names, written, strict=True))
-            ]
-            + extras,
-        )
-        write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
+
+def convert_part(
+    source: str, out: str | os.PathLike[str], tp: int, plan: str, revision: str | None, index: int, size: int
+) -> None:
+    """One local worker's share of ``convert(..., workers=size)``: its rank files only, into the staging folder
+    the parent prepared (the parent writes the manifest)."""
+    job = _build_job(source, tp, plan, revision)
+    staging = staging_path(Path(out))
+    if not staging.is_dir():
+        raise ReshardError(f"{staging}: no staging folder; --worker is for the processes `--workers` starts")
+    write_part(job, staging, WorkerGroup(index, size, lambda: None).ranks(tp), job.fingerprint(tp), progress=False)
+
+
+def _build_job(model: str, tp: int, plan: str | dict[str, str], revision: str | None) -> ConversionJob:
+    if (Path(model) / MANIFEST_NAME).is_file():
+        return _job_from_artifact(Path(model), tp, plan)
+    return _job_from_checkpoint(model, revision, tp, plan)
+
+
+def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str, *, progress: bool) -> None:
+    """Write this worker's rank files into ``staging``, reusing any a previous run of the same job finished."""
+    todo = {}
+    for rank in ranks:
+        path = staging / rank_file_name(rank, job.tp)
+        if _finished(path, job_id) is None:
+            todo[rank] = path
+    if not todo:
+        return
+    files = OpenFiles()
+    try:
+        readers = job.open_readers(files)
+        desc = f"write {len(todo)} of {job.tp} rank files"
+        with tqdm(total=job.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+            written = write_rank_files(
+                job.layouts,
+                readers,
+                todo,
+                metadata={"format": "pt", "reshard.tp": str(job.tp)},
+                on_bytes=bar.update,
+            )
+    finally:
+        files.close()
+    for w in written.values():
+        record = {"job": job_id, "size": w.size, "xxh3": w.xxh3, "tensor_hashes": w.tensor_hashes}
+        write_durably(_record_path(w.path), json.dumps(record).encode())
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
+
+
+def _finished(path: Path, job_id: str) -> WrittenFile | None:
+    """The record of a rank file a run of this job completed, if the file is still exactly what it wrote."""
+    record_path = _record_path(path)
+    if not (path.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("job") != job_id or path.stat().st_size != record.get("size"):
+        return None
+    size, digest = hash_file(path)
+    if digest != record["xxh3"]:
+        return None
+    return WrittenFile(path, size, digest, record["tensor_hashes"])
+
+
+def _finish(
+    job: ConversionJob, staging: Path, out: Path, tp: int, job_id: str, overwrite: bool, progress: bool
+) -> Manifest:
+    """Collect every rank file's record, copy the small files, write the manifest last and rename into place."""
+    written = []
+    for rank in range(tp):
+        path = staging / rank_file_name(rank, tp)
+        record = _finished(path, job_id)
+        if record is None:
+            raise ReshardError(f"{path}: rank {rank} was not written completely; run the same command again")
+        written.append(record)
+        _record_path(path).unlink()
+    extras = copy_hashed(job.extra_files, staging)
+    manifest = Manifest(
+        tool_version=reshard.__version__,
+        model_type=job.config.get("model_type"),
+        architecture=_architecture(job.config),
+        mesh={"tp": tp},
+        options=job.options,
+        lineage=job.lineage,
+        plan=job.plan,
+        source=job.source_info(progress),
+        tensors=_tensor_entries(job.layouts, written),
+        files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
+    )
+    write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
+    promote_staging(staging, out, overwrite)
     return manifest
 
 
@@ -157,6 +273,10 @@ def _job_from_checkpoint(model: str, revision: str | None, tp: int, plan: str | 
         total_bytes=sum(entry.nbytes for _, entry in sources.values()),
         extra_files=checkpoint.extra_files,
         source_info=lambda progress: _source_info(checkpoint, progress),
+        identity={
+            "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoint.weight_files],
+            "repo": [checkpoint.repo_id, checkpoint.commit],
+        },
         options={"key_renames": [list(r) for r in renames]} if renames else {},
     )
 
@@ -181,24 +301,14 @@ def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str]) -> Conve
         total_bytes=sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in old.tensors),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source_info=lambda progress: old.source,
+        identity={"artifact": manifest_digest},
         options=old.options,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
     )
 
 
-def _write_ranks(job: ConversionJob, paths: list[Path], tp: int, progress: bool) -> list[WrittenFile]:
-    files = OpenFiles()
-    try:
-        readers = job.open_readers(files)
-        with tqdm(total=job.total_bytes, unit="B", unit_scale=True, desc=f"write tp={tp}", disable=not progress) as bar:
-            return write_rank_files(
-                job.layouts, readers, paths, metadata={"format": "pt", "reshard.tp": str(tp)}, on_bytes=bar.update
-            )
-    finally:
-        files.close()
-
-
 def _tensor_entries(layouts: list[TensorLayout], written: list[WrittenFile]) -> list[TensorEntry]:
+    """The manifest's tensor table: each layout's per-rank ranges and shapes with the hashes the writer computed."""
     entries = []
     for layout in layouts:
         slices = [

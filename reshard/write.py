@@ -125,51 +125,61 @@ class CheckpointTensorReader:
 def write_rank_files(
     layouts: list[TensorLayout],
     readers: dict[str, TensorReader],
-    paths: list[Path],
+    paths: dict[int, Path],
     *,
     metadata: dict[str, str],
     buffer_bytes: int | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
     rank_metadata: bool = True,
-) -> list[WrittenFile]:
-    """Write ``paths[r]`` for every rank r: header, then each layout's rank-r bytes in order; fsync each file.
+) -> dict[int, WrittenFile]:
+    """Write ``paths[r]`` for the ranks given: header, then each layout's rank-r bytes in order.
 
-    ``readers`` gives each tensor's global bytes. ``on_bytes`` is called with the number of global bytes
-    consumed (for a progress bar). ``rank_metadata`` records each file's rank in its header metadata.
+    Each file is written as ``NAME.tmp``, fsynced and renamed, so a file under its final name is always whole.
+    ``readers`` gives each tensor's global bytes; only the rows these ranks hold are read where the layout allows.
+    ``on_bytes`` is called with the number of global bytes consumed (for a progress bar). ``rank_metadata``
+    records each file's rank in its header metadata.
     """
     handles: list[BinaryIO] = []
+    sinks: dict[int, RankSink] = {}
     try:
-        sinks = []
-        for rank, path in enumerate(paths):
-            handle = open(path, "wb")  # noqa: SIM115 - closed in finally, many at once
+        for rank, path in paths.items():
+            handle = open(_temporary(path), "wb")  # noqa: SIM115 - closed in finally, many at once
             handles.append(handle)
-            sinks.append(RankSink(path, handle))
+            sinks[rank] = RankSink(path, handle)
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
             sinks[rank].write(encode_header(header, file_metadata), None)
         buffer = bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES)
         gather = bytearray(len(buffer))
         for layout in layouts:
-            hashes = [xxhash.xxh3_128() for _ in sinks]
+            hashes = {rank: xxhash.xxh3_128() for rank in sinks}
             _stream_tensor(readers[layout.name], layout, sinks, hashes, buffer, gather, on_bytes)
-            for sink, digest in zip(sinks, hashes, strict=True):
-                sink.tensor_hashes[layout.name] = digest.hexdigest()
-        written = []
-        for sink in sinks:
+            for rank, sink in sinks.items():
+                sink.tensor_hashes[layout.name] = hashes[rank].hexdigest()
+        written = {}
+        for rank, sink in sinks.items():
             sink.handle.flush()
             os.fsync(sink.handle.fileno())
-            written.append(WrittenFile(sink.path, sink.size, sink.file_hash.hexdigest(), sink.tensor_hashes))
+            sink.handle.close()
+            os.replace(_temporary(sink.path), sink.path)
+            written[rank] = WrittenFile(sink.path, sink.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
         return written
     finally:
         for handle in handles:
             handle.close()
+        for sink in sinks.values():
+            _temporary(sink.path).unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
 
 
 def _stream_tensor(
     reader: TensorReader,
     layout: TensorLayout,
-    sinks: list[RankSink],
-    hashes: list[xxhash.xxh3_128],
+    sinks: dict[int, RankSink],
+    hashes: dict[int, xxhash.xxh3_128],
     buffer: bytearray,
     gather: bytearray,
     on_bytes: Callable[[int], None],
@@ -179,20 +189,25 @@ def _stream_tensor(
     block = g.length * g.row
     if block == 0 or g.outer == 0:
         return
-    if block <= len(buffer):
+    if block <= len(buffer) and g.outer > 1:
         _stream_whole_blocks(reader, layout, g, sinks, hashes, buffer, gather, on_bytes)
         return
-    # One outer index is larger than the buffer: walk it in runs of rows; every rank's piece is contiguous.
+    # Runs of rows inside each outer index; every rank's piece of a run is contiguous, so nothing is gathered.
+    # Only the rows these ranks hold are read (a worker writing some of the ranks reads only their share).
+    held = [r for rank in sinks for r in layout.ranges[rank]]
+    if not held:
+        return
+    lowest, highest = min(start for start, _ in held), max(stop for _, stop in held)
     rows_per_read = max(1, len(buffer) // g.row)
     mv = memoryview(buffer)
     for index in range(g.outer):
-        for first in range(0, g.length, rows_per_read):
-            last = min(first + rows_per_read, g.length)
+        for first in range(lowest, highest, rows_per_read):
+            last = min(first + rows_per_read, highest)
             nbytes = (last - first) * g.row
             chunk = mv[:nbytes] if nbytes <= len(buffer) else memoryview(bytearray(nbytes))
             reader.read(index, 1, first, last, chunk)
             on_bytes(nbytes)
-            for rank, sink in enumerate(sinks):
+            for rank, sink in sinks.items():
                 for start, stop in layout.ranges[rank]:
                     lo, hi = max(start, first), min(stop, last)
                     if lo < hi:
@@ -203,8 +218,8 @@ def _stream_whole_blocks(
     reader: TensorReader,
     layout: TensorLayout,
     g: Geometry,
-    sinks: list[RankSink],
-    hashes: list[xxhash.xxh3_128],
+    sinks: dict[int, RankSink],
+    hashes: dict[int, xxhash.xxh3_128],
     buffer: bytearray,
     gather: bytearray,
     on_bytes: Callable[[int], None],
@@ -221,7 +236,7 @@ def _stream_whole_blocks(
         reader.read(first, count, 0, g.length, mv[:nbytes])
         on_bytes(nbytes)
         blocks = source[:nbytes].view(count, g.length, g.row)
-        for rank, sink in enumerate(sinks):
+        for rank, sink in sinks.items():
             ranges = layout.ranges[rank]
             width = sum(stop - start for start, stop in ranges)
             if not width:

@@ -173,7 +173,7 @@ def test_existing_output_needs_overwrite(checkpoints: dict[str, Path], tmp_path:
     assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
 
 
-def test_failure_mid_write_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+def test_failure_mid_write_leaves_nothing_that_looks_complete(checkpoints, tmp_path, monkeypatch):
     import reshard.write
 
     calls = {"n": 0}
@@ -188,7 +188,10 @@ def test_failure_mid_write_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(reshard.write, "_stream_tensor", failing)
     with pytest.raises(OSError, match="disk full"):
         reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # only the hidden staging folder is left (kept so that a rerun can resume): no artifact, no manifest, and no
+    # rank file under its final name, since files are renamed only once complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.partial"]
+    assert sorted(p.name for p in (tmp_path / ".art.partial").iterdir()) == [".job"]
     monkeypatch.undo()
     reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
     assert read_manifest(tmp_path / "art").tp == 2
