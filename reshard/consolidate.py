@@ -20,8 +20,9 @@ from reshard.errors import OutputExistsError, ReshardError
 from reshard.from_artifact import artifact_readers, open_artifact
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests import resolve_in
+from reshard.readers import Geometry, OpenFiles
 from reshard.staging import copy_hashed, staging_folder, write_durably
-from reshard.write import Geometry, OpenFiles, write_rank_files
+from reshard.write import write_rank_files
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # save_pretrained's default of "5GB"

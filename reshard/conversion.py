@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import reshard
 from reshard.errors import OutputExistsError, PlanError, ReshardError
+from reshard.experts import fuse_experts
 from reshard.from_artifact import artifact_readers, open_artifact
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.integrity import hash_bytes, hash_file
@@ -36,18 +37,12 @@ from reshard.manifests import (
     resolve_in,
 )
 from reshard.parallel import WorkerGroup, from_torchrun, run_workers, solo, worker_command
-from reshard.plan import assign_styles, builtin_plan, key_renames, load_plan, model_key
+from reshard.plan import assign_styles, builtin_plan, key_converters, key_renames, load_plan, model_key
 from reshard.preflight import require_shardable, text_config
+from reshard.readers import CheckpointTensorReader, Geometry, OpenFiles, SegmentedTensorReader, TensorReader
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
 from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
-from reshard.write import (
-    CheckpointTensorReader,
-    Geometry,
-    OpenFiles,
-    TensorReader,
-    WrittenFile,
-    write_rank_files,
-)
+from reshard.write import WrittenFile, write_rank_files
 
 ITEMSIZE = {name: size for name, (_, size) in DTYPES.items()}
 
@@ -255,29 +250,46 @@ def _job_from_checkpoint(model: str, revision: str | None, tp: int, plan: str | 
     checkpoint = open_checkpoint(model, revision)
     renames = key_renames(config)
     sources = {model_key(name, renames): (t.file, t.entry) for name, t in checkpoint.tensors.items()}
+    sources, fused = fuse_experts(sources, key_converters(config))
     tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
-    styles = assign_styles(list(sources), resolved_plan, tied_embeddings=tied, strict=plan != "auto")
+    styles = assign_styles([*sources, *fused], resolved_plan, tied_embeddings=tied, strict=plan != "auto")
+    shapes = {name: (entry.dtype, entry.shape) for name, (_, entry) in sources.items()}
+    shapes.update({name: (f.dtype, f.shape) for name, f in fused.items()})
     layouts = file_order(
-        [tensor_layout(name, entry.dtype, entry.shape, styles[name], tp) for name, (_, entry) in sources.items()],
-        ITEMSIZE,
+        [tensor_layout(name, dtype, shape, styles[name], tp) for name, (dtype, shape) in shapes.items()], ITEMSIZE
     )
 
     def open_readers(files: OpenFiles) -> dict[str, TensorReader]:
-        return {t.name: CheckpointTensorReader(files, *sources[t.name], Geometry.of(t)) for t in layouts}
+        readers: dict[str, TensorReader] = {}
+        for layout in layouts:
+            if layout.name in fused:
+                readers[layout.name] = SegmentedTensorReader(files, fused[layout.name].segments, Geometry.of(layout))
+            else:
+                readers[layout.name] = CheckpointTensorReader(files, *sources[layout.name], Geometry.of(layout))
+        return readers
 
+    options: dict[str, Any] = {}
+    if renames:
+        options["key_renames"] = [list(r) for r in renames]
+    if fused:
+        # how to give the per-expert tensors back (consolidate): checkpoint names and rows, in fused order
+        options["fused"] = {
+            name: [[source, segment.nbytes] for source, segment in zip(f.sources, f.segments, strict=True)]
+            for name, f in sorted(fused.items())
+        }
     return ConversionJob(
         config=config,
         plan=resolved_plan,
         layouts=layouts,
         open_readers=open_readers,
-        total_bytes=sum(entry.nbytes for _, entry in sources.values()),
+        total_bytes=sum(math.prod(shape) * ITEMSIZE[dtype] for dtype, shape in shapes.values()),
         extra_files=checkpoint.extra_files,
         source_info=lambda progress: _source_info(checkpoint, progress),
         identity={
             "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoint.weight_files],
             "repo": [checkpoint.repo_id, checkpoint.commit],
         },
-        options={"key_renames": [list(r) for r in renames]} if renames else {},
+        options=options,
     )
 
 

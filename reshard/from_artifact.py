@@ -15,7 +15,7 @@ from reshard.errors import FileFormatError
 from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import read_header
 from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
-from reshard.write import Geometry, OpenFiles, read_exact
+from reshard.readers import Geometry, OpenFiles, read_exact
 
 
 @dataclass(frozen=True)

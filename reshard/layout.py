@@ -70,9 +70,9 @@ STYLES: dict[str, StyleRule] = {
     "mla_kv_a_proj": StyleRule(None, None),
 }
 
-# Styles whose runtime behaviour reshard reproduces today; the rest need key conversions (fused experts) or
-# hooks that change parameters at install time (sequence_parallel), and are refused with a clear message.
-SUPPORTED_STYLES = frozenset(STYLES) - {"packed_colwise", "packed_rowwise", "moe_tp_experts", "moe_identity_expert"}
+# Every style above is supported; styles not listed (e.g. sequence_parallel, which swaps parameters when its hook
+# is installed) are refused with a clear message.
+SUPPORTED_STYLES = frozenset(STYLES)
 
 
 def placement_for(style: str | None, name: str, ndim: int) -> Placement:

@@ -93,6 +93,14 @@ def key_renames(config: dict[str, Any]) -> list[tuple[str, str]]:
     return [(pattern, target) for pattern, target in builtin_plan(model_type).get("key_renames", [])]
 
 
+def key_converters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """transformers' load-time weight converters for this architecture (fused experts), as recorded data."""
+    model_type = config.get("model_type")
+    if not model_type or model_type not in builtin_plan_names():
+        return []
+    return list(builtin_plan(model_type).get("key_converters", []))
+
+
 def model_key(checkpoint_key: str, renames: list[tuple[str, str]]) -> str:
     """The model parameter name of a checkpoint key, after transformers' renames."""
     for pattern, target in renames:

@@ -1,4 +1,4 @@
-"""Stream tensor bytes from source safetensors files into per-rank safetensors files, hashing as they pass.
+"""Stream tensor bytes into per-rank safetensors files, hashing as they pass.
 
 Every rank file's header is computed from the layout before any byte is read and written first; then each tensor
 is read once from its source in blocks of at most ``buffer_bytes`` and each rank's ranges are appended to its
@@ -8,19 +8,18 @@ executes the ``TensorLayout`` values it is given.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import torch
 import xxhash
 
-from reshard.errors import FileFormatError
 from reshard.layout import TensorLayout
-from reshard.loaders.safetensors_file import HeaderEntry, encode_header, itemsize
+from reshard.loaders.safetensors_file import encode_header
+from reshard.readers import Geometry, TensorReader
 
 DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 
@@ -51,75 +50,6 @@ class WrittenFile:
     size: int
     xxh3: str
     tensor_hashes: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A tensor seen as ``[outer, length, row]`` around its placement dim: ``row`` is bytes per index of the dim."""
-
-    outer: int
-    length: int
-    row: int
-
-    @classmethod
-    def of(cls, layout: TensorLayout) -> Geometry:
-        dim = layout.placement.dim if layout.placement.is_sharded else 0
-        shape = layout.shape or (1,)  # a scalar is one row of one element
-        assert dim is not None
-        row = math.prod(shape[dim + 1 :]) * itemsize(layout.dtype)
-        return cls(math.prod(shape[:dim]), shape[dim], row)
-
-
-class TensorReader(Protocol):
-    """Where a global tensor's bytes come from: a checkpoint file, or the rank files of another artifact."""
-
-    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
-        """Fill ``out`` with global rows ``[lo, hi)`` of outer indices ``[first, first + count)``, row-major."""
-        ...
-
-
-class OpenFiles:
-    """Read-only descriptors opened once per file and closed together."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def read_exact(fd: int, file: Path, name: str, view: memoryview, offset: int) -> None:
-    """``pread`` exactly ``len(view)`` bytes; a short read means the file was cut (or changed) under us."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise FileFormatError(f"{file}: tensor {name!r} is cut short at byte {offset + done} (truncated file)")
-        done += got
-
-
-@dataclass
-class CheckpointTensorReader:
-    """A whole tensor stored contiguously in one safetensors file (a Hugging Face checkpoint)."""
-
-    files: OpenFiles
-    file: Path
-    entry: HeaderEntry
-    geometry: Geometry
-
-    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
-        g = self.geometry
-        offset = self.entry.offset + (first * g.length + lo) * g.row
-        # Contiguous in the file when whole outer blocks are read, or a run of rows inside one of them.
-        assert (lo == 0 and hi == g.length) or count == 1
-        read_exact(self.files.fd(self.file), self.file, self.entry.name, out, offset)
 
 
 def write_rank_files(

@@ -36,7 +36,7 @@ class BuiltPlan:
     tp_plan: dict[str, str]
     ep_plan: dict[str, str]
     key_renames: list[list[str]]
-    key_converters: list[str]
+    key_converters: list[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON document written to ``<model_type>.json``."""
@@ -77,20 +77,26 @@ def build_plan(model_type: str) -> BuiltPlan:
     )
 
 
-def _key_conversions(model: Any) -> tuple[list[list[str]], list[str]]:
+def _key_conversions(model: Any) -> tuple[list[list[str]], list[dict[str, Any]]]:
     """The checkpoint-key renames transformers applies at load for this class (regex, replacement), in order,
-    and a description of the converters (fused experts etc.) that reshard must reproduce itself."""
+    and its weight converters (e.g. per-expert tensors fused into ``gate_up_proj``) as data reshard can replay."""
     from transformers.conversion_mapping import extract_weight_conversions_for_model
     from transformers.core_model_loading import WeightRenaming
 
     renames: list[list[str]] = []
-    converters: list[str] = []
+    converters: list[dict[str, Any]] = []
     for transform in extract_weight_conversions_for_model(model) or []:
         sources, targets = list(transform.source_patterns), list(transform.target_patterns)
         if type(transform) is WeightRenaming and len(sources) == 1 and len(targets) == 1:
             renames.append([sources[0], targets[0]])
-        else:
-            converters.append(f"{type(transform).__name__}: {sources} -> {targets}")
+            continue
+        operations = [
+            [type(op).__name__, {k: v for k, v in sorted(vars(op).items()) if isinstance(v, (int, str)) or v is None}]
+            for op in getattr(transform, "operations", [])
+        ]
+        converters.append(
+            {"kind": type(transform).__name__, "sources": sources, "targets": targets, "operations": operations}
+        )
     return renames, converters
 
 

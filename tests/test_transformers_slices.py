@@ -1,6 +1,7 @@
 """Each rank file holds exactly what transformers' own TP load (tp_plan="auto") puts on that rank.
 
-One 2-rank torchrun/gloo run loads every dense family with transformers and dumps its local tensors; the test
+One 2-rank torchrun/gloo run loads every dense and MoE family with transformers and dumps its local tensors
+(for MoE: the fused ``gate_up_proj``/``down_proj`` transformers builds from per-expert tensors); the test
 compares them, bit for bit and placement for placement, with reshard's rank files for the same checkpoint.
 """
 
@@ -18,7 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 import reshard
-from tests.helpers.checkpoints import FAMILIES, make_checkpoint
+from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, make_checkpoint
+
+ALL_FAMILIES = sorted({**FAMILIES, **MOE_FAMILIES})
 
 pytest.importorskip("transformers")
 
@@ -48,7 +51,7 @@ def torchrun(script: Path, *args: str, nproc: int, timeout: float = 300) -> subp
 def transformers_dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("families")
     jobs, result = [], {}
-    for family in FAMILIES:
+    for family in ALL_FAMILIES:
         source = make_checkpoint(f"family_{family}", root / family)
         result[family] = (source, root / f"{family}-hf")
         jobs.append([str(source), str(root / f"{family}-hf")])
@@ -75,7 +78,7 @@ def normalized(placements: list[list[object]] | None, ndim: int) -> list[list[ob
     return [[p[0], p[1] % ndim, *p[2:]] if len(p) > 1 else p for p in placements]  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_rank_files_equal_transformers_local_shards(transformers_dumps, tmp_path: Path, family: str):
     source, dump = transformers_dumps[family]
     manifest = reshard.convert(source, tmp_path / "art", tp=TP, progress=False)

@@ -11,7 +11,7 @@ Kinds:
     ``llama_gqa8``   8 heads, 4 KV heads (GQA shardable at tp 2 and 4)
     ``qwen2``        4 heads, 2 KV heads, biases on q/k/v, untied, float32
     ``llama_h24``    24 heads of width 4 (tp 1, 2, 3, 4, 6, 8 valid), intermediate 100, untied
-    ``family_NAME``  the smallest sensible model of each dense family in ``FAMILIES``
+    ``family_NAME``  the smallest sensible model of each family in ``FAMILIES`` (dense) or ``MOE_FAMILIES``
 
 Example:
     >>> make_checkpoint("llama_gqa8", tmp_path / "src", tie_word_embeddings=True)  # doctest: +SKIP
@@ -75,18 +75,63 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neox": {"num_key_value_heads": None},
 }
 
+# Mixture-of-experts families: per-expert tensors on disk, fused by transformers at load. An expert intermediate
+# size of 42 is uneven at tp 4 (11/11/11/9), as torch.chunk cuts it.
+MOE_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 42,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 42,
+        "shared_expert_intermediate_size": 48,
+        "decoder_sparse_step": 1,
+    },
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 42},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 42},
+    "deepseek_v3": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 42,
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 24,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "num_key_value_heads": 4,
+    },
+}
+
 
 def make_checkpoint(
-    kind: str, path: str | os.PathLike[str], *, max_shard_size: str = "60KB", seed: int = 0, **overrides: Any
+    kind: str,
+    path: str | os.PathLike[str],
+    *,
+    max_shard_size: str = "60KB",
+    seed: int = 0,
+    tokenizer: bool = False,
+    **overrides: Any,
 ) -> Path:
     """Write a tiny checkpoint of ``kind`` (see the module docstring) to ``path``; ``overrides`` set config fields.
 
-    ``max_shard_size`` splits the weights over several safetensors files plus an index, like a real Hub repo.
+    ``max_shard_size`` splits the weights over several safetensors files plus an index, like a real Hub repo;
+    ``tokenizer`` adds a word-level tokenizer (``w0 w1 ...``) covering the vocabulary, for end-to-end examples.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if kind.startswith("family_"):
-        model_type, extra = kind.removeprefix("family_"), {"dtype": "float32", **FAMILIES[kind.removeprefix("family_")]}
+        family = kind.removeprefix("family_")
+        model_type, extra = family, {"dtype": "float32", **{**FAMILIES, **MOE_FAMILIES}[family]}
     else:
         model_type, extra = KINDS[kind]
     fields = {key: value for key, value in {**_TINY, **extra, **overrides}.items() if value is not None}
@@ -102,4 +147,48 @@ def make_checkpoint(
             param.copy_(value.to(param.dtype))
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if tokenizer:
+        save_word_tokenizer(path, config.vocab_size)
     return path
+
+
+def save_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer: ``<unk>``, ``<s>``, ``</s>``, then ``w3`` ... up to ``vocab_size``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+
+
+class CheckpointCache:
+    """Build each checkpoint, and each artifact converted from it, once per test session.
+
+    Example:
+        >>> cache = CheckpointCache(tmp_path)  # doctest: +SKIP
+        >>> cache.artifact("qwen2", tp=2)  # the qwen2 checkpoint, converted for tp 2  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def checkpoint(self, kind: str, **overrides: Any) -> Path:
+        path = self.root / _label(kind, overrides)
+        if not path.exists():
+            make_checkpoint(kind, path, **overrides)
+        return path
+
+    def artifact(self, kind: str, tp: int, **overrides: Any) -> Path:
+        import reshard
+
+        path = self.root / f"{_label(kind, overrides)}-tp{tp}"
+        if not path.exists():
+            reshard.convert(self.checkpoint(kind, **overrides), path, tp=tp, progress=False)
+        return path
+
+
+def _label(kind: str, overrides: dict[str, Any]) -> str:
+    return "-".join([kind, *(f"{key}={overrides[key]}" for key in sorted(overrides))])

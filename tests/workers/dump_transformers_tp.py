@@ -33,7 +33,7 @@ def main() -> None:
     for source, prefix in jobs:
         model = AutoModelForCausalLM.from_pretrained(source, tp_plan="auto")
         tensors, placements = {}, {}
-        for name, param in model.named_parameters(remove_duplicate=False):
+        for name, param in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers
             local = param.to_local() if isinstance(param, DTensor) else param.data
             tensors[name] = local.detach().clone().contiguous()
             placements[name] = [describe(p) for p in param.placements] if isinstance(param, DTensor) else None
