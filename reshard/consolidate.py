@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -19,8 +21,8 @@ from reshard.conversion import ITEMSIZE
 from reshard.errors import OutputExistsError, ReshardError
 from reshard.from_artifact import artifact_readers, open_artifact
 from reshard.layout import TensorLayout, file_order, tensor_layout
-from reshard.manifests import resolve_in
-from reshard.readers import Geometry, OpenFiles
+from reshard.manifests import Manifest, Placement, resolve_in
+from reshard.readers import Geometry, OpenFiles, TensorReader
 from reshard.staging import copy_hashed, staging_folder, write_durably
 from reshard.write import write_rank_files
 
@@ -28,7 +30,7 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # save_pretrained's default of "5GB"
 
 
-_LITERAL_PATTERN = re.compile(r"\^?(?:\w|\\\.)+")
+_LITERAL_PATTERN = re.compile(r"\^?(?:\w|\\\.|\.)+")
 
 
 def checkpoint_key(model_key: str, renames: list[list[str]]) -> str:
@@ -59,17 +61,11 @@ def consolidate(
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
     manifest, _ = open_artifact(root)
-    renames = manifest.options.get("key_renames", [])
-    # tp=1 layouts keep each tensor's placement dim, so the readers see the rank files' pieces in the same geometry.
-    layouts = {
-        checkpoint_key(t.name, renames): (t.name, tensor_layout(t.name, t.dtype, t.shape, t.style, 1))
-        for t in manifest.tensors
-    }
-    shards = _group_into_shards([(name, layout) for name, (_, layout) in sorted(layouts.items())], max_shard_bytes)
     files = OpenFiles()
     total = sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in manifest.tensors)
     try:
-        readers = artifact_readers(root, manifest, files, {t.name: Geometry.of(t) for _, t in layouts.values()})
+        outputs = _checkpoint_tensors(root, manifest, files)
+        shards = _group_into_shards(sorted(outputs.values(), key=lambda o: o[0].name), max_shard_bytes)
         with (
             staging_folder(out_path, overwrite) as staging,
             tqdm(total=total, unit="B", unit_scale=True, desc="consolidate", disable=not progress) as bar,
@@ -81,17 +77,13 @@ def consolidate(
                     if len(shards) == 1
                     else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
-                renamed = file_order([_renamed(layout, key) for key, layout in shard], ITEMSIZE)
-                source_of = {key: layout.name for key, layout in shard}
+                layouts = file_order([layout for layout, _ in shard], ITEMSIZE)
+                readers = {layout.name: reader for layout, reader in shard}
                 write_rank_files(
-                    renamed,
-                    {r.name: readers[source_of[r.name]] for r in renamed},
-                    {0: staging / name},
-                    metadata={"format": "pt"},
-                    on_bytes=bar.update,
+                    layouts, readers, {0: staging / name}, metadata={"format": "pt"}, on_bytes=bar.update,
                     rank_metadata=False,
-                )
-                weight_map.update({key: name for key, _ in shard})
+                )  # fmt: skip
+                weight_map.update({layout.name: name for layout, _ in shard})
             if len(shards) > 1:
                 index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 write_durably(staging / INDEX_NAME, (json.dumps(index_doc, indent=2) + "\n").encode())
@@ -101,6 +93,68 @@ def consolidate(
     return out_path
 
 
+def _checkpoint_tensors(
+    root: Path, manifest: Manifest, files: OpenFiles
+) -> dict[str, tuple[TensorLayout, TensorReader]]:
+    """Every tensor of the original checkpoint: its name there, a whole-tensor layout and where to read it.
+
+    tp=1 layouts keep each tensor's placement dim, so the readers see the rank files' pieces in the same geometry.
+    Fused experts are split back into their per-expert tensors.
+    """
+    renames = manifest.options.get("key_renames", [])
+    fused: dict[str, list[list[Any]]] = manifest.options.get("fused", {})
+    layouts = {t.name: tensor_layout(t.name, t.dtype, t.shape, t.style, 1) for t in manifest.tensors}
+    readers = artifact_readers(root, manifest, files, {name: Geometry.of(t) for name, t in layouts.items()})
+    outputs: dict[str, tuple[TensorLayout, TensorReader]] = {}
+    for name, layout in layouts.items():
+        if name not in fused:
+            key = checkpoint_key(name, renames)
+            outputs[key] = (_renamed(layout, key), readers[name])
+            continue
+        for key, layout_part, reader in _expert_parts(layout, readers[name], fused[name]):
+            outputs[checkpoint_key(key, renames)] = (_renamed(layout_part, checkpoint_key(key, renames)), reader)
+    return outputs
+
+
+def _expert_parts(
+    fused: TensorLayout, reader: TensorReader, pieces: list[list[Any]]
+) -> list[tuple[str, TensorLayout, TensorReader]]:
+    """The per-expert tensors a fused ``[E, C, ...]`` tensor was made of (its pieces in fused order)."""
+    if not fused.placement.is_sharded or not fused.placement.dim:
+        raise ReshardError(f"{fused.name}: cannot split fused experts that are not sharded past the expert dim")
+    dim, experts, rows_total = fused.placement.dim, fused.shape[0], fused.shape[1]
+    row_bytes = math.prod(fused.shape[2:]) * ITEMSIZE[fused.dtype]
+    per_expert = len(pieces) // experts
+    parts = []
+    for index, (key, nbytes) in enumerate(pieces):
+        expert, offset = index // per_expert, sum(n for _, n in pieces[index - index % per_expert : index]) // row_bytes
+        shape = (nbytes // row_bytes, *fused.shape[2:])
+        placement = Placement("shard", dim - 1)
+        layout = TensorLayout(key, fused.dtype, shape, fused.style, placement, (((0, shape[dim - 1]),),), (shape,))
+        parts.append((key, layout, ExpertPartReader(reader, expert, offset, rows_total, fused.shape, dim)))
+    return parts
+
+
+@dataclass(frozen=True)
+class ExpertPartReader:
+    """Rows of one expert's piece (rows ``[offset, offset + n)`` of fused dim 1) read through the fused reader."""
+
+    fused: TensorReader
+    expert: int
+    offset: int
+    rows_total: int
+    fused_shape: tuple[int, ...]
+    dim: int
+
+    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
+        if self.dim == 1:  # the piece is a run of rows of the fused tensor's own geometry
+            self.fused.read(self.expert, 1, self.offset + lo, self.offset + hi, out)
+            return
+        inner = math.prod(self.fused_shape[2 : self.dim])
+        base = (self.expert * self.rows_total + self.offset) * inner
+        self.fused.read(base + first, count, lo, hi, out)
+
+
 def _renamed(layout: TensorLayout, name: str) -> TensorLayout:
     return TensorLayout(
         name, layout.dtype, layout.shape, layout.style, layout.placement, layout.ranges, layout.local_shapes
@@ -108,16 +162,16 @@ def _renamed(layout: TensorLayout, name: str) -> TensorLayout:
 
 
 def _group_into_shards(
-    tensors: list[tuple[str, TensorLayout]], max_shard_bytes: int
-) -> list[list[tuple[str, TensorLayout]]]:
+    tensors: list[tuple[TensorLayout, TensorReader]], max_shard_bytes: int
+) -> list[list[tuple[TensorLayout, TensorReader]]]:
     """Fill shards in name order up to ``max_shard_bytes`` each, as save_pretrained does."""
-    shards: list[list[tuple[str, TensorLayout]]] = [[]]
+    shards: list[list[tuple[TensorLayout, TensorReader]]] = [[]]
     size = 0
-    for name, layout in tensors:
+    for layout, reader in tensors:
         nbytes = math.prod(layout.shape) * ITEMSIZE[layout.dtype]
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, layout))
+        shards[-1].append((layout, reader))
         size += nbytes
     return shards

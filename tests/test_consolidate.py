@@ -22,7 +22,17 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize(("kind", "tp"), [("llama", 2), ("llama_tied", 2), ("family_gpt_neox", 2), ("llama_h24", 3)])
+@pytest.mark.parametrize(
+    ("kind", "tp"),
+    [
+        ("llama", 2),
+        ("llama_tied", 2),
+        ("family_gpt_neox", 2),  # lm_head goes back to embed_out
+        ("llama_h24", 3),
+        ("family_qwen3_moe", 2),  # fused experts go back to one tensor per expert
+        ("family_mixtral", 2),  # ... and block_sparse_moe.experts.N.w1/w2/w3
+    ],
+)
 def test_consolidate_round_trip(tmp_path: Path, kind: str, tp: int):
     source = make_checkpoint(kind, tmp_path / "src")
     reshard.convert(source, tmp_path / "art", tp=tp, progress=False)
@@ -33,7 +43,7 @@ def test_consolidate_round_trip(tmp_path: Path, kind: str, tp: int):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     original, back = tensors_of(source), tensors_of(tmp_path / "back")
-    assert back.keys() == original.keys()  # original names: gpt_neox's embed_out, no tied lm_head
+    assert back.keys() == original.keys()  # original names: embed_out, per-expert keys, no tied lm_head
     for name, tensor in original.items():
         assert torch.equal(back[name].view(torch.uint8), tensor.view(torch.uint8)), name
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())

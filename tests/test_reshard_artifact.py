@@ -60,3 +60,15 @@ def test_reshard_checks_the_new_tp(source: Path, tmp_path: Path):
     reshard.convert(source, tmp_path / "tp8", tp=8, progress=False)
     with pytest.raises(ShardabilityError, match="tp=5"):
         reshard.convert(tmp_path / "tp8", tmp_path / "tp5", tp=5, progress=False)
+
+
+@pytest.mark.parametrize(("old_tp", "new_tp"), [(2, 4), (4, 2)])
+def test_reshard_moe_artifact(tmp_path: Path, old_tp: int, new_tp: int):
+    """Fused experts (strided gate_up, uneven expert width 42 at tp 4) re-shard like any other tensor."""
+    source = make_checkpoint("family_qwen3_moe", tmp_path / "src", num_key_value_heads=4)
+    reshard.convert(source, tmp_path / "old", tp=old_tp, progress=False)
+    reshard.convert(source, tmp_path / "direct", tp=new_tp, progress=False)
+    reshard.convert(tmp_path / "old", tmp_path / "new", tp=new_tp, progress=False)
+    for path in (tmp_path / "direct").glob("rank-*"):
+        assert path.read_bytes() == (tmp_path / "new" / path.name).read_bytes(), path.name
+    assert without_lineage(tmp_path / "new" / "manifest.json") == without_lineage(tmp_path / "direct" / "manifest.json")
