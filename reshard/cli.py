@@ -108,6 +108,7 @@ def convert(
     overwrite: bool,
     quiet: bool,
     workers: int,
+    replicate_kv: bool,
     worker_slot: str | None,
 ) -> None:
     from reshard.conversion import convert as run_convert
@@ -116,10 +117,18 @@ def convert(
     out = output or str(default_output(model, tp))
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
-        convert_part(model, out, tp, plan, revision, index, size)
+        convert_part(model, out, tp, plan, revision, index, size, replicate_kv)
         return
     manifest = run_convert(
-        model, out, tp=tp, plan=plan, revision=revision, overwrite=overwrite, progress=not quiet, workers=workers
+        model,
+        out,
+        tp=tp,
+        plan=plan,
+        revision=revision,
+        overwrite=overwrite,
+        progress=not quiet,
+        workers=workers,
+        replicate_kv=replicate_kv,
     )
     size = sum(f.size for f in manifest.files if f.rank is not None)
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")
@@ -173,7 +182,8 @@ def inspect(artifact: str, as_json: bool) -> None:
 @click.option("--tp", "tps", type=click.IntRange(min=1), multiple=True, help="tp sizes to check [default: 1-16].")
 @click.option("--plan", default="auto", show_default=True, help="`auto` or a JSON plan file.")
 @click.option("--revision", default=None, help="Hub revision when MODEL is a repo id.")
-def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None) -> None:
+@click.option("--replicate-kv", is_flag=True, help="Judge tp as `reshard --replicate-kv` would (KV heads duplicated).")
+def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, replicate_kv: bool) -> None:
     """Say whether MODEL can be split at each tp, from config.json alone (no weights are read).
 
     Exits non-zero if any requested tp would not work.
@@ -190,7 +200,7 @@ def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None) -> 
     resolved = load_plan(plan, config)
     failed = False
     for tp in tps or tuple(range(1, 17)):
-        verdict = check_shardability(config, resolved, tp)
+        verdict = check_shardability(config, resolved, tp, replicate_kv)
         failed |= not verdict.ok
         click.echo(f"tp={tp:<3} {'ok' if verdict.ok else 'NO'}")
         for problem in verdict.problems:

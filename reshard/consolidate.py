@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from reshard.conversion import ITEMSIZE
 from reshard.errors import OutputExistsError, ReshardError
 from reshard.from_artifact import artifact_readers, open_artifact
+from reshard.kv_heads import HeadMapReader, config_json, head_maps, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests import Manifest, Placement, resolve_in
 from reshard.readers import Geometry, OpenFiles, TensorReader
@@ -87,7 +88,12 @@ def consolidate(
             if len(shards) > 1:
                 index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 write_durably(staging / INDEX_NAME, (json.dumps(index_doc, indent=2) + "\n").encode())
-            copy_hashed([resolve_in(root, f.path) for f in manifest.files if f.rank is None], staging)
+            extras = [resolve_in(root, f.path) for f in manifest.files if f.rank is None]
+            stored = manifest.options.get("replicate_kv")
+            copy_hashed([p for p in extras if not (stored and p.name == "config.json")], staging)
+            if stored:  # the config the checkpoint had: its own number of KV heads
+                config = json.loads((root / "config.json").read_text())
+                write_durably(staging / "config.json", config_json(with_kv_heads(config, stored["original_kv_heads"])))
     finally:
         files.close()
     return out_path
@@ -104,7 +110,16 @@ def _checkpoint_tensors(
     renames = manifest.options.get("key_renames", [])
     fused: dict[str, list[list[Any]]] = manifest.options.get("fused", {})
     layouts = {t.name: tensor_layout(t.name, t.dtype, t.shape, t.style, 1) for t in manifest.tensors}
-    readers = artifact_readers(root, manifest, files, {name: Geometry.of(t) for name, t in layouts.items()})
+    readers: dict[str, TensorReader] = dict(
+        artifact_readers(root, manifest, files, {name: Geometry.of(t) for name, t in layouts.items()})
+    )
+    if stored := manifest.options.get("replicate_kv"):  # fold duplicated KV heads back to the original ones
+        original, head_dim = stored["original_kv_heads"], stored["head_dim"]
+        folds = head_maps(list(layouts), manifest.plan, original, 1, stored["replicated_kv_heads"] // original)
+        for name, mapping in folds.items():
+            readers[name] = HeadMapReader(readers[name], head_dim, mapping)
+            t = layouts[name]
+            layouts[name] = tensor_layout(name, t.dtype, mapped_shape(t.shape, mapping, head_dim), t.style, 1)
     outputs: dict[str, tuple[TensorLayout, TensorReader]] = {}
     for name, layout in layouts.items():
         if name not in fused:

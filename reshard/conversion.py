@@ -21,6 +21,7 @@ import reshard
 from reshard.errors import OutputExistsError, PlanError, ReshardError
 from reshard.experts import fuse_experts
 from reshard.from_artifact import artifact_readers, open_artifact
+from reshard.kv_heads import HeadMapReader, config_json, head_maps, kv_replication, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.integrity import hash_bytes, hash_file
 from reshard.loaders.safetensors_file import DTYPES
@@ -65,6 +66,7 @@ class ConversionJob:
     source_info: Callable[[bool], SourceInfo]
     identity: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     lineage: dict[str, Any] | None = None
 
     @property
@@ -95,6 +97,7 @@ def convert(
     progress: bool = True,
     workers: int = 1,
     group: WorkerGroup | None = None,
+    replicate_kv: bool = False,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -108,6 +111,7 @@ def convert(
         overwrite: replace ``out`` if it exists.
         progress: show tqdm progress bars.
         workers: split the rank files over this many local processes.
+        replicate_kv: when tp exceeds the KV heads, duplicate them so every rank holds whole heads.
         group: this process's worker group; by default the torchrun group when run under torchrun, else alone.
 
     Returns:
@@ -125,7 +129,7 @@ def convert(
     group = group or from_torchrun() or solo()
     if out_path.exists() and not overwrite and group.index == 0:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    job = _build_job(model, tp, plan, revision)
+    job = _build_job(model, tp, plan, revision, replicate_kv)
     job_id = job.fingerprint(tp)
     if group.is_leader:
         prepare_staging(out_path, job_id)
@@ -136,6 +140,7 @@ def convert(
             raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
         argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", plan]
         argv += ["--revision", revision] if revision else []
+        argv += ["--replicate-kv"] if replicate_kv else []
         run_workers([worker_command(argv, index, workers) for index in range(workers)])
     else:
         write_part(job, staging, group.ranks(tp), job_id, progress=progress)
@@ -146,21 +151,30 @@ def convert(
 
 
 def convert_part(
-    source: str, out: str | os.PathLike[str], tp: int, plan: str, revision: str | None, index: int, size: int
+    source: str,
+    out: str | os.PathLike[str],
+    tp: int,
+    plan: str,
+    revision: str | None,
+    index: int,
+    size: int,
+    replicate_kv: bool = False,
 ) -> None:
     """One local worker's share of ``convert(..., workers=size)``: its rank files only, into the staging folder
     the parent prepared (the parent writes the manifest)."""
-    job = _build_job(source, tp, plan, revision)
+    job = _build_job(source, tp, plan, revision, replicate_kv)
     staging = staging_path(Path(out))
     if not staging.is_dir():
         raise ReshardError(f"{staging}: no staging folder; --worker is for the processes `--workers` starts")
     write_part(job, staging, WorkerGroup(index, size, lambda: None).ranks(tp), job.fingerprint(tp), progress=False)
 
 
-def _build_job(model: str, tp: int, plan: str | dict[str, str], revision: str | None) -> ConversionJob:
+def _build_job(
+    model: str, tp: int, plan: str | dict[str, str], revision: str | None, replicate_kv: bool = False
+) -> ConversionJob:
     if (Path(model) / MANIFEST_NAME).is_file():
-        return _job_from_artifact(Path(model), tp, plan)
-    return _job_from_checkpoint(model, revision, tp, plan)
+        return _job_from_artifact(Path(model), tp, plan, replicate_kv)
+    return _job_from_checkpoint(model, revision, tp, plan, replicate_kv)
 
 
 def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str, *, progress: bool) -> None:
@@ -224,7 +238,13 @@ def _finish(
             raise ReshardError(f"{path}: rank {rank} was not written completely; run the same command again")
         written.append(record)
         _record_path(path).unlink()
-    extras = copy_hashed(job.extra_files, staging)
+    extras = copy_hashed([p for p in job.extra_files if not (job.config_bytes and p.name == "config.json")], staging)
+    if job.config_bytes is not None:
+        write_durably(staging / "config.json", job.config_bytes)
+        extras = sorted(
+            [*extras, FileEntry("config.json", len(job.config_bytes), hash_bytes(job.config_bytes))],
+            key=lambda f: f.path,
+        )
     manifest = Manifest(
         tool_version=reshard.__version__,
         model_type=job.config.get("model_type"),
@@ -242,11 +262,13 @@ def _finish(
     return manifest
 
 
-def _job_from_checkpoint(model: str, revision: str | None, tp: int, plan: str | dict[str, str]) -> ConversionJob:
+def _job_from_checkpoint(
+    model: str, revision: str | None, tp: int, plan: str | dict[str, str], replicate_kv: bool
+) -> ConversionJob:
     # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
     config = read_model_config(model, revision)
     resolved_plan = load_plan(plan, config)
-    require_shardable(config, resolved_plan, tp, model)
+    require_shardable(config, resolved_plan, tp, model, replicate_kv)
     checkpoint = open_checkpoint(model, revision)
     renames = key_renames(config)
     sources = {model_key(name, renames): (t.file, t.entry) for name, t in checkpoint.tensors.items()}
@@ -255,17 +277,30 @@ def _job_from_checkpoint(model: str, revision: str | None, tp: int, plan: str | 
     styles = assign_styles([*sources, *fused], resolved_plan, tied_embeddings=tied, strict=plan != "auto")
     shapes = {name: (entry.dtype, entry.shape) for name, (_, entry) in sources.items()}
     shapes.update({name: (f.dtype, f.shape) for name, f in fused.items()})
+    replication = kv_replication(config, tp) if replicate_kv else None
+    head_dim = replication.head_dim if replication else 0
+    head_map = (
+        head_maps(list(shapes), resolved_plan, replication.original, replication.factor, 1) if replication else {}
+    )
     layouts = file_order(
-        [tensor_layout(name, dtype, shape, styles[name], tp) for name, (dtype, shape) in shapes.items()], ITEMSIZE
+        [
+            tensor_layout(name, dtype, mapped_shape(shape, head_map.get(name), head_dim), styles[name], tp)
+            for name, (dtype, shape) in shapes.items()
+        ],
+        ITEMSIZE,
     )
 
     def open_readers(files: OpenFiles) -> dict[str, TensorReader]:
         readers: dict[str, TensorReader] = {}
         for layout in layouts:
+            dtype, shape = shapes[layout.name]
+            geometry = Geometry.of(tensor_layout(layout.name, dtype, shape, layout.style, tp))  # as on disk
             if layout.name in fused:
-                readers[layout.name] = SegmentedTensorReader(files, fused[layout.name].segments, Geometry.of(layout))
+                readers[layout.name] = SegmentedTensorReader(files, fused[layout.name].segments, geometry)
             else:
-                readers[layout.name] = CheckpointTensorReader(files, *sources[layout.name], Geometry.of(layout))
+                readers[layout.name] = CheckpointTensorReader(files, *sources[layout.name], geometry)
+            if layout.name in head_map:
+                readers[layout.name] = HeadMapReader(readers[layout.name], head_dim, head_map[layout.name])
         return readers
 
     options: dict[str, Any] = {}
@@ -277,6 +312,8 @@ def _job_from_checkpoint(model: str, revision: str | None, tp: int, plan: str | 
             name: [[source, segment.nbytes] for source, segment in zip(f.sources, f.segments, strict=True)]
             for name, f in sorted(fused.items())
         }
+    if replication:
+        options["replicate_kv"] = replication.to_json()
     return ConversionJob(
         config=config,
         plan=resolved_plan,
@@ -290,32 +327,63 @@ def _job_from_checkpoint(model: str, revision: str | None, tp: int, plan: str | 
             "repo": [checkpoint.repo_id, checkpoint.commit],
         },
         options=options,
+        config_bytes=config_json(with_kv_heads(config, replication.replicated)) if replication else None,
     )
 
 
-def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str]) -> ConversionJob:
-    """Re-shard an artifact: same plan and tensors, new tp, bytes read from the old rank files only."""
+def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate_kv: bool) -> ConversionJob:
+    """Re-shard an artifact: same plan and tensors, new tp, bytes read from the old rank files only.
+
+    Replicated KV heads are folded back to the original heads and replicated again as the new tp needs.
+    """
     old, manifest_digest = open_artifact(root)
     config = read_model_config(str(root))
     if plan != "auto" and load_plan(plan, config) != old.plan:
         raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to change it")
-    require_shardable(config, old.plan, tp, str(root))
-    layouts = file_order([tensor_layout(t.name, t.dtype, t.shape, t.style, tp) for t in old.tensors], ITEMSIZE)
+    stored = old.options.get("replicate_kv")
+    if stored:
+        config = with_kv_heads(config, stored["original_kv_heads"])
+    replicate_kv = replicate_kv or bool(stored)
+    require_shardable(config, old.plan, tp, str(root), replicate_kv)
+    replication = kv_replication(config, tp) if replicate_kv else None
+    head_dim = stored["head_dim"] if stored else (replication.head_dim if replication else 0)
+    original_kv = stored["original_kv_heads"] if stored else (replication.original if replication else 0)
+    stored_factor = stored["replicated_kv_heads"] // original_kv if stored else 1
+    names = [t.name for t in old.tensors]
+    head_map = head_maps(names, old.plan, original_kv, replication.factor if replication else 1, stored_factor)
+    layouts = file_order(
+        [
+            tensor_layout(t.name, t.dtype, mapped_shape(t.shape, head_map.get(t.name), head_dim), t.style, tp)
+            for t in old.tensors
+        ],
+        ITEMSIZE,
+    )
 
     def open_readers(files: OpenFiles) -> dict[str, TensorReader]:
-        return dict(artifact_readers(root, old, files, {t.name: Geometry.of(t) for t in layouts}))
+        geometries = {t.name: Geometry.of(tensor_layout(t.name, t.dtype, t.shape, t.style, tp)) for t in old.tensors}
+        readers: dict[str, TensorReader] = dict(artifact_readers(root, old, files, geometries))
+        for name, mapping in head_map.items():
+            readers[name] = HeadMapReader(readers[name], head_dim, mapping)
+        return readers
 
+    options = {key: value for key, value in old.options.items() if key != "replicate_kv"}
+    if replication:
+        options["replicate_kv"] = replication.to_json()
+    rewrite_config = bool(stored or replication)
     return ConversionJob(
         config=config,
         plan=old.plan,
         layouts=layouts,
         open_readers=open_readers,
-        total_bytes=sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in old.tensors),
+        total_bytes=sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in layouts),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source_info=lambda progress: old.source,
         identity={"artifact": manifest_digest},
-        options=old.options,
+        options=options,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
+        config_bytes=config_json(with_kv_heads(config, replication.replicated) if replication else config)
+        if rewrite_config
+        else None,
     )
 
 

@@ -42,8 +42,11 @@ def _shards_heads(plan: dict[str, str], projections: tuple[str, ...]) -> bool:
     )
 
 
-def check_shardability(config: dict[str, Any], plan: dict[str, str], tp: int) -> Verdict:
-    """Decide whether ``tp`` can split this model; never raises (see ``require_shardable``)."""
+def check_shardability(config: dict[str, Any], plan: dict[str, str], tp: int, replicate_kv: bool = False) -> Verdict:
+    """Decide whether ``tp`` can split this model; never raises (see ``require_shardable``).
+
+    With ``replicate_kv``, KV heads fewer than tp (tp a multiple of them) are duplicated instead of refused.
+    """
     verdict = Verdict(tp)
     if tp < 1:
         verdict.problems.append(f"tp must be at least 1, got {tp}")
@@ -57,10 +60,22 @@ def check_shardability(config: dict[str, Any], plan: dict[str, str], tp: int) ->
             "across ranks and attention would fail in the first forward"
         )
     if kv_heads and _shards_heads(plan, _KEY_PROJECTIONS) and kv_heads % tp:
-        verdict.problems.append(
-            f"num_key_value_heads={kv_heads} is not divisible by tp={tp}: each rank would hold a fraction of a KV "
-            "head; transformers loads this and crashes in the first forward (upstream #48307)"
-        )
+        can_replicate = tp % kv_heads == 0
+        if replicate_kv and can_replicate:
+            verdict.notes.append(
+                f"num_key_value_heads={kv_heads} < tp={tp}: each KV head is duplicated {tp // kv_heads}x "
+                f"(--replicate-kv), the artifact's config says num_key_value_heads={tp}"
+            )
+        else:
+            hint = (
+                " Pass --replicate-kv to duplicate KV heads so that each rank holds whole heads."
+                if can_replicate
+                else ""
+            )
+            verdict.problems.append(
+                f"num_key_value_heads={kv_heads} is not divisible by tp={tp}: each rank would hold a fraction of a "
+                f"KV head; transformers loads this and crashes in the first forward (upstream #48307).{hint}"
+            )
     vocab = cfg.get("vocab_size")
     if vocab and vocab % tp:
         verdict.notes.append(
@@ -72,15 +87,19 @@ def check_shardability(config: dict[str, Any], plan: dict[str, str], tp: int) ->
     return verdict
 
 
-def valid_tp_sizes(config: dict[str, Any], plan: dict[str, str], up_to: int = 64) -> list[int]:
+def valid_tp_sizes(
+    config: dict[str, Any], plan: dict[str, str], up_to: int = 64, replicate_kv: bool = False
+) -> list[int]:
     """Every tp in 1..up_to that passes the check, for error messages."""
-    return [tp for tp in range(1, up_to + 1) if check_shardability(config, plan, tp).ok]
+    return [tp for tp in range(1, up_to + 1) if check_shardability(config, plan, tp, replicate_kv).ok]
 
 
-def require_shardable(config: dict[str, Any], plan: dict[str, str], tp: int, model: str) -> Verdict:
+def require_shardable(
+    config: dict[str, Any], plan: dict[str, str], tp: int, model: str, replicate_kv: bool = False
+) -> Verdict:
     """Raise ``ShardabilityError`` with the reasons and the tp sizes that would work."""
-    verdict = check_shardability(config, plan, tp)
+    verdict = check_shardability(config, plan, tp, replicate_kv)
     if not verdict.ok:
-        sizes = ", ".join(str(t) for t in valid_tp_sizes(config, plan, 16))
+        sizes = ", ".join(str(t) for t in valid_tp_sizes(config, plan, 16, replicate_kv))
         raise ShardabilityError(f"{model}: cannot use tp={tp}: " + "; ".join(verdict.problems) + f". Valid tp: {sizes}")
     return verdict
