@@ -30,11 +30,13 @@ class Placement:
     ``kind`` is ``"shard"`` (torch.chunk along ``dim``), ``"strided_shard"`` (``_StridedShard``: ``dim`` cut into
     ``split_factor`` groups, each chunked; packed ``[gate; up]`` weights), ``"replicate"`` (a Replicate DTensor,
     e.g. a rowwise bias) or ``"plain"`` (not a DTensor at all: an unplanned tensor, full on every rank).
+    ``mesh`` names the mesh the placement lives on: ``"tp"``, or ``"ep"`` for experts under expert parallelism.
     """
 
     kind: str
     dim: int | None = None
     split_factor: int | None = None
+    mesh: str = "tp"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
@@ -42,11 +44,13 @@ class Placement:
             out["dim"] = self.dim
         if self.split_factor is not None:
             out["split_factor"] = self.split_factor
+        if self.mesh != "tp":
+            out["mesh"] = self.mesh
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Placement:
-        return cls(data["kind"], data.get("dim"), data.get("split_factor"))
+        return cls(data["kind"], data.get("dim"), data.get("split_factor"), data.get("mesh", "tp"))
 
     @property
     def is_sharded(self) -> bool:
@@ -108,7 +112,9 @@ class Manifest:
 
     ``mesh`` maps mesh dimension names to sizes in order (``{"tp": 8}``); the rank files are numbered in
     row-major order over it. ``plan`` is the resolved tensor-parallel plan in transformers' own form (module
-    names with ``*`` for layer numbers → style names), applied unchanged by the runtime.
+    names with ``*`` for layer numbers → style names), applied unchanged by the runtime. With expert parallelism,
+    ``expert_mesh`` is ``{"ep": M}`` over the same ranks (M == tp: reshard does not shard experts with FSDP) and
+    ``ep_plan`` holds transformers' expert-parallel rules, which take precedence over ``plan`` for the experts.
     """
 
     tool_version: str
@@ -121,6 +127,8 @@ class Manifest:
     files: list[FileEntry]
     options: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] | None = None
+    expert_mesh: dict[str, int] | None = None
+    ep_plan: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -157,6 +165,8 @@ class Manifest:
             "architecture": self.architecture,
             "mesh": self.mesh,
             "plan": dict(sorted(self.plan.items())),
+            "expert_mesh": self.expert_mesh,
+            "ep_plan": dict(sorted(self.ep_plan.items())),
             "options": self.options,
             "lineage": self.lineage,
             "source": asdict(self.source),
@@ -205,6 +215,8 @@ class Manifest:
                 files=[FileEntry(**f) for f in data["files"]],
                 options=dict(data.get("options") or {}),
                 lineage=data.get("lineage"),
+                expert_mesh=data.get("expert_mesh"),
+                ep_plan=dict(data.get("ep_plan") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{origin}: malformed manifest ({type(exc).__name__}: {exc})") from exc

@@ -23,6 +23,8 @@ CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safet
   reshard --tp 4 ./ckpt-tp8 -o ./ckpt-tp4          # re-shard an artifact: no source needed
   reshard --tp 8 ./ckpt --workers 2                 # split the work over 2 processes
   torchrun --nproc-per-node 4 -m reshard --tp 8 ./ckpt -o ./ckpt-tp8
+  reshard --tp 8 --replicate-kv ./ckpt               # KV heads < tp: duplicate them
+  reshard --tp 4 --ep 4 ./qwen3-moe                  # expert parallel: whole experts per rank
 
 The plan is `auto` (the plan transformers applies for the architecture) or a JSON file of
 module pattern -> style, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}. The artifact is
@@ -109,6 +111,7 @@ def convert(
     quiet: bool,
     workers: int,
     replicate_kv: bool,
+    ep: int,
     worker_slot: str | None,
 ) -> None:
     from reshard.conversion import convert as run_convert
@@ -117,7 +120,7 @@ def convert(
     out = output or str(default_output(model, tp))
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
-        convert_part(model, out, tp, plan, revision, index, size, replicate_kv)
+        convert_part(model, out, tp, plan, revision, index, size, replicate_kv, ep)
         return
     manifest = run_convert(
         model,
@@ -129,6 +132,7 @@ def convert(
         progress=not quiet,
         workers=workers,
         replicate_kv=replicate_kv,
+        ep=ep,
     )
     size = sum(f.size for f in manifest.files if f.rank is not None)
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")

@@ -29,7 +29,6 @@ from reshard.manifests import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
-    Placement,
     RankSlice,
     SourceInfo,
     TensorEntry,
@@ -38,8 +37,16 @@ from reshard.manifests import (
     resolve_in,
 )
 from reshard.parallel import WorkerGroup, from_torchrun, run_workers, solo, worker_command
-from reshard.plan import assign_styles, builtin_plan, key_converters, key_renames, load_plan, model_key
-from reshard.preflight import require_shardable, text_config
+from reshard.plan import (
+    assign_styles,
+    builtin_plan,
+    key_converters,
+    key_renames,
+    load_plan,
+    model_key,
+    split_expert_parallel,
+)
+from reshard.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.readers import CheckpointTensorReader, Geometry, OpenFiles, SegmentedTensorReader, TensorReader
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
 from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
@@ -67,6 +74,8 @@ class ConversionJob:
     identity: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
+    ep_plan: dict[str, str] = field(default_factory=dict)
+    ep: int = 1
     lineage: dict[str, Any] | None = None
 
     @property
@@ -80,6 +89,7 @@ class ConversionJob:
             "tool": reshard.__version__,
             "tp": tp,
             "plan": self.plan,
+            "ep_plan": self.ep_plan,
             "identity": self.identity,
             "layouts": [[t.name, t.dtype, list(t.shape), t.style] for t in self.layouts],
         }
@@ -98,6 +108,7 @@ def convert(
     workers: int = 1,
     group: WorkerGroup | None = None,
     replicate_kv: bool = False,
+    ep: int = 1,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -112,6 +123,7 @@ def convert(
         progress: show tqdm progress bars.
         workers: split the rank files over this many local processes.
         replicate_kv: when tp exceeds the KV heads, duplicate them so every rank holds whole heads.
+        ep: expert-parallel size (equal to tp): each rank holds whole experts instead of a slice of each.
         group: this process's worker group; by default the torchrun group when run under torchrun, else alone.
 
     Returns:
@@ -129,7 +141,7 @@ def convert(
     group = group or from_torchrun() or solo()
     if out_path.exists() and not overwrite and group.index == 0:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    job = _build_job(model, tp, plan, revision, replicate_kv)
+    job = _build_job(model, tp, plan, revision, replicate_kv, ep)
     job_id = job.fingerprint(tp)
     if group.is_leader:
         prepare_staging(out_path, job_id)
@@ -141,6 +153,7 @@ def convert(
         argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", plan]
         argv += ["--revision", revision] if revision else []
         argv += ["--replicate-kv"] if replicate_kv else []
+        argv += ["--ep", str(ep)] if ep > 1 else []
         run_workers([worker_command(argv, index, workers) for index in range(workers)])
     else:
         write_part(job, staging, group.ranks(tp), job_id, progress=progress)
@@ -159,10 +172,11 @@ def convert_part(
     index: int,
     size: int,
     replicate_kv: bool = False,
+    ep: int = 1,
 ) -> None:
     """One local worker's share of ``convert(..., workers=size)``: its rank files only, into the staging folder
     the parent prepared (the parent writes the manifest)."""
-    job = _build_job(source, tp, plan, revision, replicate_kv)
+    job = _build_job(source, tp, plan, revision, replicate_kv, ep)
     staging = staging_path(Path(out))
     if not staging.is_dir():
         raise ReshardError(f"{staging}: no staging folder; --worker is for the processes `--workers` starts")
@@ -170,11 +184,11 @@ def convert_part(
 
 
 def _build_job(
-    model: str, tp: int, plan: str | dict[str, str], revision: str | None, replicate_kv: bool = False
+    model: str, tp: int, plan: str | dict[str, str], revision: str | None, replicate_kv: bool = False, ep: int = 1
 ) -> ConversionJob:
     if (Path(model) / MANIFEST_NAME).is_file():
-        return _job_from_artifact(Path(model), tp, plan, replicate_kv)
-    return _job_from_checkpoint(model, revision, tp, plan, replicate_kv)
+        return _job_from_artifact(Path(model), tp, plan, replicate_kv, ep)
+    return _job_from_checkpoint(model, revision, tp, plan, replicate_kv, ep)
 
 
 def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str, *, progress: bool) -> None:
@@ -253,6 +267,8 @@ def _finish(
         options=job.options,
         lineage=job.lineage,
         plan=job.plan,
+        expert_mesh={"ep": job.ep} if job.ep > 1 else None,
+        ep_plan=job.ep_plan,
         source=job.source_info(progress),
         tensors=_tensor_entries(job.layouts, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
@@ -263,18 +279,24 @@ def _finish(
 
 
 def _job_from_checkpoint(
-    model: str, revision: str | None, tp: int, plan: str | dict[str, str], replicate_kv: bool
+    model: str, revision: str | None, tp: int, plan: str | dict[str, str], replicate_kv: bool, ep: int
 ) -> ConversionJob:
     # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
     config = read_model_config(model, revision)
     resolved_plan = load_plan(plan, config)
+    ep_plan: dict[str, str] = {}
+    if ep > 1:
+        require_expert_parallel(config, tp, ep, model)
+        resolved_plan, ep_plan = split_expert_parallel(config, resolved_plan)
     require_shardable(config, resolved_plan, tp, model, replicate_kv)
     checkpoint = open_checkpoint(model, revision)
     renames = key_renames(config)
     sources = {model_key(name, renames): (t.file, t.entry) for name, t in checkpoint.tensors.items()}
     sources, fused = fuse_experts(sources, key_converters(config))
     tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
-    styles = assign_styles([*sources, *fused], resolved_plan, tied_embeddings=tied, strict=plan != "auto")
+    styles = assign_styles(
+        [*sources, *fused], {**resolved_plan, **ep_plan}, tied_embeddings=tied, strict=plan != "auto"
+    )
     shapes = {name: (entry.dtype, entry.shape) for name, (_, entry) in sources.items()}
     shapes.update({name: (f.dtype, f.shape) for name, f in fused.items()})
     replication = kv_replication(config, tp) if replicate_kv else None
@@ -328,10 +350,12 @@ def _job_from_checkpoint(
         },
         options=options,
         config_bytes=config_json(with_kv_heads(config, replication.replicated)) if replication else None,
+        ep_plan=ep_plan,
+        ep=ep,
     )
 
 
-def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate_kv: bool) -> ConversionJob:
+def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate_kv: bool, ep: int) -> ConversionJob:
     """Re-shard an artifact: same plan and tensors, new tp, bytes read from the old rank files only.
 
     Replicated KV heads are folded back to the original heads and replicated again as the new tp needs.
@@ -345,6 +369,11 @@ def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicat
         config = with_kv_heads(config, stored["original_kv_heads"])
     replicate_kv = replicate_kv or bool(stored)
     require_shardable(config, old.plan, tp, str(root), replicate_kv)
+    if old.ep_plan or ep > 1:  # an expert-parallel artifact stays one, on the new ranks
+        ep = tp
+        require_expert_parallel(config, tp, ep, str(root))
+        if not old.ep_plan:
+            raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to add --ep")
     replication = kv_replication(config, tp) if replicate_kv else None
     head_dim = stored["head_dim"] if stored else (replication.head_dim if replication else 0)
     original_kv = stored["original_kv_heads"] if stored else (replication.original if replication else 0)
@@ -381,6 +410,8 @@ def _job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicat
         identity={"artifact": manifest_digest},
         options=options,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
+        ep_plan=old.ep_plan,
+        ep=ep if old.ep_plan else 1,
         config_bytes=config_json(with_kv_heads(config, replication.replicated) if replication else config)
         if rewrite_config
         else None,
@@ -395,8 +426,7 @@ def _tensor_entries(layouts: list[TensorLayout], written: list[WrittenFile]) -> 
             RankSlice(rank, list(layout.ranges[rank]), layout.local_shapes[rank], w.tensor_hashes[layout.name])
             for rank, w in enumerate(written)
         ]
-        placement = Placement(layout.placement.kind, layout.placement.dim, layout.placement.split_factor)
-        entries.append(TensorEntry(layout.name, layout.dtype, layout.shape, layout.style, placement, slices))
+        entries.append(TensorEntry(layout.name, layout.dtype, layout.shape, layout.style, layout.placement, slices))
     return entries
 
 

@@ -68,6 +68,9 @@ STYLES: dict[str, StyleRule] = {
     "all_reduce": StyleRule(None, None),
     "local_params": StyleRule(None, None),
     "mla_kv_a_proj": StyleRule(None, None),
+    # Expert parallelism (expert_parallel.py): whole experts per rank, Shard(0) on the ep mesh.
+    "grouped_gemm": StyleRule(Placement("shard", 0, mesh="ep"), Placement("shard", 0, mesh="ep")),
+    "ep_dispatch_experts": StyleRule(None, None),
 }
 
 # Every style above is supported; styles not listed (e.g. sequence_parallel, which swaps parameters when its hook
@@ -92,8 +95,7 @@ def placement_for(style: str | None, name: str, ndim: int) -> Placement:
         return PLAIN
     if placement.dim is None:
         return placement
-    dim = placement.dim % ndim
-    return Placement(placement.kind, dim, placement.split_factor)
+    return Placement(placement.kind, placement.dim % ndim, placement.split_factor, placement.mesh)
 
 
 def chunk_range(length: int, parts: int, index: int) -> tuple[int, int]:

@@ -131,3 +131,14 @@ def assign_styles(
             if not matched and not (tied_embeddings and rule.rpartition(".")[2] in ("lm_head", "embed_out")):
                 raise PlanError(f"plan rule {rule!r} matches no tensor of the checkpoint")
     return styles
+
+
+def split_expert_parallel(config: dict[str, Any], tp_plan: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """transformers' EP resolution: the built-in ``ep_plan``, and ``tp_plan`` without rules on EP modules or their
+    children (EP rules take precedence, as in ``_resolve_parallel_plans``)."""
+    model_type = config.get("model_type") or ""
+    ep_plan = dict(builtin_plan(model_type).get("ep_plan", {})) if model_type in builtin_plan_names() else {}
+    if not ep_plan:
+        raise PlanError(f"{model_type or 'this model'} has no expert-parallel plan in transformers; drop --ep")
+    is_expert = re.compile(rf"(?:{'|'.join(map(re.escape, ep_plan))})(?:\..+)?").fullmatch
+    return {rule: style for rule, style in tp_plan.items() if not is_expert(rule)}, ep_plan

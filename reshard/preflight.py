@@ -103,3 +103,28 @@ def require_shardable(
         sizes = ", ".join(str(t) for t in valid_tp_sizes(config, plan, 16, replicate_kv))
         raise ShardabilityError(f"{model}: cannot use tp={tp}: " + "; ".join(verdict.problems) + f". Valid tp: {sizes}")
     return verdict
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def require_expert_parallel(config: dict[str, Any], tp: int, ep: int, model: str) -> None:
+    """Refuse an EP size reshard cannot lay out, before any weight is read.
+
+    transformers needs ``ep`` to be a multiple of tp dividing ``fsdp * tp``; without FSDP that is ``ep == tp``: the
+    experts are spread over the same ranks as the dense tensor-parallel layers. Experts must divide evenly.
+    """
+    if ep != tp:
+        raise ShardabilityError(
+            f"{model}: --ep {ep} with --tp {tp}: expert parallelism runs on the tp ranks (ep must equal tp "
+            f"without FSDP, as in transformers), so use --ep {tp}"
+        )
+    cfg = text_config(config)
+    experts = next((cfg[key] for key in EXPERT_COUNT_KEYS if isinstance(cfg.get(key), int)), None)
+    if experts is None:
+        raise ShardabilityError(f"{model}: config.json names no number of experts; --ep needs a mixture of experts")
+    if experts % ep:
+        raise ShardabilityError(
+            f"{model}: {experts} experts cannot be split evenly over ep={ep} ranks (each rank holds whole experts); "
+            f"valid ep: {', '.join(str(n) for n in range(1, experts + 1) if experts % n == 0)}"
+        )

@@ -22,6 +22,7 @@ import reshard
 from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, make_checkpoint
 
 ALL_FAMILIES = sorted({**FAMILIES, **MOE_FAMILIES})
+EP_FAMILIES = ["qwen3_moe", "mixtral"]  # expert parallel (ep = tp = 2): whole experts per rank
 
 pytest.importorskip("transformers")
 
@@ -54,34 +55,39 @@ def transformers_dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
     for family in ALL_FAMILIES:
         source = make_checkpoint(f"family_{family}", root / family)
         result[family] = (source, root / f"{family}-hf")
-        jobs.append([str(source), str(root / f"{family}-hf")])
+        jobs.append([str(source), str(root / f"{family}-hf"), 1])
+    for family in EP_FAMILIES:
+        result[f"{family}-ep"] = (result[family][0], root / f"{family}-ep-hf")
+        jobs.append([str(result[family][0]), str(root / f"{family}-ep-hf"), TP])
     (root / "jobs.json").write_text(json.dumps(jobs))
     run = torchrun(WORKER, str(root / "jobs.json"), nproc=TP)
     assert run.returncode == 0, run.stderr[-3000:]
     return result
 
 
-def describe(placement: reshard.manifests.Placement, ndim: int) -> list[list[object]] | None:
-    """The manifest's placement in the worker's JSON form (dims made non-negative like ours)."""
+def describe(placement: reshard.manifests.Placement) -> list[list[object]] | None:
+    """The manifest's placement in the worker's JSON form: kind, dim, [split factor], mesh name."""
     if placement.kind == "plain":
         return None
     if placement.kind == "replicate":
-        return [["replicate"]]
+        return [["replicate", placement.mesh]]
     if placement.kind == "strided_shard":
-        return [["strided_shard", placement.dim, placement.split_factor]]
-    return [["shard", placement.dim]]
+        return [["strided_shard", placement.dim, placement.split_factor, placement.mesh]]
+    return [["shard", placement.dim, placement.mesh]]
 
 
 def normalized(placements: list[list[object]] | None, ndim: int) -> list[list[object]] | None:
+    """transformers' placements with negative dims counted from the front, as the manifest records them."""
     if placements is None:
         return None
-    return [[p[0], p[1] % ndim, *p[2:]] if len(p) > 1 else p for p in placements]  # type: ignore[operator]
+    return [[p[0], p[1] % ndim, *p[2:]] if isinstance(p[1], int) else p for p in placements]  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES + [f"{family}-ep" for family in EP_FAMILIES])
 def test_rank_files_equal_transformers_local_shards(transformers_dumps, tmp_path: Path, family: str):
     source, dump = transformers_dumps[family]
-    manifest = reshard.convert(source, tmp_path / "art", tp=TP, progress=False)
+    ep = TP if family.endswith("-ep") else 1
+    manifest = reshard.convert(source, tmp_path / "art", tp=TP, ep=ep, progress=False)
     entries = {t.name: t for t in manifest.tensors}
     for rank in range(TP):
         ours = load_file(tmp_path / "art" / manifest.rank_file(rank).path)
@@ -96,6 +102,6 @@ def test_rank_files_equal_transformers_local_shards(transformers_dumps, tmp_path
             assert tensor.shape == theirs[name].shape, (name, tensor.shape, theirs[name].shape)
             assert torch.equal(tensor.view(torch.uint8), theirs[name].view(torch.uint8)), name
             ndim = len(entries[name].shape)
-            assert describe(entries[name].placement, ndim) == normalized(placements[name], ndim), name
+            assert describe(entries[name].placement) == normalized(placements[name], ndim), name
         for name in tied:
             assert torch.equal(theirs[name], ours["model.embed_tokens.weight"])
