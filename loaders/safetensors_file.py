@@ -129,11 +129,16 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size
     return HeaderEntry(name, dtype, tuple(shape), data_start + begin, expected)
 
 
-def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+def encode_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None, *, align: int = 8
+) -> bytes:
     """Serialise a header for tensors laid out back to back in the given order, padded to 8 bytes.
 
     Returns the full prefix (length + JSON); the data section starts right after it. Deterministic: the same
-    arguments always give the same bytes.
+    arguments always give the same bytes. ``align`` (a multiple of 8) pads the JSON with spaces so that the data
+    section starts at a multiple of ``align`` in the file: with 64, a mapped tensor whose offset is a multiple of
+    64 is as aligned as one torch allocates, and CPU kernels then take the same code path (and give the same
+    bits) as on a freshly loaded copy.
     """
     header: dict[str, object] = {}
     if metadata:
@@ -144,7 +149,7 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % align)  # for align=8 this is -len(raw) % 8, as before
     return struct.pack("<Q", len(raw)) + raw
 
 

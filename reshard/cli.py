@@ -99,6 +99,18 @@ def cli() -> None:
     help="Local processes to split the rank files over (under torchrun, every torchrun process is a worker).",
 )
 @click.option(
+    "--replicate-kv",
+    is_flag=True,
+    help="When tp exceeds the KV heads, duplicate them so each rank holds whole heads.",
+)
+@click.option(
+    "--ep",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Expert-parallel size (= tp): each rank holds whole experts (MoE models with an EP plan).",
+)
+@click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
 def convert(

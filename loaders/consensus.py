@@ -1,0 +1,69 @@
+"""Agree on failure across ranks, so that one rank's bad file makes every rank raise instead of hang.
+
+A check that can fail on one rank only (its rank file is missing, truncated or corrupt; its node lacks the
+manifest) must not leave the other ranks waiting in the next collective. Each step that can fail that way runs
+inside ``agreed(mesh)``: on leaving the block every rank of the mesh shares its outcome (one small object
+all-gather per mesh dimension), and if any rank failed, all of them raise the same error naming the rank and the
+file. The block itself must run no collective, or a rank that failed early would leave the others stuck there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from reshard import errors
+from reshard.errors import ReshardError
+
+# (global rank, exception class name, message) of each rank that failed
+Failure = tuple[int, str, str]
+
+
+@contextmanager
+def agreed(mesh: DeviceMesh | None) -> Iterator[None]:
+    """Run the block on every rank of ``mesh``; if it raised on any rank, raise on all of them.
+
+    Without a mesh (a plain single process) the block's exception propagates unchanged.
+    """
+    if mesh is None or mesh.size() == 1:
+        yield
+        return
+    own: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:
+        own = exc
+    failed = [(dist.get_rank(), type(own).__name__, str(own))] if own is not None else []
+    failed = _gather(mesh, failed)
+    if not failed:
+        return
+    raise _combined(failed, mesh.size()) from own
+
+
+def _gather(mesh: DeviceMesh, failed: list[Failure]) -> list[Failure]:
+    """Every rank's failures on every rank: all-gather along each mesh dimension in turn (their product is the mesh)."""
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        parts: list[list[Failure] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, failed, group=group)
+        failed = [failure for part in parts for failure in part or []]
+    return sorted(failed)
+
+
+def _combined(failed: list[Failure], size: int) -> ReshardError:
+    """One error naming every failed rank, of the first failure's class when it is one of reshard's."""
+    lines = [f"rank {rank} of {size}: {_text(kind, message)}" for rank, kind, message in failed]
+    return (_reshard_class(failed[0][1]) or ReshardError)("\n".join(lines))
+
+
+def _text(kind: str, message: str) -> str:
+    """reshard's errors speak for themselves; anything else (a bug) is shown with its type."""
+    return message if _reshard_class(kind) else f"{kind}: {message}"
+
+
+def _reshard_class(name: str) -> type[ReshardError] | None:
+    cls = getattr(errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, ReshardError) else None

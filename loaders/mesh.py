@@ -1,0 +1,127 @@
+"""The device mesh a load runs on: the caller's own, or a 1-D ``tp`` mesh over the torchrun world.
+
+Unlike transformers, which builds its own ``(pp, dp_replicate, fsdp, tp)`` mesh and ignores a ``device_mesh``
+argument, the caller's mesh is honoured: a 1-D mesh is the tp mesh, an n-D mesh must name a ``tp`` dimension and
+every replica along the other dimensions (``dp``) loads the same rank file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from reshard.errors import MeshError
+from reshard.manifests import Manifest
+
+TP = "tp"
+
+
+def default_device_type() -> str:
+    """The accelerator's device type if there is one (``cuda``), else ``cpu``: transformers' own choice."""
+    if torch.accelerator.is_available():
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is not None and accelerator.type != "mps":  # DTensor has no MPS mesh
+            return accelerator.type
+    return "cpu"
+
+
+def resolve_mesh(device_mesh: DeviceMesh | None, device: torch.device | None = None) -> DeviceMesh | None:
+    """The mesh to load on, or ``None`` for a plain single process (no torchrun, no process group).
+
+    Without a mesh, a running process group (or torchrun's environment, in which case the group is initialised
+    here: gloo on CPU, nccl on CUDA) gives a 1-D ``("tp",)`` mesh over the whole world.
+    """
+    if device_mesh is not None:
+        tp_dim(device_mesh)
+        if device is not None and device.type != device_mesh.device_type:
+            raise MeshError(f"device {device} does not match the device mesh's device type {device_mesh.device_type!r}")
+        return device_mesh
+    if not dist.is_available():
+        return None
+    device_type = device.type if device is not None else default_device_type()
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+            return None
+        _init_process_group(device_type)
+    elif device is None and "nccl" not in str(dist.get_backend()):
+        device_type = "cpu"  # the caller's group is gloo: keep the tensors where it can reduce them
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=(TP,))
+
+
+def _init_process_group(device_type: str) -> None:
+    """Initialise the default group from torchrun's environment, bound to this process's local device."""
+    backend = dist.Backend.default_device_backend_map.get(device_type)
+    device_id = None
+    if device_type != "cpu":
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.accelerator.set_device_index(index)
+        device_id = torch.device(device_type, index) if backend == "nccl" else None
+    dist.init_process_group(backend=backend, device_id=device_id)
+
+
+def tp_dim(mesh: DeviceMesh) -> int:
+    """Index of the mesh's ``tp`` dimension: the one named ``tp``, or the only one of an unnamed 1-D mesh."""
+    names = mesh.mesh_dim_names
+    if names is not None and TP in names:
+        return names.index(TP)
+    if mesh.ndim == 1 and names is None:
+        return 0
+    raise MeshError(
+        f"device mesh {mesh} has no dimension named 'tp'; name the tensor-parallel dimension 'tp', "
+        "e.g. init_device_mesh('cuda', (2, 4), mesh_dim_names=('dp', 'tp'))"
+    )
+
+
+def tp_submesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh over this rank's tp group, on which every DTensor of the model lives."""
+    if mesh.ndim == 1:
+        return mesh
+    return mesh[TP]
+
+
+def check_mesh(manifest: Manifest, mesh: DeviceMesh | None, origin: str) -> int:
+    """Check that ``mesh`` fits the artifact and return this process's tp rank (the rank file it must open)."""
+    if set(manifest.mesh) != {TP}:
+        raise MeshError(f"{origin}: mesh {manifest.mesh} has dimensions other than 'tp'; this reshard loads tp only")
+    expert_mesh = getattr(manifest, "expert_mesh", None)
+    if expert_mesh or any(getattr(t.placement, "mesh", TP) != TP for t in manifest.tensors):
+        raise MeshError(
+            f"{origin}: the artifact shards experts over an expert-parallel mesh {expert_mesh}; this "
+            "runtime loads tensor-parallel artifacts only (convert without expert parallelism)"
+        )
+    if mesh is None:
+        if manifest.tp != 1:
+            raise MeshError(
+                f"{origin}: the artifact was converted for tp={manifest.tp}, but this is a single process; launch "
+                f"it with torchrun --nproc-per-node {manifest.tp}, or pass a device_mesh whose 'tp' dimension has "
+                f"{manifest.tp} ranks"
+            )
+        return 0
+    tp_mesh = tp_submesh(mesh)
+    if tp_mesh.size() != manifest.tp:
+        raise MeshError(
+            f"{origin}: the artifact was converted for tp={manifest.tp}, but the device mesh's 'tp' dimension has "
+            f"{tp_mesh.size()} ranks (mesh {mesh}); launch {manifest.tp} processes per replica, or convert again "
+            f"with --tp {tp_mesh.size()}"
+        )
+    return tp_mesh.get_local_rank()
+
+
+def as_device(device: str | int | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device``; a bare index means that accelerator (``0`` is ``cuda:0``)."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, int):
+        return torch.device(default_device_type(), device)
+    return torch.device(device)
+
+
+def default_device(mesh: DeviceMesh | None) -> torch.device:
+    """The mesh's device type at this process's current index; CPU for a plain single process, as transformers."""
+    device_type = mesh.device_type if mesh is not None else "cpu"
+    if device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(device_type, torch.accelerator.current_device_index())

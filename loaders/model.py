@@ -1,0 +1,222 @@
+"""``load_model``: a transformers model identical to ``from_pretrained(source, tp_plan="auto")``, from an artifact.
+
+The only runtime module that imports transformers. It follows ``from_pretrained``'s own order and reuses its
+pieces rather than copying them: the model is built on the meta device with transformers' init context, the
+manifest's plan is expanded and applied by ``_resolve_parallel_plans`` and ``apply_tensor_parallelism`` (so the
+forward wrappers are transformers' own), the mapped tensors are assigned where transformers' loader would put its
+freshly read ones, and ``_finalize_model_loading`` ties weights and gives non-persistent buffers (rotary
+``inv_freq``) their values. Only the reading differs: one pre-sliced file per rank instead of every source file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from reshard.errors import ManifestError
+from reshard.loaders.consensus import agreed
+from reshard.loaders.state_dict import DeviceArg, DtypeArg, LoadedArtifact, open_artifact
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device_mesh: DeviceMesh | None = None,
+    *,
+    device: DeviceArg = None,
+    dtype: DtypeArg = "auto",
+    verify: bool = False,
+    attn_implementation: str | None = None,
+    experts_implementation: str | None = None,
+    model_class: type[PreTrainedModel] | None = None,
+) -> PreTrainedModel:
+    """Build the artifact's transformers model, tensor-parallel over ``device_mesh``, from this rank's file only.
+
+    Args:
+        path, device_mesh, device, dtype, verify: as for ``load_state_dict``.
+        attn_implementation, experts_implementation: as for ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
+        model_class: the ``PreTrainedModel`` class to build; default ``AutoModelForCausalLM``'s for the config.
+
+    Returns:
+        The model in eval mode, with the parameter names, DTensor placements, forward wrappers, tied weights,
+        ``generation_config`` and TP attributes (``_tp_plan``, ``_device_mesh``, ``_tp_size``,
+        ``config.distributed_config``) of ``AutoModelForCausalLM.from_pretrained(source, tp_plan="auto")``; its
+        ``_device_mesh`` is the caller's mesh. On CPU its weights are views of the mapped rank file.
+
+    Example (``torchrun --nproc-per-node 2 serve.py``):
+        >>> model = load_model("./SmolLM2-1.7B-tp2")  # doctest: +SKIP
+        >>> model.generate(input_ids, max_new_tokens=20, do_sample=False)  # doctest: +SKIP
+    """
+    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
+    with agreed(artifact.mesh):  # building and assigning runs no collective; a failure on one rank stops all
+        return _build_model(artifact, attn_implementation, experts_implementation, model_class)
+
+
+def _build_model(
+    artifact: LoadedArtifact,
+    attn_implementation: str | None,
+    experts_implementation: str | None,
+    model_class: type[PreTrainedModel] | None,
+) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.monkey_patching import patch_output_recorders
+    from transformers.utils.generic import ContextManagers
+
+    root, manifest, dtype = str(artifact.root), artifact.manifest, artifact.dtype
+    config = AutoConfig.from_pretrained(root)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    config.name_or_path = root
+    config.dtype = dtype
+    for key in config.sub_configs:
+        if (sub_config := getattr(config, key, None)) is not None:
+            sub_config.dtype = dtype
+    tp_mesh, distributed_config = artifact.tp_mesh, None
+    if tp_mesh is not None:
+        distributed_config = DistributedConfig(tp_size=manifest.tp, tp_plan="auto")
+        config.distributed_config = distributed_config
+    cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
+
+    with ContextManagers(cls.get_init_context(dtype, False, False, False)):
+        model = cls(config)
+        patch_output_recorders(model)
+    dtype_plan = model._get_dtype_plan(dtype)
+    model._weight_conversions = []  # the rank files already hold the model's own names and layouts
+
+    if tp_mesh is not None and distributed_config is not None:
+        if dict(manifest.plan) != dict(model.tp_plan):  # a custom plan: record it as the override it is
+            distributed_config.tp_plan = dict(manifest.plan)
+        model.config.distributed_config = distributed_config
+        model._device_mesh = artifact.mesh
+        model._is_distributed_loading_by_transformers = True
+        model._tp_size = manifest.tp
+        model._fsdp_size = 1
+        model._tp_plan = dict(manifest.plan)
+        tp_plan, _, _ = model._resolve_parallel_plans(distributed_config)
+        apply_tensor_parallelism(model, tp_mesh, tp_plan)
+
+    loading_info = _assign(model, artifact, dtype_plan)
+    load_config = LoadStateDictConfig(
+        pretrained_model_name_or_path=root,
+        device_map={"": artifact.device},
+        device_mesh=artifact.mesh,
+        dtype=dtype,
+        dtype_plan=dtype_plan,
+    )
+    PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+    model.eval()
+    model.set_use_kernels(False, None)
+    if model.can_generate():
+        model.adjust_generation_fn(
+            generation_config=None,
+            from_auto_class=True,
+            from_pipeline=None,
+            pretrained_model_name_or_path=root,
+            cache_dir=None,
+            force_download=False,
+            proxies=None,
+            local_files_only=True,
+            token=None,
+            revision=None,
+            subfolder="",
+            trust_remote_code=None,
+        )
+    return model
+
+
+def _assign(model: PreTrainedModel, artifact: LoadedArtifact, dtype_plan: dict[str, torch.dtype]) -> LoadStateDictInfo:
+    """Put each mapped tensor where transformers' loader puts a loaded one; report what is missing or unexpected.
+
+    Like ``set_param_for_module``: parameters become ``nn.Parameter`` (DTensor ones keep the meta parameter's
+    ``requires_grad``), each flagged ``_is_hf_initialized`` so that ``initialize_weights`` leaves it alone, and a
+    tensor is cast only where transformers would cast it (a module kept in float32, a parameter of another dtype).
+    A placement or shape that differs from the one transformers gave the meta parameter is an error.
+    """
+    from transformers.core_model_loading import build_glob_alternation
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+    expected = set(model.state_dict().keys())
+    info = LoadStateDictInfo(
+        missing_keys=set(expected),
+        unexpected_keys=set(),
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
+    kept_dtype = build_glob_alternation(list(dtype_plan))[:2] if dtype_plan else None
+    for name, value in artifact.tensors.items():
+        if name not in expected:
+            info.unexpected_keys.add(name)
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        ref = model.get_parameter_or_buffer(name)
+        _check_like(name, value, ref)
+        target = ref.dtype
+        if kept_dtype is not None and (match := kept_dtype[0].search(name)) is not None and match.lastgroup:
+            target = dtype_plan[kept_dtype[1][match.lastgroup]]
+        if value.dtype != target:
+            value = _cast(value, target)
+        if leaf not in module._buffers:
+            requires_grad = value.is_floating_point() and (ref.requires_grad or not isinstance(ref, DTensor))
+            value = torch.nn.Parameter(value, requires_grad=requires_grad)
+        value._is_hf_initialized = True
+        setattr(module, leaf, value)
+        info.missing_keys.discard(name)
+    return info
+
+
+def _check_like(name: str, value: torch.Tensor, ref: torch.Tensor) -> None:
+    """The mapped tensor must be what transformers made of the meta parameter: same kind, placement and shapes."""
+    if isinstance(ref, DTensor) != isinstance(value, DTensor):
+        raise ManifestError(
+            f"tensor {name!r}: the artifact makes it {_describe(value)}, but transformers' plan makes it "
+            f"{_describe(ref)}; the manifest's plan does not match the model"
+        )
+    if isinstance(ref, DTensor) and isinstance(value, DTensor):
+        same = (
+            tuple(ref.placements) == tuple(value.placements)
+            and ref.shape == value.shape
+            and ref.to_local().shape == value.to_local().shape
+        )
+    else:
+        same = ref.shape == value.shape
+    if not same:
+        raise ManifestError(f"tensor {name!r}: the artifact has {_describe(value)}, the model expects {_describe(ref)}")
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    if isinstance(tensor, DTensor):
+        local = list(tensor.to_local().shape)
+        return f"a DTensor {list(tensor.placements)} of shape {list(tensor.shape)}, local {local}"
+    return f"a plain tensor of shape {list(tensor.shape)}"
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy in ``dtype``; a DTensor is cast locally and keeps its placement (no communication)."""
+    if isinstance(value, DTensor):
+        return DTensor.from_local(
+            value.to_local().to(dtype),
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+    return value.to(dtype)

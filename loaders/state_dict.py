@@ -1,0 +1,170 @@
+"""``load_state_dict``: an artifact's manifest and this rank's file, as the DTensors transformers would build.
+
+Plan, then execute: resolve the mesh, read the manifest, check the mesh and dtype against it, map this rank's file,
+and wrap each planned tensor with ``DTensor.from_local(local, tp_mesh, placement, shape=global, stride=global,
+run_check=False)``, exactly as transformers' loader does after slicing. Unplanned tensors stay plain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement as TorchPlacement
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from reshard.errors import ManifestError, ReshardError
+from reshard.loaders.consensus import agreed
+from reshard.loaders.mesh import as_device, check_mesh, default_device, resolve_mesh, tp_submesh
+from reshard.loaders.rank_file import map_rank_file
+from reshard.loaders.safetensors_file import DTYPES
+from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
+
+DtypeArg = torch.dtype | str | None
+DeviceArg = torch.device | str | int | None
+
+
+@dataclass(frozen=True)
+class LoadedArtifact:
+    """What a load produced: the manifest, the mesh it ran on (``None`` in a plain single process), and tensors."""
+
+    root: Path
+    manifest: Manifest
+    mesh: DeviceMesh | None
+    device: torch.device
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        """The mesh's 1-D ``tp`` part, on which the DTensors live; ``None`` when nothing is sharded (tp=1)."""
+        return _sharding_mesh(self.mesh, self.manifest)
+
+
+def load_state_dict(
+    path: str | os.PathLike[str],
+    device_mesh: DeviceMesh | None = None,
+    *,
+    device: DeviceArg = None,
+    dtype: DtypeArg = "auto",
+    verify: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Map this rank's file of a reshard artifact into the tensors of a tensor-parallel state dict.
+
+    Args:
+        path: the artifact folder (``manifest.json`` and one ``rank-*.safetensors`` per tp rank).
+        device_mesh: a 1-D mesh, or an n-D mesh with a ``tp`` dimension (replicas along the others load the same
+            file). Default: a ``("tp",)`` mesh over the torchrun world, initialising the process group if needed.
+        device: where the tensors go (default: the mesh's device, CPU in a plain single process). On CPU they
+            stay zero-copy views of the mapped file.
+        dtype: ``"auto"``/``None`` (as stored), or the dtype the artifact must hold; a different one is an error
+            rather than a silent copy.
+        verify: check every tensor's xxh3-128 against the manifest while mapping.
+
+    Returns:
+        ``{name: tensor}`` under transformers' parameter names: a ``DTensor`` on the tp mesh for every planned
+        tensor (``Shard``, ``_StridedShard`` or ``Replicate``), a plain tensor (full on every rank) otherwise. A tied
+        ``lm_head.weight`` is absent, as in the checkpoint. At tp=1 every tensor is plain, as in transformers.
+
+    Example:
+        >>> mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))  # doctest: +SKIP
+        >>> state = load_state_dict("./SmolLM2-1.7B-tp2", device_mesh=mesh)  # doctest: +SKIP
+        >>> state["model.layers.0.self_attn.q_proj.weight"].placements  # doctest: +SKIP
+        (Shard(dim=0),)
+    """
+    return open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify).tensors
+
+
+def open_artifact(
+    path: str | os.PathLike[str],
+    device_mesh: DeviceMesh | None = None,
+    *,
+    device: DeviceArg = None,
+    dtype: DtypeArg = "auto",
+    verify: bool = False,
+) -> LoadedArtifact:
+    """Do the work of ``load_state_dict`` and keep what ``load_model`` needs besides the tensors."""
+    root = Path(path)
+    wanted = as_device(device)
+    mesh = resolve_mesh(device_mesh, wanted)
+    with agreed(mesh):  # a rank whose manifest or file is bad makes every rank raise; no collective inside
+        manifest = read_manifest(root)
+        rank = check_mesh(manifest, mesh, str(root / MANIFEST_NAME))
+        main_dtype = check_dtype(manifest, dtype, str(root / MANIFEST_NAME))
+        target = wanted or default_device(mesh)
+        local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+        tp_mesh = _sharding_mesh(mesh, manifest)
+        tensors = {entry.name: to_global(local[entry.name], entry, tp_mesh) for entry in manifest.tensors}
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors)
+
+
+def _sharding_mesh(mesh: DeviceMesh | None, manifest: Manifest) -> DeviceMesh | None:
+    """At tp=1 nothing is a DTensor (transformers applies no TP plan then); else the mesh's tp part."""
+    return tp_submesh(mesh) if mesh is not None and manifest.tp > 1 else None
+
+
+def to_global(local: torch.Tensor, entry: TensorEntry, tp_mesh: DeviceMesh | None) -> torch.Tensor:
+    """Wrap one rank's slice as the DTensor its placement describes; plain tensors (and everything at tp=1) as is."""
+    if tp_mesh is None or entry.placement.kind == "plain":
+        return local
+    return DTensor.from_local(
+        local,
+        tp_mesh,
+        [torch_placement(entry.placement, entry.name)],
+        run_check=False,
+        shape=torch.Size(entry.shape),
+        stride=contiguous_stride(entry.shape),
+    )
+
+
+def torch_placement(placement: Placement, name: str) -> TorchPlacement:
+    """The DTensor placement a manifest placement stands for."""
+    if placement.kind == "shard" and placement.dim is not None:
+        return Shard(placement.dim)
+    if placement.kind == "strided_shard" and placement.dim is not None and placement.split_factor:
+        return _StridedShard(placement.dim, split_factor=placement.split_factor)
+    if placement.kind == "replicate":
+        return Replicate()
+    raise ManifestError(f"tensor {name!r}: unknown placement {placement.to_json()}")
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of ``shape``: the global stride transformers gives ``from_local``."""
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def check_dtype(manifest: Manifest, dtype: DtypeArg, origin: str) -> torch.dtype:
+    """The artifact's main floating dtype (most bytes); raise if ``dtype`` asks for another one.
+
+    Casting would copy every tensor and defeat mapping the file, so a mismatch is an error that says what the
+    artifact holds; cast the loaded model afterwards, or convert from a checkpoint in the dtype you want.
+    """
+    sizes: Counter[torch.dtype] = Counter()
+    for tensor in manifest.tensors:
+        if tensor.dtype not in DTYPES:
+            raise ManifestError(f"{origin}: tensor {tensor.name!r} has unknown dtype {tensor.dtype!r}")
+        torch_dtype, itemsize = DTYPES[tensor.dtype]
+        if torch_dtype.is_floating_point:
+            sizes[torch_dtype] += math.prod(tensor.shape) * itemsize
+    stored = sizes.most_common(1)[0][0] if sizes else torch.get_default_dtype()
+    if dtype is None or dtype == "auto":
+        return stored
+    requested = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(requested, torch.dtype):
+        raise ReshardError(f"dtype must be 'auto', a torch.dtype or its name, got {dtype!r}")
+    if requested != stored:
+        raise ReshardError(
+            f"{origin}: the artifact stores {stored} weights but dtype={requested} was requested; load with "
+            f"dtype='auto' (or {stored}) and cast afterwards, or convert a {requested} checkpoint"
+        )
+    return stored
