@@ -78,7 +78,7 @@ def write_rank_files(
             sinks[rank] = RankSink(path, handle)
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
-            sinks[rank].write(encode_header(header, file_metadata), None)
+            sinks[rank].write(encode_header(header, file_metadata, align=64), None)
         buffer = bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES)
         gather = bytearray(len(buffer))
         for layout in layouts:
