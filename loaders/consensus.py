@@ -2,16 +2,19 @@
 
 A check that can fail on one rank only (its rank file is missing, truncated or corrupt; its node lacks the
 manifest) must not leave the other ranks waiting in the next collective. Each step that can fail that way runs
-inside ``agreed(mesh)``: on leaving the block every rank of the mesh shares its outcome (one small object
-all-gather per mesh dimension), and if any rank failed, all of them raise the same error naming the rank and the
-file. The block itself must run no collective, or a rank that failed early would leave the others stuck there.
+inside ``agreed(mesh)``: on leaving the block every rank of the mesh shares its outcome (a small JSON payload in a
+byte tensor, all-gathered per mesh dimension: no pickle), and if any rank failed, all of them raise the same error
+naming the rank and the file. The block itself must run no collective, or a rank that failed early would leave
+the others stuck there.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -45,12 +48,28 @@ def agreed(mesh: DeviceMesh | None) -> Iterator[None]:
 
 def _gather(mesh: DeviceMesh, failed: list[Failure]) -> list[Failure]:
     """Every rank's failures on every rank: all-gather along each mesh dimension in turn (their product is the mesh)."""
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     for dim in range(mesh.ndim):
         group = mesh.get_group(dim)
-        parts: list[list[Failure] | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, failed, group=group)
-        failed = [failure for part in parts for failure in part or []]
+        payloads = _all_gather_bytes(json.dumps(failed).encode(), group, device)
+        failed = [tuple(failure) for payload in payloads for failure in json.loads(payload)]  # type: ignore[misc]
     return sorted(failed)
+
+
+def _all_gather_bytes(payload: bytes, group: dist.ProcessGroup, device: torch.device | None) -> list[bytes]:
+    """All-gather variable-length byte strings as uint8 tensors: lengths first, then padded payloads."""
+    size = dist.get_world_size(group)
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(size)]
+    dist.all_gather(lengths, length, group=group)
+    longest = max(int(n.item()) for n in lengths)
+    padded = torch.zeros(max(longest, 1), dtype=torch.uint8)
+    if payload:
+        padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    padded = padded.to(device) if device is not None else padded
+    parts = [torch.zeros_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return [bytes(part[: int(n.item())].cpu().tolist()) for part, n in zip(parts, lengths, strict=True)]
 
 
 def _combined(failed: list[Failure], size: int) -> ReshardError:

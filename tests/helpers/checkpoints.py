@@ -192,3 +192,8 @@ class CheckpointCache:
 
 def _label(kind: str, overrides: dict[str, Any]) -> str:
     return "-".join([kind, *(f"{key}={overrides[key]}" for key in sorted(overrides))])
+
+
+# Families whose load_model is checked against from_pretrained(tp_plan="auto") (logits, generate) under torchrun:
+# llama and qwen2 in tests/test_runtime_tp.py, the MoE ones in tests/test_runtime_moe.py.
+RUNTIME_PARITY_FAMILIES = ("llama", "qwen2", "qwen3_moe", "mixtral")
