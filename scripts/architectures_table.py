@@ -42,10 +42,10 @@ def blockers(plan: dict) -> list[str]:
 def table() -> str:
     """The Markdown table, one row per model type."""
     rows = [
-        "| model_type | architecture | TP styles | EP | converts | tested |",
+        "| model_type | architecture | TP styles | EP | styles & conversions supported | tested |",
         "|---|---|---|---|---|---|",
     ]
-    counts = {"types": 0, "converts": 0, "tested": 0}
+    counts = {"types": 0, "supported": 0, "tested": 0}
     for path in sorted((ROOT / "manifests" / "plans").glob("*.json")):
         if path.name == "INDEX.json":
             continue
@@ -61,7 +61,7 @@ def table() -> str:
             tests.append("runtime parity")
         fused = " + fused experts" if plan.get("key_converters") else ""
         counts["types"] += 1
-        counts["converts"] += not reasons
+        counts["supported"] += not reasons
         counts["tested"] += bool(tests)
         rows.append(
             f"| {model_type} | {plan['architecture']} | {', '.join(plan['styles']) or '—'}{fused} | "
@@ -69,8 +69,8 @@ def table() -> str:
             f"{', '.join(tests) or '—'} |"
         )
     summary = (
-        f"{counts['types']} model types have a TP or EP plan in transformers 5.23; reshard converts "
-        f"{counts['converts']} of them; {counts['tested']} are covered by tests."
+        f"{counts['types']} model types have a TP or EP plan in transformers 5.23; reshard supports every style and key conversion of "
+        f"{counts['supported']} of them; {counts['tested']} are covered by tests."
     )
     return "\n".join([summary, "", *rows])
 
