@@ -3,6 +3,10 @@
 Unlike transformers, which builds its own ``(pp, dp_replicate, fsdp, tp)`` mesh and ignores a ``device_mesh``
 argument, the caller's mesh is honoured: a 1-D mesh is the tp mesh, an n-D mesh must name a ``tp`` dimension and
 every replica along the other dimensions (``dp``) loads the same rank file.
+
+Expert-parallel artifacts put whole experts on an ``ep`` mesh over the same ranks as the tp mesh (transformers
+requires ``ep_size == tp_size`` without FSDP): the caller's mesh may provide it as a dimension named ``ep`` (e.g. a
+``tp`` dimension flattened into ``ep``), otherwise it is the tp group itself, named ``("ep",)``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from reshard.errors import MeshError
 from reshard.manifests import Manifest
 
 TP = "tp"
+EP = "ep"
 
 
 def default_device_type() -> str:
@@ -86,12 +91,7 @@ def check_mesh(manifest: Manifest, mesh: DeviceMesh | None, origin: str) -> int:
     """Check that ``mesh`` fits the artifact and return this process's tp rank (the rank file it must open)."""
     if set(manifest.mesh) != {TP}:
         raise MeshError(f"{origin}: mesh {manifest.mesh} has dimensions other than 'tp'; this reshard loads tp only")
-    expert_mesh = getattr(manifest, "expert_mesh", None)
-    if expert_mesh or any(getattr(t.placement, "mesh", TP) != TP for t in manifest.tensors):
-        raise MeshError(
-            f"{origin}: the artifact shards experts over an expert-parallel mesh {expert_mesh}; this "
-            "runtime loads tensor-parallel artifacts only (convert without expert parallelism)"
-        )
+    check_expert_mesh(manifest, origin)
     if mesh is None:
         if manifest.tp != 1:
             raise MeshError(
@@ -108,6 +108,47 @@ def check_mesh(manifest: Manifest, mesh: DeviceMesh | None, origin: str) -> int:
             f"with --tp {tp_mesh.size()}"
         )
     return tp_mesh.get_local_rank()
+
+
+def check_expert_mesh(manifest: Manifest, origin: str) -> None:
+    """An expert mesh must be ``{"ep": tp}`` with an ``ep_plan``, and only then may tensors live on ``ep``."""
+    expert_mesh = manifest.expert_mesh
+    on_ep = sorted(t.name for t in manifest.tensors if t.placement.mesh == EP)
+    if unknown := sorted({t.placement.mesh for t in manifest.tensors} - {TP, EP}):
+        raise MeshError(f"{origin}: tensors are placed on unknown mesh dimension(s) {unknown}; expected 'tp' or 'ep'")
+    if expert_mesh is None:
+        if on_ep:
+            raise MeshError(f"{origin}: tensor {on_ep[0]!r} is placed on the 'ep' mesh, but the manifest has none")
+        return
+    if set(expert_mesh) != {EP} or expert_mesh[EP] != manifest.tp or manifest.tp < 2 or not manifest.ep_plan:
+        raise MeshError(
+            f"{origin}: expert mesh {expert_mesh} with tp={manifest.tp} and ep_plan {manifest.ep_plan}: reshard loads "
+            "expert-parallel artifacts with ep == tp > 1 and an ep_plan, and tensor-parallel artifacts only "
+            "otherwise (convert again with --ep equal to --tp, or without --ep)"
+        )
+
+
+def ep_submesh(mesh: DeviceMesh, tp_mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D ``ep`` mesh the experts of an expert-parallel artifact live on, over the ranks of ``tp_mesh``.
+
+    The caller's mesh's ``ep`` dimension if it has one (named, or flattened into it), which must span the same
+    ranks as this rank's tp group; otherwise a mesh named ``("ep",)`` on the tp group's own process group (no new
+    group, no collective). ``DistributedConfig(tp_size=N, ep_size=N)`` gives transformers a separate mesh over the
+    same ranks: equal as a ``DeviceMesh`` for a 1-D world, and the same collectives on the same ranks.
+    """
+    try:
+        ep_mesh = mesh[EP] if mesh.mesh_dim_names is not None else None
+    except KeyError:
+        ep_mesh = None
+    if ep_mesh is None:
+        return DeviceMesh.from_group(tp_mesh.get_group(), tp_mesh.device_type, mesh=tp_mesh.mesh, mesh_dim_names=(EP,))
+    if ep_mesh.ndim != 1 or ep_mesh.mesh.tolist() != tp_mesh.mesh.tolist():
+        raise MeshError(
+            f"device mesh {mesh}: its 'ep' dimension spans ranks {ep_mesh.mesh.tolist()}, but this rank's 'tp' "
+            f"group spans {tp_mesh.mesh.tolist()}; the artifact's experts live on the tp ranks (ep == tp, as in "
+            "transformers without FSDP), so give 'ep' the tp ranks or leave it out"
+        )
+    return ep_mesh
 
 
 def as_device(device: str | int | torch.device | None) -> torch.device | None:

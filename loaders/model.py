@@ -3,15 +3,18 @@
 The only runtime module that imports transformers. It follows ``from_pretrained``'s own order and reuses its
 pieces rather than copying them: the model is built on the meta device with transformers' init context, the
 manifest's plan is expanded and applied by ``_resolve_parallel_plans`` and ``apply_tensor_parallelism`` (so the
-forward wrappers are transformers' own), the mapped tensors are assigned where transformers' loader would put its
-freshly read ones, and ``_finalize_model_loading`` ties weights and gives non-persistent buffers (rotary
-``inv_freq``) their values. Only the reading differs: one pre-sliced file per rank instead of every source file.
+forward wrappers are transformers' own), an expert-parallel artifact's ``ep_plan`` by ``apply_expert_parallelism``
+as ``maybe_distribute_model`` does for ``DistributedConfig(tp_size=N, ep_size=N)``, the mapped tensors are
+assigned where transformers' loader would put its freshly read ones, and ``_finalize_model_loading`` ties weights
+and gives non-persistent buffers (rotary ``inv_freq``) their values. Only the reading differs: one pre-sliced file
+per rank instead of every source file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -24,6 +27,7 @@ from reshard.loaders.state_dict import DeviceArg, DtypeArg, LoadedArtifact, open
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+    from transformers.distributed import DistributedConfig
     from transformers.utils.loading_report import LoadStateDictInfo
 
 logger = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ def load_model(
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
     model_class: type[PreTrainedModel] | None = None,
+    ep_implementation: str = "auto",
 ) -> PreTrainedModel:
     """Build the artifact's transformers model, tensor-parallel over ``device_mesh``, from this rank's file only.
 
@@ -46,12 +51,17 @@ def load_model(
         path, device_mesh, device, dtype, verify: as for ``load_state_dict``.
         attn_implementation, experts_implementation: as for ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         model_class: the ``PreTrainedModel`` class to build; default ``AutoModelForCausalLM``'s for the config.
+        ep_implementation: for an expert-parallel artifact, how tokens reach the experts, as
+            ``DistributedConfig.ep_implementation`` (``"auto"``, ``"all_reduce"``, ``"all_to_all"``, ...).
 
     Returns:
         The model in eval mode, with the parameter names, DTensor placements, forward wrappers, tied weights,
         ``generation_config`` and TP attributes (``_tp_plan``, ``_device_mesh``, ``_tp_size``,
         ``config.distributed_config``) of ``AutoModelForCausalLM.from_pretrained(source, tp_plan="auto")``; its
-        ``_device_mesh`` is the caller's mesh. On CPU its weights are views of the mapped rank file.
+        ``_device_mesh`` is the caller's mesh. An expert-parallel artifact gives the model of
+        ``from_pretrained(source, distributed_config=DistributedConfig(tp_size=N, ep_size=N))``: experts
+        ``Shard(0)`` on the ``ep`` mesh (see ``load_state_dict``), ``_ep_plan`` and transformers' EP dispatch.
+        On CPU its weights are views of the mapped rank file.
 
     Example (``torchrun --nproc-per-node 2 serve.py``):
         >>> model = load_model("./SmolLM2-1.7B-tp2")  # doctest: +SKIP
@@ -59,7 +69,7 @@ def load_model(
     """
     artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
     with agreed(artifact.mesh):  # building and assigning runs no collective; a failure on one rank stops all
-        return _build_model(artifact, attn_implementation, experts_implementation, model_class)
+        return _build_model(artifact, attn_implementation, experts_implementation, model_class, ep_implementation)
 
 
 def _build_model(
@@ -67,9 +77,11 @@ def _build_model(
     attn_implementation: str | None,
     experts_implementation: str | None,
     model_class: type[PreTrainedModel] | None,
+    ep_implementation: str = "auto",
 ) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
     from transformers.distributed import DistributedConfig
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
     from transformers.modeling_utils import LoadStateDictConfig
     from transformers.monkey_patching import patch_output_recorders
@@ -86,8 +98,13 @@ def _build_model(
     for key in config.sub_configs:
         if (sub_config := getattr(config, key, None)) is not None:
             sub_config.dtype = dtype
-    tp_mesh, distributed_config = artifact.tp_mesh, None
-    if tp_mesh is not None:
+    tp_mesh, ep_mesh, distributed_config = artifact.tp_mesh, artifact.ep_mesh, None
+    if tp_mesh is not None and ep_mesh is not None:
+        distributed_config = DistributedConfig(
+            tp_size=manifest.tp, ep_size=ep_mesh.size(), ep_implementation=ep_implementation
+        )
+        config.distributed_config = distributed_config
+    elif tp_mesh is not None:
         distributed_config = DistributedConfig(tp_size=manifest.tp, tp_plan="auto")
         config.distributed_config = distributed_config
     cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
@@ -99,16 +116,18 @@ def _build_model(
     model._weight_conversions = []  # the rank files already hold the model's own names and layouts
 
     if tp_mesh is not None and distributed_config is not None:
-        if dict(manifest.plan) != dict(model.tp_plan):  # a custom plan: record it as the override it is
-            distributed_config.tp_plan = dict(manifest.plan)
+        _record_plans(model, artifact, distributed_config)
         model.config.distributed_config = distributed_config
         model._device_mesh = artifact.mesh
         model._is_distributed_loading_by_transformers = True
         model._tp_size = manifest.tp
         model._fsdp_size = 1
-        model._tp_plan = dict(manifest.plan)
-        tp_plan, _, _ = model._resolve_parallel_plans(distributed_config)
+        tp_plan, ep_plan, _ = model._resolve_parallel_plans(distributed_config)
         apply_tensor_parallelism(model, tp_mesh, tp_plan)
+        if ep_mesh is not None and "ep_dispatch_experts" in ep_plan.values():  # as maybe_distribute_model
+            apply_expert_parallelism(
+                model, ep_mesh, tp_mesh, ep_plan, ep_implementation=distributed_config.ep_implementation
+            )
 
     loading_info = _assign(model, artifact, dtype_plan)
     load_config = LoadStateDictConfig(
@@ -137,6 +156,26 @@ def _build_model(
             trust_remote_code=None,
         )
     return model
+
+
+def _record_plans(model: PreTrainedModel, artifact: LoadedArtifact, distributed_config: DistributedConfig) -> None:
+    """Keep the model's own plans where the manifest's are transformers' resolution of them; else record the
+    manifest's as the ``DistributedConfig`` override it is.
+
+    An expert-parallel manifest's ``plan`` lacks the TP rules on the experts (EP rules take precedence, as in
+    ``_resolve_parallel_plans``), so it is compared with the model's TP plan without them.
+    """
+    manifest = artifact.manifest
+    own_tp_plan = dict(model.tp_plan)
+    if artifact.ep_mesh is not None:
+        if dict(manifest.ep_plan) != dict(model.ep_plan):
+            distributed_config.ep_plan = dict(manifest.ep_plan)
+            model._ep_plan = dict(manifest.ep_plan)
+        is_expert = re.compile(rf"(?:{'|'.join(map(re.escape, manifest.ep_plan))})(?:\..+)?").fullmatch
+        own_tp_plan = {name: style for name, style in own_tp_plan.items() if not is_expert(name)}
+    if dict(manifest.plan) != own_tp_plan:  # a custom plan
+        distributed_config.tp_plan = dict(manifest.plan)
+        model._tp_plan = dict(manifest.plan)
 
 
 def _assign(model: PreTrainedModel, artifact: LoadedArtifact, dtype_plan: dict[str, torch.dtype]) -> LoadStateDictInfo:

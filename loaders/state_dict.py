@@ -2,7 +2,8 @@
 
 Plan, then execute: resolve the mesh, read the manifest, check the mesh and dtype against it, map this rank's file,
 and wrap each planned tensor with ``DTensor.from_local(local, tp_mesh, placement, shape=global, stride=global,
-run_check=False)``, exactly as transformers' loader does after slicing. Unplanned tensors stay plain.
+run_check=False)``, exactly as transformers' loader does after slicing. Unplanned tensors stay plain. In an
+expert-parallel artifact the experts' tensors (placement mesh ``ep``) go on the ``ep`` mesh over the same ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from reshard.errors import ManifestError, ReshardError
 from reshard.loaders.consensus import agreed
-from reshard.loaders.mesh import as_device, check_mesh, default_device, resolve_mesh, tp_submesh
+from reshard.loaders.mesh import EP, as_device, check_mesh, default_device, ep_submesh, resolve_mesh, tp_submesh
 from reshard.loaders.rank_file import map_rank_file
 from reshard.loaders.safetensors_file import DTYPES
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
@@ -32,7 +33,10 @@ DeviceArg = torch.device | str | int | None
 
 @dataclass(frozen=True)
 class LoadedArtifact:
-    """What a load produced: the manifest, the mesh it ran on (``None`` in a plain single process), and tensors."""
+    """What a load produced: the manifest, the mesh it ran on (``None`` in a plain single process), and tensors.
+
+    ``ep_mesh`` is the 1-D ``ep`` mesh the experts of an expert-parallel artifact live on (else ``None``).
+    """
 
     root: Path
     manifest: Manifest
@@ -40,6 +44,7 @@ class LoadedArtifact:
     device: torch.device
     dtype: torch.dtype
     tensors: dict[str, torch.Tensor]
+    ep_mesh: DeviceMesh | None = None
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -61,6 +66,8 @@ def load_state_dict(
         path: the artifact folder (``manifest.json`` and one ``rank-*.safetensors`` per tp rank).
         device_mesh: a 1-D mesh, or an n-D mesh with a ``tp`` dimension (replicas along the others load the same
             file). Default: a ``("tp",)`` mesh over the torchrun world, initialising the process group if needed.
+            For an expert-parallel artifact, an ``ep`` dimension over the tp ranks may be given too; by default the
+            experts go on a ``("ep",)`` mesh over the tp group.
         device: where the tensors go (default: the mesh's device, CPU in a plain single process). On CPU they
             stay zero-copy views of the mapped file.
         dtype: ``"auto"``/``None`` (as stored), or the dtype the artifact must hold; a different one is an error
@@ -69,7 +76,8 @@ def load_state_dict(
 
     Returns:
         ``{name: tensor}`` under transformers' parameter names: a ``DTensor`` on the tp mesh for every planned
-        tensor (``Shard``, ``_StridedShard`` or ``Replicate``), a plain tensor (full on every rank) otherwise. A tied
+        tensor (``Shard``, ``_StridedShard`` or ``Replicate``; experts of an expert-parallel artifact ``Shard(0)`` on
+        the ``ep`` mesh), a plain tensor (full on every rank) otherwise. A tied
         ``lm_head.weight`` is absent, as in the checkpoint. At tp=1 every tensor is plain, as in transformers.
 
     Example:
@@ -100,8 +108,12 @@ def open_artifact(
         target = wanted or default_device(mesh)
         local = map_rank_file(root, manifest, rank, device=target, verify=verify)
         tp_mesh = _sharding_mesh(mesh, manifest)
-        tensors = {entry.name: to_global(local[entry.name], entry, tp_mesh) for entry in manifest.tensors}
-    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors)
+        ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
+        tensors = {
+            entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
+            for entry in manifest.tensors
+        }
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh)
 
 
 def _sharding_mesh(mesh: DeviceMesh | None, manifest: Manifest) -> DeviceMesh | None:
@@ -109,13 +121,14 @@ def _sharding_mesh(mesh: DeviceMesh | None, manifest: Manifest) -> DeviceMesh | 
     return tp_submesh(mesh) if mesh is not None and manifest.tp > 1 else None
 
 
-def to_global(local: torch.Tensor, entry: TensorEntry, tp_mesh: DeviceMesh | None) -> torch.Tensor:
-    """Wrap one rank's slice as the DTensor its placement describes; plain tensors (and everything at tp=1) as is."""
-    if tp_mesh is None or entry.placement.kind == "plain":
+def to_global(local: torch.Tensor, entry: TensorEntry, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Wrap one rank's slice as the DTensor its placement describes, on ``mesh`` (the tp mesh, or the ep mesh for
+    a placement on ``ep``); plain tensors (and everything at tp=1) as is."""
+    if mesh is None or entry.placement.kind == "plain":
         return local
     return DTensor.from_local(
         local,
-        tp_mesh,
+        mesh,
         [torch_placement(entry.placement, entry.name)],
         run_check=False,
         shape=torch.Size(entry.shape),

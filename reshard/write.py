@@ -33,13 +33,22 @@ class RankSink:
     file_hash: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     tensor_hashes: dict[str, str] = field(default_factory=dict)
     size: int = 0
+    tensor_hash: xxhash.xxh3_128 | None = None  # of the tensor being written, if any
 
-    def write(self, data: memoryview | bytes, tensor_hash: xxhash.xxh3_128 | None) -> None:
+    def write(self, data: memoryview | bytes) -> None:
         self.handle.write(data)
         self.file_hash.update(data)
-        if tensor_hash is not None:
-            tensor_hash.update(data)
+        if self.tensor_hash is not None:
+            self.tensor_hash.update(data)
         self.size += len(data)
+
+    def begin_tensor(self) -> None:
+        self.tensor_hash = xxhash.xxh3_128()
+
+    def end_tensor(self, name: str) -> None:
+        assert self.tensor_hash is not None
+        self.tensor_hashes[name] = self.tensor_hash.hexdigest()
+        self.tensor_hash = None
 
 
 @dataclass(frozen=True)
@@ -78,14 +87,14 @@ def write_rank_files(
             sinks[rank] = RankSink(path, handle)
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
-            sinks[rank].write(encode_header(header, file_metadata, align=64), None)
-        buffer = bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES)
-        gather = bytearray(len(buffer))
+            sinks[rank].write(encode_header(header, file_metadata, align=64))
+        streamer = _Streamer(sinks, bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES), on_bytes)
         for layout in layouts:
-            hashes = {rank: xxhash.xxh3_128() for rank in sinks}
-            _stream_tensor(readers[layout.name], layout, sinks, hashes, buffer, gather, on_bytes)
-            for rank, sink in sinks.items():
-                sink.tensor_hashes[layout.name] = hashes[rank].hexdigest()
+            for sink in sinks.values():
+                sink.begin_tensor()
+            streamer.copy(readers[layout.name], layout)
+            for sink in sinks.values():
+                sink.end_tensor(layout.name)
         written = {}
         for rank, sink in sinks.items():
             sink.handle.flush()
@@ -105,79 +114,73 @@ def _temporary(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _stream_tensor(
-    reader: TensorReader,
-    layout: TensorLayout,
-    sinks: dict[int, RankSink],
-    hashes: dict[int, xxhash.xxh3_128],
-    buffer: bytearray,
-    gather: bytearray,
-    on_bytes: Callable[[int], None],
-) -> None:
-    """Copy one tensor: view it as ``[outer, length, row]`` around the placement's dim and cut ranges of ``length``."""
-    g = Geometry.of(layout)
-    block = g.length * g.row
-    if block == 0 or g.outer == 0:
-        return
-    if block <= len(buffer) and g.outer > 1:
-        _stream_whole_blocks(reader, layout, g, sinks, hashes, buffer, gather, on_bytes)
-        return
-    # Runs of rows inside each outer index; every rank's piece of a run is contiguous, so nothing is gathered.
-    # Only the rows these ranks hold are read (a worker writing some of the ranks reads only their share).
-    held = [r for rank in sinks for r in layout.ranges[rank]]
-    if not held:
-        return
-    lowest, highest = min(start for start, _ in held), max(stop for _, stop in held)
-    rows_per_read = max(1, len(buffer) // g.row)
-    mv = memoryview(buffer)
-    for index in range(g.outer):
-        for first in range(lowest, highest, rows_per_read):
-            last = min(first + rows_per_read, highest)
-            nbytes = (last - first) * g.row
-            chunk = mv[:nbytes] if nbytes <= len(buffer) else memoryview(bytearray(nbytes))
-            reader.read(index, 1, first, last, chunk)
-            on_bytes(nbytes)
-            for rank, sink in sinks.items():
-                for start, stop in layout.ranges[rank]:
-                    lo, hi = max(start, first), min(stop, last)
-                    if lo < hi:
-                        sink.write(chunk[(lo - first) * g.row : (hi - first) * g.row], hashes[rank])
+class _Streamer:
+    """Copies tensors into the rank files through two fixed buffers (one read, one gather): bounded memory."""
 
+    def __init__(self, sinks: dict[int, RankSink], buffer: bytearray, on_bytes: Callable[[int], None]) -> None:
+        self.sinks, self.buffer, self.gather, self.on_bytes = sinks, buffer, bytearray(len(buffer)), on_bytes
 
-def _stream_whole_blocks(
-    reader: TensorReader,
-    layout: TensorLayout,
-    g: Geometry,
-    sinks: dict[int, RankSink],
-    hashes: dict[int, xxhash.xxh3_128],
-    buffer: bytearray,
-    gather: bytearray,
-    on_bytes: Callable[[int], None],
-) -> None:
-    """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns)."""
-    block = g.length * g.row
-    per_read = max(1, len(buffer) // block)
-    source = torch.frombuffer(buffer, dtype=torch.uint8)
-    target = torch.frombuffer(gather, dtype=torch.uint8)
-    mv, gathered = memoryview(buffer), memoryview(gather)
-    for first in range(0, g.outer, per_read):
-        count = min(per_read, g.outer - first)
-        nbytes = count * block
-        reader.read(first, count, 0, g.length, mv[:nbytes])
-        on_bytes(nbytes)
-        blocks = source[:nbytes].view(count, g.length, g.row)
-        for rank, sink in sinks.items():
-            ranges = layout.ranges[rank]
-            width = sum(stop - start for start, stop in ranges)
-            if not width:
-                continue
-            if ranges == ((0, g.length),):  # the whole tensor (replicated): the buffer as read
-                sink.write(mv[:nbytes], hashes[rank])
-                continue
-            if count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
-                start, stop = ranges[0]
-                sink.write(mv[start * g.row : stop * g.row], hashes[rank])
-                continue
-            out = target[: count * width * g.row].view(count, width, g.row)
-            torch.cat([blocks[:, start:stop] for start, stop in ranges], dim=1, out=out)
-            sink.write(gathered[: count * width * g.row], hashes[rank])
+    def copy(self, reader: TensorReader, layout: TensorLayout) -> None:
+        """View the tensor as ``[outer, length, row]`` around its placement dim and cut each rank's ranges."""
+        g = Geometry.of(layout)
+        block = g.length * g.row
+        if block == 0 or g.outer == 0:
+            return
+        if block <= len(self.buffer) and g.outer > 1:
+            self._whole_blocks(reader, layout, g)
+        else:
+            self._row_runs(reader, layout, g)
+
+    def _row_runs(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
+        """Runs of rows inside each outer index: every rank's piece of a run is contiguous, nothing is gathered.
+
+        Only the rows these ranks hold are read (a worker writing some of the ranks reads only their share).
+        """
+        held = [r for rank in self.sinks for r in layout.ranges[rank]]
+        if not held:
+            return
+        lowest, highest = min(start for start, _ in held), max(stop for _, stop in held)
+        rows_per_read = max(1, len(self.buffer) // g.row)
+        mv = memoryview(self.buffer)
+        for index in range(g.outer):
+            for first in range(lowest, highest, rows_per_read):
+                last = min(first + rows_per_read, highest)
+                nbytes = (last - first) * g.row
+                chunk = mv[:nbytes] if nbytes <= len(self.buffer) else memoryview(bytearray(nbytes))  # a huge row
+                reader.read(index, 1, first, last, chunk)
+                self.on_bytes(nbytes)
+                for rank, sink in self.sinks.items():
+                    for start, stop in layout.ranges[rank]:
+                        lo, hi = max(start, first), min(stop, last)
+                        if lo < hi:
+                            sink.write(chunk[(lo - first) * g.row : (hi - first) * g.row])
+
+    def _whole_blocks(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
+        """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns)."""
+        block = g.length * g.row
+        per_read = max(1, len(self.buffer) // block)
+        source, target = (
+            torch.frombuffer(self.buffer, dtype=torch.uint8),
+            torch.frombuffer(self.gather, dtype=torch.uint8),
+        )
+        mv, gathered = memoryview(self.buffer), memoryview(self.gather)
+        for first in range(0, g.outer, per_read):
+            count = min(per_read, g.outer - first)
+            nbytes = count * block
+            reader.read(first, count, 0, g.length, mv[:nbytes])
+            self.on_bytes(nbytes)
+            blocks = source[:nbytes].view(count, g.length, g.row)
+            for rank, sink in self.sinks.items():
+                ranges = layout.ranges[rank]
+                width = sum(stop - start for start, stop in ranges)
+                if not width:
+                    continue
+                if ranges == ((0, g.length),):  # the whole tensor (replicated): the buffer as read
+                    sink.write(mv[:nbytes])
+                elif count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
+                    start, stop = ranges[0]
+                    sink.write(mv[start * g.row : stop * g.row])
+                else:
+                    out = target[: count * width * g.row].view(count, width, g.row)
+                    torch.cat([blocks[:, start:stop] for start, stop in ranges], dim=1, out=out)
+                    sink.write(gathered[: count * width * g.row])

@@ -177,7 +177,7 @@ def test_failure_mid_write_leaves_nothing_that_looks_complete(checkpoints, tmp_p
     import reshard.write
 
     calls = {"n": 0}
-    original = reshard.write._stream_tensor
+    original = reshard.write._Streamer.copy
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -185,7 +185,7 @@ def test_failure_mid_write_leaves_nothing_that_looks_complete(checkpoints, tmp_p
             raise OSError("disk full")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(reshard.write, "_stream_tensor", failing)
+    monkeypatch.setattr(reshard.write._Streamer, "copy", failing)
     with pytest.raises(OSError, match="disk full"):
         reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
     # only the hidden staging folder is left (kept so that a rerun can resume): no artifact, no manifest, and no
@@ -202,10 +202,10 @@ def test_killed_conversion_leaves_no_complete_looking_artifact(tmp_path: Path):
     source = make_checkpoint("llama", tmp_path / "src", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
     script = (
         "import time, reshard.write as w\n"
-        "orig = w._stream_tensor\n"
+        "orig = w._Streamer.copy\n"
         "def slow(*a, **k):\n"
         "    time.sleep(0.05); return orig(*a, **k)\n"
-        "w._stream_tensor = slow\n"
+        "w._Streamer.copy = slow\n"
         f"import reshard; reshard.convert({str(source)!r}, {str(tmp_path / 'art')!r}, tp=2, progress=False)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script])

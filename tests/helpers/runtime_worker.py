@@ -6,10 +6,16 @@ argv: ``SPEC.json``, a list of cases, each ``{"name", "kind", ...}``:
   ``from_pretrained(source, tp_plan="auto")`` in this process: per parameter the type, placements, local values,
   dtype and ``requires_grad``; buffers; tying; the TP attributes; logits and greedy ``generate``. Then
   ``load_state_dict`` of the same folder against the model's tensors, and where each local tensor lives (the
-  mapped rank file, or a copy).
+  mapped rank file, or a copy). Optional: ``experts_implementation`` (both sides); ``ep`` (an expert-parallel
+  artifact, against ``from_pretrained(source, distributed_config=DistributedConfig(tp_size=N, ep_size=N))``).
+- ``caller_ep_mesh``: an expert-parallel artifact loaded on a caller's ``(dp, tp)`` mesh whose ``tp`` dimension is
+  also flattened into ``ep``: which mesh and process group every DTensor lives on; logits saved for the test.
+- ``unsharded``: ``load_model(artifact)`` (e.g. with replicated KV heads, which transformers cannot shard) against
+  ``from_pretrained(source)`` without any parallelism in this process: logits (closeness) and greedy ``generate``.
 - ``mesh2d``: ``load_model(artifact, device_mesh=(dp, tp))``: local tensors against slices of the full checkpoint,
   logits against the other dp replica's and saved for the test to compare with a plain tp run's.
-- ``error``: call ``load_state_dict(artifact, **kwargs)`` and record the exception every rank raised.
+- ``error``: call ``load_state_dict(artifact, **kwargs)`` and record the exception every rank raised; with
+  ``mesh`` (``{"shape": [...], "names": [...]}``) on that device mesh.
 - ``raise``: the same, but print the exception to stderr and let it end the process (exit status non-zero).
 
 The pytest process asserts; this script only observes, so one failing check does not hide the others.
@@ -26,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from reshard.loaders import load_model, load_state_dict
@@ -42,7 +48,9 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     results: dict[str, Any] = {}
     for case in spec:
-        runner = {"compare": compare, "mesh2d": mesh2d, "error": error, "raise": raise_}[case["kind"]]
+        runners = {"compare": compare, "mesh2d": mesh2d, "error": error, "raise": raise_}
+        runners |= {"caller_ep_mesh": caller_ep_mesh, "unsharded": unsharded}
+        runner = runners[case["kind"]]
         results[case["name"]] = runner(case, out, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
@@ -51,9 +59,16 @@ def main() -> None:
 
 def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
 
-    theirs = AutoModelForCausalLM.from_pretrained(case["source"], tp_plan="auto")
-    ours = load_model(case["stripped"][rank])
+    extra = {"experts_implementation": case["experts_implementation"]} if "experts_implementation" in case else {}
+    if case.get("ep"):
+        size = int(os.environ["WORLD_SIZE"])  # the group does not exist yet: from_pretrained starts it
+        parallel: dict[str, Any] = {"distributed_config": DistributedConfig(tp_size=size, ep_size=size)}
+    else:
+        parallel = {"tp_plan": "auto"}
+    theirs = AutoModelForCausalLM.from_pretrained(case["source"], **parallel, **extra)
+    ours = load_model(case["stripped"][rank], **extra)
     their_params = dict(theirs.named_parameters(remove_duplicate=False))
     our_params = dict(ours.named_parameters(remove_duplicate=False))
     params = {name: _same(their_params[name], our_params[name]) for name in their_params.keys() & our_params.keys()}
@@ -77,6 +92,7 @@ def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
         "tied": [_tied(theirs), _tied(ours)],
         "attributes": {
             "tp_plan": theirs._tp_plan == ours._tp_plan,
+            "ep_plan": theirs._ep_plan == ours._ep_plan,
             "tp_size": [theirs._tp_size, ours._tp_size],
             "training": [theirs.training, ours.training],
             "distributed_config": theirs.config.distributed_config == ours.config.distributed_config,
@@ -88,6 +104,7 @@ def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
         "logits_equal": bool(torch.equal(their_logits, our_logits)),
         "logits_max_diff": float((their_logits.float() - our_logits.float()).abs().max()),
         "tokens": [their_tokens.tolist(), our_tokens.tolist()],
+        "meshes": {name: _mesh_names(param) for name, param in our_params.items()},
         "state": state_checks,
         "rank_file": str(Path(case["stripped"][rank]).resolve()),
     }
@@ -122,9 +139,52 @@ def mesh2d(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     }
 
 
+def caller_ep_mesh(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
+    dp, tp = case["shape"]
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    mesh["tp"]._flatten("ep")  # the caller's own ep dimension: the tp ranks, on a process group of its own
+    extra = {"experts_implementation": case["experts_implementation"]} if "experts_implementation" in case else {}
+    ours = load_model(case["artifact"], device_mesh=mesh, **extra)
+    with torch.no_grad():
+        logits = ours(PROMPT).logits
+    if rank == 0:
+        torch.save(logits, out / f"{case['name']}.logits.pt")
+    groups = {n: p.device_mesh.get_group().group_name for n, p in ours.named_parameters() if isinstance(p, DTensor)}
+    return {
+        "meshes": {name: _mesh_names(param) for name, param in ours.named_parameters()},
+        "groups": groups,
+        "ep_group": mesh["ep"].get_group().group_name,
+        "tp_group": mesh["tp"].get_group().group_name,
+        "ep_ranks": mesh["ep"].mesh.tolist(),
+    }
+
+
+def unsharded(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(case["source"])
+    ours = load_model(case["artifact"])
+    with torch.no_grad():
+        their_logits, our_logits = original(PROMPT).logits, ours(PROMPT).logits
+    if rank == 0:
+        torch.save({"original": their_logits, "ours": our_logits}, out / f"{case['name']}.logits.pt")
+    their_tokens = original.generate(PROMPT, max_new_tokens=5, do_sample=False)
+    our_tokens = ours.generate(PROMPT, max_new_tokens=5, do_sample=False)
+    return {
+        "kv_heads": [original.config.num_key_value_heads, ours.config.num_key_value_heads],
+        "k_proj": [list(_local(ours.model.layers[0].self_attn.k_proj.weight).shape)],
+        "logits_max_diff": float((their_logits - our_logits).abs().max()),
+        "tokens": [their_tokens.tolist(), our_tokens.tolist()],
+    }
+
+
 def error(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
+    kwargs = dict(case.get("kwargs", {}))
+    if "mesh" in case:
+        shape, names = tuple(case["mesh"]["shape"]), tuple(case["mesh"]["names"])
+        kwargs["device_mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=names)
     try:
-        load_state_dict(case["artifact"], **case.get("kwargs", {}))
+        load_state_dict(case["artifact"], **kwargs)
     except Exception as exc:
         return {"type": type(exc).__name__, "message": str(exc)}
     return {"type": None, "message": ""}
@@ -156,6 +216,18 @@ def _same(reference: torch.Tensor, tensor: torch.Tensor) -> dict[str, bool]:
         "dtype": reference.dtype == tensor.dtype,
         "requires_grad": reference.requires_grad == tensor.requires_grad,
     }
+
+
+def _mesh_names(tensor: torch.Tensor) -> list[str] | None:
+    """The mesh dimension names of a DTensor (``["tp"]``, ``["ep"]``), ``None`` for a plain tensor."""
+    if not isinstance(tensor, DTensor):
+        return None
+    mesh: DeviceMesh = tensor.device_mesh
+    return list(mesh.mesh_dim_names or [])
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _tied(model: Any) -> bool:
