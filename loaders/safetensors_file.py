@@ -14,27 +14,59 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from reshard.errors import FileFormatError
 
-# safetensors dtype name -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> bytes per element. torch is imported only where tensors are made, so the offline
+# stage, which moves bytes and never builds a tensor, starts without it.
+ITEMSIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
-TORCH_TO_DTYPE: dict[torch.dtype, str] = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[dtype])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    for name, torch_name in _TORCH_NAMES.items():
+        if str(dtype) == f"torch.{torch_name}":
+            return name
+    raise KeyError(f"{dtype} has no safetensors name")
+
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
@@ -63,7 +95,7 @@ class SafetensorsHeader:
 
 def itemsize(dtype: str) -> int:
     """Bytes per element of a safetensors dtype name."""
-    return DTYPES[dtype][1]
+    return ITEMSIZES[dtype]
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -108,7 +140,7 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise FileFormatError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZES:
         raise FileFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise FileFormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
@@ -158,6 +190,8 @@ def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
 
     ``shared=False`` maps the file private: nothing written to a view can reach the file on disk.
     """
+    import torch
+
     size = os.path.getsize(path)
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
@@ -167,7 +201,9 @@ def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
 
 def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
     """The tensor ``entry`` describes, as a zero-copy view of the mapped file ``flat``."""
-    dtype = DTYPES[entry.dtype][0]
+    import torch
+
+    dtype = torch_dtype(entry.dtype)
     raw = flat[entry.offset : entry.offset + entry.nbytes]
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)

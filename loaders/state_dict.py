@@ -24,7 +24,7 @@ from reshard.errors import ManifestError, ReshardError
 from reshard.loaders.consensus import agreed
 from reshard.loaders.mesh import EP, as_device, check_mesh, default_device, ep_submesh, resolve_mesh, tp_submesh
 from reshard.loaders.rank_file import map_rank_file
-from reshard.loaders.safetensors_file import DTYPES
+from reshard.loaders.safetensors_file import ITEMSIZES, torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
 
 DtypeArg = torch.dtype | str | None
@@ -164,11 +164,11 @@ def check_dtype(manifest: Manifest, dtype: DtypeArg, origin: str) -> torch.dtype
     """
     sizes: Counter[torch.dtype] = Counter()
     for tensor in manifest.tensors:
-        if tensor.dtype not in DTYPES:
+        if tensor.dtype not in ITEMSIZES:
             raise ManifestError(f"{origin}: tensor {tensor.name!r} has unknown dtype {tensor.dtype!r}")
-        torch_dtype, itemsize = DTYPES[tensor.dtype]
-        if torch_dtype.is_floating_point:
-            sizes[torch_dtype] += math.prod(tensor.shape) * itemsize
+        dtype_of_tensor, itemsize = torch_dtype(tensor.dtype), ITEMSIZES[tensor.dtype]
+        if dtype_of_tensor.is_floating_point:
+            sizes[dtype_of_tensor] += math.prod(tensor.shape) * itemsize
     stored = sizes.most_common(1)[0][0] if sizes else torch.get_default_dtype()
     if dtype is None or dtype == "auto":
         return stored

@@ -78,6 +78,7 @@ def cli() -> None:
       reshard inspect ARTIFACT          model, tp, plan, bytes per rank, tensors
       reshard --tp 4 ARTIFACT           re-shard an artifact to another tp (no source needed)
       reshard consolidate ARTIFACT -o D back to a Hugging Face checkpoint
+      reshard publish ARTIFACT DEST     to a folder, hf://ORG/NAME or s3://BUCKET/PREFIX
 
     Add --debug to any command for a full traceback on error.
     """
@@ -248,6 +249,29 @@ def consolidate(artifact: str, output: str, max_shard_size: str, overwrite: bool
         artifact, output, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, progress=not quiet
     )
     click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False, exists=True))
+@click.argument("destination")
+@click.option("--token", default=None, help="Hub token for hf:// [default: the logged-in one].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def publish(artifact: str, destination: str, token: str | None, quiet: bool) -> None:
+    """Upload ARTIFACT to DESTINATION so that each rank can fetch only its own file.
+
+    DESTINATION is a folder, hf://ORG/NAME[@REVISION] (one commit with a model card) or
+    s3://BUCKET/PREFIX (pip install 'reshard[s3]'; endpoint, credentials and region come from the
+    usual AWS settings, e.g. AWS_ENDPOINT_URL for MinIO). A trailing / puts the artifact under its
+    folder name. The manifest goes last, and a rerun skips files already there with the same hash.
+
+    \b
+      reshard publish ./SmolLM2-1.7B-tp8 hf://my-org/SmolLM2-1.7B-tp8
+      reshard publish ./SmolLM2-1.7B-tp8 s3://bucket/models/SmolLM2-1.7B-tp8
+      reshard publish ./SmolLM2-1.7B-tp8 /mnt/shared/models/
+    """
+    from reshard.publish import publish as run_publish
+
+    click.echo(f"published {run_publish(artifact, destination, progress=not quiet, token=token)}")
 
 
 def parse_size(text: str) -> int:

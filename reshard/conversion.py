@@ -11,6 +11,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from reshard.from_artifact import artifact_readers, open_artifact
 from reshard.kv_heads import HeadMapReader, config_json, head_maps, kv_replication, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.integrity import hash_bytes, hash_file
-from reshard.loaders.safetensors_file import DTYPES
+from reshard.loaders.safetensors_file import ITEMSIZES
 from reshard.manifests import (
     MANIFEST_NAME,
     FileEntry,
@@ -52,7 +53,7 @@ from reshard.source import Checkpoint, open_checkpoint, read_model_config
 from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
 from reshard.write import WrittenFile, write_rank_files
 
-ITEMSIZE = {name: size for name, (_, size) in DTYPES.items()}
+ITEMSIZE = ITEMSIZES
 
 
 def default_output(model: str, tp: int) -> Path:
@@ -145,20 +146,24 @@ def convert(
     job_id = job.fingerprint(tp)
     if group.is_leader:
         prepare_staging(out_path, job_id)
-    group.barrier()
+    if workers > 1 and group.size == 1 and not isinstance(plan, str):
+        raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
     staging = staging_path(out_path)
-    if workers > 1 and group.size == 1:
-        if not isinstance(plan, str):
-            raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
-        argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", plan]
-        argv += ["--revision", revision] if revision else []
-        argv += ["--replicate-kv"] if replicate_kv else []
-        argv += ["--ep", str(ep)] if ep > 1 else []
-        run_workers([worker_command(argv, index, workers) for index in range(workers)])
-    else:
-        write_part(job, staging, group.ranks(tp), job_id, progress=progress)
-    group.barrier()
-    manifest = _finish(job, staging, out_path, tp, job_id, overwrite, progress) if group.is_leader else None
+    # The source's file hashes (for the manifest) are computed while the rank files are written: reads and xxh3
+    # release the GIL, so the extra pass over the source costs little wall time.
+    with ThreadPoolExecutor(max_workers=1) as hashing:
+        source_info = hashing.submit(job.source_info, False) if group.is_leader else None
+        group.barrier()
+        if workers > 1 and group.size == 1:
+            argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", str(plan)]
+            argv += ["--revision", revision] if revision else []
+            argv += ["--replicate-kv"] if replicate_kv else []
+            argv += ["--ep", str(ep)] if ep > 1 else []
+            run_workers([worker_command(argv, index, workers) for index in range(workers)])
+        else:
+            write_part(job, staging, group.ranks(tp), job_id, progress=progress)
+        group.barrier()
+        manifest = _finish(job, staging, out_path, tp, job_id, overwrite, source_info) if source_info else None
     group.barrier()
     return manifest if manifest is not None else read_manifest(out_path)
 
@@ -223,8 +228,11 @@ def _record_path(path: Path) -> Path:
     return path.with_name(path.name + ".done")
 
 
-def _finished(path: Path, job_id: str) -> WrittenFile | None:
-    """The record of a rank file a run of this job completed, if the file is still exactly what it wrote."""
+def _finished(path: Path, job_id: str, rehash: bool = True) -> WrittenFile | None:
+    """The record of a rank file a run of this job completed, if the file is still exactly what it wrote.
+
+    ``rehash=False`` trusts a record written in this run (after the file's fsync) and checks only the size.
+    """
     record_path = _record_path(path)
     if not (path.is_file() and record_path.is_file()):
         return None
@@ -234,20 +242,19 @@ def _finished(path: Path, job_id: str) -> WrittenFile | None:
         return None
     if record.get("job") != job_id or path.stat().st_size != record.get("size"):
         return None
-    size, digest = hash_file(path)
-    if digest != record["xxh3"]:
+    if rehash and hash_file(path)[1] != record["xxh3"]:
         return None
-    return WrittenFile(path, size, digest, record["tensor_hashes"])
+    return WrittenFile(path, record["size"], record["xxh3"], record["tensor_hashes"])
 
 
 def _finish(
-    job: ConversionJob, staging: Path, out: Path, tp: int, job_id: str, overwrite: bool, progress: bool
+    job: ConversionJob, staging: Path, out: Path, tp: int, job_id: str, overwrite: bool, source: Future[SourceInfo]
 ) -> Manifest:
     """Collect every rank file's record, copy the small files, write the manifest last and rename into place."""
     written = []
     for rank in range(tp):
         path = staging / rank_file_name(rank, tp)
-        record = _finished(path, job_id)
+        record = _finished(path, job_id, rehash=False)  # reused files were re-hashed when write_part reused them
         if record is None:
             raise ReshardError(f"{path}: rank {rank} was not written completely; run the same command again")
         written.append(record)
@@ -269,7 +276,7 @@ def _finish(
         plan=job.plan,
         expert_mesh={"ep": job.ep} if job.ep > 1 else None,
         ep_plan=job.ep_plan,
-        source=job.source_info(progress),
+        source=source.result(),
         tensors=_tensor_entries(job.layouts, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
     )

@@ -59,3 +59,10 @@ class FileFormatError(ReshardError):
     """A safetensors file is truncated, its header is not valid JSON, or the header lies about sizes or offsets."""
 
     exit_code = 3
+
+
+class StorageError(ReshardError):
+    """A destination or remote artifact cannot be read or written: unknown scheme, missing object or bucket,
+    access denied, a network failure, or the client library for the scheme is not installed."""
+
+    exit_code = 10

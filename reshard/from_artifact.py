@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from reshard.errors import FileFormatError
 from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import read_header
@@ -40,7 +38,6 @@ class ArtifactTensorReader:
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         row, width = self.geometry.row, hi - lo
-        target = torch.frombuffer(out, dtype=torch.uint8).view(count, width, row) if count > 1 else None
         for piece in self.pieces:
             fd = self.files.fd(piece.path)
             position = 0  # where each global range starts in the old rank's local tensor
@@ -52,17 +49,23 @@ class ArtifactTensorReader:
                     if count == 1:
                         read_exact(fd, piece.path, self.name, out[(a - lo) * row : (b - lo) * row], base)
                     else:
-                        # count outer blocks of this piece lie in the old file every `length` rows: read them in one
-                        # span and copy the rows wanted into place.
-                        span = ((count - 1) * piece.length + (b - a)) * row
-                        need = count * piece.length * row
-                        if len(self.scratch) < need:
-                            self.scratch = bytearray(need)
-                        read_exact(fd, piece.path, self.name, memoryview(self.scratch)[:span], base)
-                        rows = torch.frombuffer(self.scratch, dtype=torch.uint8)[:need].view(count, piece.length, row)
-                        assert target is not None
-                        target[:, a - lo : b - lo].copy_(rows[:, : b - a])
+                        self._read_strided(fd, piece, base, count, b - a, (a - lo) * row, width * row, out)
                 position += stop - start
+
+    def _read_strided(
+        self, fd: int, piece: Piece, base: int, count: int, rows: int, into: int, stride: int, out: memoryview
+    ) -> None:
+        """``count`` runs of ``rows`` rows, ``piece.length`` rows apart in the old file: read the span once, copy
+        each run to ``into + k * stride`` in ``out``."""
+        row = self.geometry.row
+        span = ((count - 1) * piece.length + rows) * row
+        if len(self.scratch) < span:
+            self.scratch = bytearray(span)
+        scratch = memoryview(self.scratch)
+        read_exact(fd, piece.path, self.name, scratch[:span], base)
+        run, step = rows * row, piece.length * row
+        for k in range(count):
+            out[into + k * stride : into + k * stride + run] = scratch[k * step : k * step + run]
 
 
 def open_artifact(root: Path) -> tuple[Manifest, str]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
 import xxhash
 
 from reshard.layout import TensorLayout
@@ -159,28 +158,27 @@ class _Streamer:
         """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns)."""
         block = g.length * g.row
         per_read = max(1, len(self.buffer) // block)
-        source, target = (
-            torch.frombuffer(self.buffer, dtype=torch.uint8),
-            torch.frombuffer(self.gather, dtype=torch.uint8),
-        )
         mv, gathered = memoryview(self.buffer), memoryview(self.gather)
         for first in range(0, g.outer, per_read):
             count = min(per_read, g.outer - first)
             nbytes = count * block
             reader.read(first, count, 0, g.length, mv[:nbytes])
             self.on_bytes(nbytes)
-            blocks = source[:nbytes].view(count, g.length, g.row)
             for rank, sink in self.sinks.items():
                 ranges = layout.ranges[rank]
-                width = sum(stop - start for start, stop in ranges)
-                if not width:
+                if not any(stop > start for start, stop in ranges):
                     continue
                 if ranges == ((0, g.length),):  # the whole tensor (replicated): the buffer as read
                     sink.write(mv[:nbytes])
                 elif count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
                     start, stop = ranges[0]
                     sink.write(mv[start * g.row : stop * g.row])
-                else:
-                    out = target[: count * width * g.row].view(count, width, g.row)
-                    torch.cat([blocks[:, start:stop] for start, stop in ranges], dim=1, out=out)
-                    sink.write(gathered[: count * width * g.row])
+                else:  # one slice copy per outer index and range: memoryview copies, no tensor library needed
+                    position = 0
+                    for index in range(count):
+                        base = index * block
+                        for start, stop in ranges:
+                            size = (stop - start) * g.row
+                            gathered[position : position + size] = mv[base + start * g.row : base + stop * g.row]
+                            position += size
+                    sink.write(gathered[:position])
