@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import reshard
 from reshard.loaders.safetensors_file import read_header
@@ -145,7 +146,8 @@ def test_caller_ep_dimension_is_honoured(four_ranks, two_ranks) -> None:
     _, four_out = four_ranks
     _, two_out = two_ranks
     # the same tp=2 computation on other process groups: bit-identical to the plain 2-rank load
-    assert torch.equal(torch.load(four_out / "caller_ep.logits.pt"), torch.load(two_out / "qwen3_moe_ep.logits.pt"))
+    logits = load_file(four_out / "caller_ep.logits.safetensors")["logits"]
+    assert torch.equal(logits, load_file(two_out / "qwen3_moe_ep.logits.safetensors")["logits"])
 
 
 def test_ep_dimension_on_other_ranks_is_refused_on_every_rank(four_ranks) -> None:
@@ -162,5 +164,5 @@ def test_replicated_kv_heads_compute_what_the_unsharded_model_does(four_ranks) -
         assert result["kv_heads"] == [2, 4]
         assert result["k_proj"] == [[8, 64]]  # one head of width 8 per rank
         assert result["tokens"][0] == result["tokens"][1]
-    logits = torch.load(out / "replicated_kv.logits.pt")
+    logits = load_file(out / "replicated_kv.logits.safetensors")
     torch.testing.assert_close(logits["ours"], logits["original"], rtol=1e-5, atol=1e-5)

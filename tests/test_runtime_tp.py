@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from reshard.loaders.safetensors_file import read_header
 from reshard.manifests import MANIFEST_NAME, read_manifest
@@ -157,7 +158,8 @@ def test_dp_tp_mesh_is_honoured(four_ranks, two_ranks) -> None:
                 assert param["mesh"] == [rank - rank % 2, rank - rank % 2 + 1], name
     _, two_out, _ = two_ranks
     # same tp=2 computation, same gloo all-reduces: bit-identical to the 2-rank load's logits
-    assert torch.equal(torch.load(out / "dp2_tp2.logits.pt"), torch.load(two_out / "llama.logits.pt"))
+    logits = load_file(out / "dp2_tp2.logits.safetensors")["logits"]
+    assert torch.equal(logits, load_file(two_out / "llama.logits.safetensors")["logits"])
 
 
 def test_mesh_mismatch_raises_on_every_rank(two_ranks) -> None:

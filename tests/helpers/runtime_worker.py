@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -75,7 +76,7 @@ def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     with torch.no_grad():
         their_logits, our_logits = theirs(PROMPT).logits, ours(PROMPT).logits
     if rank == 0:
-        torch.save(our_logits, out / f"{case['name']}.logits.pt")
+        save_file({"logits": our_logits.contiguous()}, out / f"{case['name']}.logits.safetensors")
     their_tokens = theirs.generate(PROMPT, max_new_tokens=5, do_sample=False)
     our_tokens = ours.generate(PROMPT, max_new_tokens=5, do_sample=False)
     their_buffers, our_buffers = dict(theirs.named_buffers()), dict(ours.named_buffers())
@@ -130,7 +131,7 @@ def mesh2d(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     gathered = [torch.empty_like(logits) for _ in range(dp)]
     dist.all_gather(gathered, logits, group=mesh.get_group("dp"))
     if rank == 0:
-        torch.save(logits, out / f"{case['name']}.logits.pt")
+        save_file({"logits": logits.contiguous()}, out / f"{case['name']}.logits.safetensors")
     return {
         "tp_coordinate": mesh.get_local_rank("tp"),
         "device_mesh": str(ours._device_mesh),
@@ -148,7 +149,7 @@ def caller_ep_mesh(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]
     with torch.no_grad():
         logits = ours(PROMPT).logits
     if rank == 0:
-        torch.save(logits, out / f"{case['name']}.logits.pt")
+        save_file({"logits": logits.contiguous()}, out / f"{case['name']}.logits.safetensors")
     groups = {n: p.device_mesh.get_group().group_name for n, p in ours.named_parameters() if isinstance(p, DTensor)}
     return {
         "meshes": {name: _mesh_names(param) for name, param in ours.named_parameters()},
@@ -167,7 +168,8 @@ def unsharded(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     with torch.no_grad():
         their_logits, our_logits = original(PROMPT).logits, ours(PROMPT).logits
     if rank == 0:
-        torch.save({"original": their_logits, "ours": our_logits}, out / f"{case['name']}.logits.pt")
+        logits = {"original": their_logits.contiguous(), "ours": our_logits.contiguous()}
+        save_file(logits, out / f"{case['name']}.logits.safetensors")
     their_tokens = original.generate(PROMPT, max_new_tokens=5, do_sample=False)
     our_tokens = ours.generate(PROMPT, max_new_tokens=5, do_sample=False)
     return {
