@@ -17,9 +17,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from reshard.conversion import ITEMSIZE
 from reshard.errors import OutputExistsError, ReshardError
 from reshard.from_artifact import artifact_readers, open_artifact
+from reshard.jobs import ITEMSIZE
 from reshard.kv_heads import HeadMapReader, config_json, head_maps, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests import Manifest, Placement, resolve_in

@@ -5,7 +5,7 @@ from __future__ import annotations
 from reshard.manifests import Manifest
 
 
-def model_card(manifest: Manifest, repo_id: str) -> str:
+def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) -> str:
     """Markdown with Hub metadata: model, source, mesh, every file with its size and hash, the plan, and usage.
 
     Example:
@@ -46,7 +46,7 @@ def model_card(manifest: Manifest, repo_id: str) -> str:
         "# torchrun --nproc-per-node " + str(manifest.world_size) + " serve.py",
         "from reshard.loaders import load_model",
         "",
-        f'model = load_model("hf://{repo_id}")',
+        f'model = load_model("hf://{repo_id}{"@" + revision if revision else ""}")',
         "```",
         "",
         "## Files",

@@ -272,7 +272,8 @@ def _publish_hub(local: LocalArtifact, location: HubLocation, token: str | None,
 
     api = HfApi(token=token)
     operations = [CommitOperationAdd(e.path, str(local.path(e))) for e in local.upload_order()]
-    operations.append(CommitOperationAdd("README.md", model_card(local.manifest, location.repo_id).encode()))
+    card = model_card(local.manifest, location.repo_id, location.revision)
+    operations.append(CommitOperationAdd("README.md", card.encode()))
     operations.append(CommitOperationAdd(MANIFEST_NAME, local.manifest_bytes))
     tp = " x ".join(f"{k}={v}" for k, v in local.manifest.mesh.items())
     quiet = not progress and not are_progress_bars_disabled()

@@ -69,8 +69,8 @@ def table() -> str:
             f"{', '.join(tests) or '—'} |"
         )
     summary = (
-        f"{counts['types']} model types have a TP or EP plan in transformers 5.23; reshard supports every style and key conversion of "
-        f"{counts['supported']} of them; {counts['tested']} are covered by tests."
+        f"{counts['types']} model types have a TP or EP plan in transformers 5.23; reshard supports every style "
+        f"and key conversion of {counts['supported']} of them; {counts['tested']} are covered by tests."
     )
     return "\n".join([summary, "", *rows])
 
