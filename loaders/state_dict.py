@@ -22,6 +22,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from reshard.errors import ManifestError, ReshardError
 from reshard.loaders.consensus import agreed
+from reshard.loaders.fetch import fetch_artifact
 from reshard.loaders.mesh import EP, as_device, check_mesh, default_device, ep_submesh, resolve_mesh, tp_submesh
 from reshard.loaders.rank_file import map_rank_file
 from reshard.loaders.safetensors_file import ITEMSIZES, torch_dtype
@@ -98,10 +99,11 @@ def open_artifact(
     verify: bool = False,
 ) -> LoadedArtifact:
     """Do the work of ``load_state_dict`` and keep what ``load_model`` needs besides the tensors."""
-    root = Path(path)
     wanted = as_device(device)
     mesh = resolve_mesh(device_mesh, wanted)
     with agreed(mesh):  # a rank whose manifest or file is bad makes every rank raise; no collective inside
+        # s3:// and hf:// artifacts: this rank fetches the manifest, small files and its own rank file only
+        root = fetch_artifact(path, lambda manifest: check_mesh(manifest, mesh, f"{path}/{MANIFEST_NAME}"))
         manifest = read_manifest(root)
         rank = check_mesh(manifest, mesh, str(root / MANIFEST_NAME))
         main_dtype = check_dtype(manifest, dtype, str(root / MANIFEST_NAME))

@@ -7,6 +7,7 @@ Errors reshard raises on purpose print as one line (``reshard: error: ...``) wit
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -25,6 +26,7 @@ CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safet
   torchrun --nproc-per-node 4 -m reshard --tp 8 ./ckpt -o ./ckpt-tp8
   reshard --tp 8 --replicate-kv ./ckpt               # KV heads < tp: duplicate them
   reshard --tp 4 --ep 4 ./qwen3-moe                  # expert parallel: whole experts per rank
+  reshard --tp 8 ./ckpt --push-to s3://bucket/ckpt-tp8   # then publish it
 
 The plan is `auto` (the plan transformers applies for the architecture) or a JSON file of
 module pattern -> style, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}. The artifact is
@@ -112,6 +114,12 @@ def cli() -> None:
     help="Expert-parallel size (= tp): each rank holds whole experts (MoE models with an EP plan).",
 )
 @click.option(
+    "--push-to",
+    default=None,
+    metavar="DEST",
+    help="Publish the artifact when done: a folder, s3://bucket/prefix or hf://org/name (see `reshard publish`).",
+)
+@click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
 def convert(
@@ -125,6 +133,7 @@ def convert(
     workers: int,
     replicate_kv: bool,
     ep: int,
+    push_to: str | None,
     worker_slot: str | None,
 ) -> None:
     from reshard.conversion import convert as run_convert
@@ -149,6 +158,10 @@ def convert(
     )
     size = sum(f.size for f in manifest.files if f.rank is not None)
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")
+    if push_to and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one worker publishes
+        from reshard.publish import publish
+
+        click.echo(f"published {publish(out, push_to, progress=not quiet)}")
 
 
 @cli.command()

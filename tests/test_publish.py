@@ -28,6 +28,7 @@ from reshard.loaders.integrity import hash_bytes
 from reshard.manifests import MANIFEST_NAME, read_manifest
 from reshard.publish import publish
 from reshard.verify import verify_artifact
+from tests.helpers.distributed import run_torchrun
 from tests.helpers.s3_server import RecordingMotoServer
 
 
@@ -257,6 +258,23 @@ def test_a_cached_file_changed_on_disk_is_downloaded_again(artifact: Path, s3: S
     assert s3.server.downloaded(rank0.name) == rank0.stat().st_size
 
 
+def test_torchrun_ranks_fetch_only_their_file_and_load_it(artifact: Path, s3: S3, tmp_path: Path) -> None:
+    uri = publish(artifact, s3.uri("tp2"), progress=False)
+    s3.server.requests.clear()
+    worker = Path(__file__).parent / "workers" / "fetch_and_load.py"
+    run_torchrun(worker, uri, str(artifact), str(tmp_path / "nodes"), str(tmp_path), nproc=2, timeout=120)
+    manifest = read_manifest(artifact)
+    small = sorted(f.path for f in manifest.files if f.rank is None)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["equal"]
+        assert seen["files"] == sorted([MANIFEST_NAME, *small, manifest.rank_file(rank).path])
+        got = [r for r in s3.server.requests if f"app/rank{rank} " in r.agent and r.method == "GET"]
+        own, other = manifest.rank_file(rank), manifest.rank_file(1 - rank)
+        assert sum(r.sent for r in got if r.path.endswith(own.path)) == own.size
+        assert not [r for r in s3.server.requests if f"app/rank{rank} " in r.agent and other.path in r.path]
+
+
 FETCH_IN_CHILD = """
 import sys, time
 from reshard.loaders.fetch import fetch_artifact
@@ -354,7 +372,7 @@ def test_publish_to_the_hub_is_one_commit_with_every_file_a_model_card_and_the_m
     assert by_path[MANIFEST_NAME].path_or_fileobj == (artifact / MANIFEST_NAME).read_bytes()
     card = by_path["README.md"].path_or_fileobj.decode()
     assert card.startswith("---\nlibrary_name: reshard\n")
-    assert "| mesh | tp=2 |" in card and 'load_model("hf://my-org/tiny-tp2")' in card
+    assert "| mesh | tp=2 |" in card and 'load_model("hf://my-org/tiny-tp2@v1")' in card
     for entry in manifest.files:
         assert f"`{entry.path}`" in card and entry.xxh3 in card
 
@@ -413,3 +431,17 @@ def test_a_corrupt_hub_download_is_removed_from_the_hub_cache(artifact: Path, hu
         fetch_artifact("hf://my-org/tiny-tp2", 0, cache_dir=tmp_path / "reshard")
     assert not (hub.cache / "snapshots" / FakeHub.commit / name).exists()
     assert not (hub.cache / "blobs" / hash_bytes(bytes(data))).exists()
+
+
+def test_convert_push_to_publishes_the_new_artifact(tiny: Any, s3: S3, tmp_path: Path) -> None:
+    """``reshard --tp 2 MODEL --push-to s3://...`` converts, then publishes what it wrote (manifest last)."""
+    import subprocess
+    import sys
+
+    source = tiny.checkpoint("llama")
+    out = tmp_path / "art"
+    command = [sys.executable, "-m", "reshard", "--tp", "2", str(source), "-o", str(out), "-q"]
+    result = subprocess.run([*command, "--push-to", s3.uri("pushed")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"published {s3.uri('pushed')}" in result.stdout
+    assert s3.keys("pushed") == {f.path for f in read_manifest(out).files} | {MANIFEST_NAME}

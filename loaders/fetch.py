@@ -1,0 +1,303 @@
+"""Fetch one rank's share of a published artifact into a local cache, verified while the bytes arrive.
+
+A rank needs ``manifest.json``, the small non-rank files (config, tokenizer, generation config) and its own rank
+file: never another rank's. Each file is streamed into a temporary name beside its target while its size and xxh3
+are checked against the manifest, then renamed into place, so a corrupt or truncated download is never left in the
+cache. Ranks sharing the cache take a lock per file (``fcntl.flock``): the first downloads, the others wait and
+reuse it. A verified file gets a small marker (size, mtime, inode, hash) so later starts do not re-hash it.
+
+Cache layout (``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.cache/reshard``):
+
+    s3/BUCKET/PREFIX/MANIFEST_XXH3/       the artifact folder returned for s3://BUCKET/PREFIX
+        manifest.json, config.json, ..., rank-0000R-of-0000N.safetensors
+        .reshard/                         per-file locks and verified markers
+    hf/ORG/NAME/MANIFEST_XXH3/            locks and markers for hf:// (the files live in the Hub's own cache)
+
+Keying the folder by the manifest's hash means a republished artifact never mixes with an older one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from reshard.errors import IntegrityError, StorageError
+from reshard.loaders.integrity import hash_bytes, hash_file
+from reshard.loaders.remote import HubLocation, S3Location, parse_location, s3_filesystem
+from reshard.manifests.format import MANIFEST_NAME, FileEntry, Manifest, resolve_in
+
+CACHE_ENV = "RESHARD_CACHE"
+CHUNK_BYTES = 32 * 1024 * 1024
+STATE_DIR = ".reshard"
+
+RankArg = int | Callable[[Manifest], int]
+
+
+def fetch_artifact(
+    uri: str | os.PathLike[str],
+    rank: RankArg,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download what ``rank`` needs of the artifact at ``uri`` and return the local folder holding it.
+
+    Args:
+        uri: ``s3://BUCKET/PREFIX``, ``hf://ORG/NAME[@REVISION]``, or a local folder (returned unchanged).
+        rank: the rank file to fetch, or a function of the manifest returning it (e.g. the mesh check).
+        cache_dir: the reshard cache root (default: see the module docstring). hf:// files always go to the
+            Hub's cache (``HF_HUB_CACHE``); only reshard's markers and locks go here.
+        token: Hub token for hf:// (default: the logged-in one).
+        progress: show a byte progress bar while downloading (s3://; the Hub shows its own).
+
+    Returns:
+        A folder with ``manifest.json``, the non-rank files and this rank's file (other ranks on the same machine
+        sharing the cache may have added theirs).
+
+    Raises:
+        IntegrityError: a downloaded file does not match the manifest's size or xxh3 (nothing is cached).
+        ManifestError: the manifest is malformed, names a path outside the artifact, or has no such rank.
+        StorageError: the object is missing or unreadable, or the client for the scheme is not installed.
+
+    Example:
+        >>> folder = fetch_artifact("s3://bucket/models/SmolLM2-1.7B-tp8", rank=3)  # doctest: +SKIP
+        >>> sorted(p.name for p in folder.iterdir())  # doctest: +SKIP
+        ['config.json', 'manifest.json', 'rank-00003-of-00008.safetensors', ...]
+    """
+    text = os.fspath(uri)
+    location = parse_location(text)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if isinstance(location, S3Location):
+        return _fetch_s3(location, rank, root, progress)
+    if isinstance(location, HubLocation):
+        return _fetch_hub(location, rank, root, token)
+    return Path(text.removeprefix("file://"))
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """True for the URIs ``fetch_artifact`` downloads from (``s3://``, ``hf://``)."""
+    return parse_location(os.fspath(path)) is not None
+
+
+def default_cache_dir() -> Path:
+    """``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.cache/reshard``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "reshard"
+
+
+def needed_files(manifest: Manifest, rank: int) -> list[FileEntry]:
+    """What ``rank`` downloads: every non-rank file and its own rank file, nothing of another rank."""
+    own = manifest.rank_file(rank)  # raises ManifestError for a rank the artifact does not have
+    return [entry for entry in manifest.files if entry.rank is None] + [own]
+
+
+def _fetch_s3(location: S3Location, rank: RankArg, root: Path, progress: bool) -> Path:
+    fs = s3_filesystem()
+    manifest_uri = location.uri(MANIFEST_NAME)
+    data = _s3_call(manifest_uri, lambda: fs.cat_file(location.key(MANIFEST_NAME)))
+    manifest = Manifest.from_json(data.decode(errors="replace"), origin=manifest_uri)
+    digest = hash_bytes(data)
+    folder = root / "s3" / location.bucket / location.prefix / digest
+    entries = needed_files(manifest, rank(manifest) if callable(rank) else rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = sum(e.size for e in entries if not (folder / e.path).is_file())  # for the bar only; checked below
+    with _progress(missing, f"fetch {location.uri()} rank files", progress) as on_bytes:
+        for entry in entries:
+            target = resolve_in(folder, entry.path, manifest_uri)
+            with _locked(_state(folder, entry.path, ".lock")):
+                if _is_cached(target, _marker(folder, entry.path), entry):
+                    continue
+                object_uri = location.uri(entry.path)
+                fill = functools.partial(_s3_stream, fs, location.key(entry.path), object_uri)
+                _download(fill, target, entry, object_uri, on_bytes)
+                _write_marker(_marker(folder, entry.path), target, entry)
+    manifest_path = folder / MANIFEST_NAME  # last: a cache folder with a manifest has this rank's files
+    with _locked(_state(folder, MANIFEST_NAME, ".lock")):
+        if not (manifest_path.is_file() and manifest_path.read_bytes() == data):
+            _atomic_write(manifest_path, data)
+    return folder
+
+
+def _fetch_hub(location: HubLocation, rank: RankArg, root: Path, token: str | bool | None) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def download(path: str, revision: str | None) -> Path:
+        try:
+            return Path(hf_hub_download(location.repo_id, path, revision=revision, token=token))
+        except (OSError, EntryNotFoundError) as exc:  # not found, no access, offline, network
+            raise StorageError(f"{location.uri(path, revision)}: cannot download ({exc})") from exc
+
+    manifest_path = download(MANIFEST_NAME, location.revision)
+    snapshot = manifest_path.parent
+    # pin every later file to the commit the manifest came from, so a concurrent push cannot mix two artifacts
+    commit = snapshot.name if len(snapshot.name) == 40 else location.revision
+    data = manifest_path.read_bytes()
+    manifest_uri = location.uri(MANIFEST_NAME, commit)
+    manifest = Manifest.from_json(data.decode(errors="replace"), origin=manifest_uri)
+    state = root / "hf" / location.repo_id / hash_bytes(data)
+    for entry in needed_files(manifest, rank(manifest) if callable(rank) else rank):  # paths checked by from_json
+        object_uri = location.uri(entry.path, commit)
+        with _locked(_state(state, entry.path, ".lock")):
+            local = download(entry.path, commit)
+            blob = local.resolve()  # the snapshot entry is a symlink to a blob (a copy where symlinks are missing)
+            if _is_cached(blob, _marker(state, entry.path), entry):
+                continue
+            local.unlink(missing_ok=True)  # _is_cached removed the blob: drop the now dangling snapshot entry too
+            raise IntegrityError(
+                f"{object_uri}: does not match the manifest's size {entry.size} and xxh3 {entry.xxh3}; "
+                "removed it from the Hub cache"
+            )
+    return snapshot
+
+
+def _download(
+    fill: Callable[[Callable[[bytes], None]], None],
+    target: Path,
+    entry: FileEntry,
+    object_uri: str,
+    on_bytes: Callable[[int], None],
+) -> None:
+    """Stream an object into a temporary file beside ``target`` while hashing it; rename only if it matches.
+
+    ``fill(sink)`` calls ``sink`` with the object's bytes in order.
+    """
+    import xxhash
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.partial"):  # left by a killed process; we hold the lock
+        stale.unlink(missing_ok=True)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    digest = xxhash.xxh3_128()
+    try:
+        with open(temp, "wb") as out:
+
+            def sink(chunk: bytes) -> None:
+                if out.tell() + len(chunk) > entry.size:
+                    raise IntegrityError(f"{object_uri}: longer than the {entry.size} bytes the manifest records")
+                digest.update(chunk)
+                out.write(chunk)
+                on_bytes(len(chunk))
+
+            fill(sink)
+            size = out.tell()
+            out.flush()
+            os.fsync(out.fileno())
+        if size != entry.size:
+            raise IntegrityError(f"{object_uri}: truncated, {size} of the {entry.size} bytes the manifest records")
+        if digest.hexdigest() != entry.xxh3:
+            raise IntegrityError(
+                f"{object_uri}: xxh3 {digest.hexdigest()} does not match the manifest's {entry.xxh3} (corrupt object)"
+            )
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _s3_stream(fs: Any, key: str, object_uri: str, sink: Callable[[bytes], None]) -> None:
+    """The object's bytes from one streamed GET, in ``CHUNK_BYTES`` pieces (one request, one object version)."""
+    from fsspec.asyn import sync
+
+    async def stream() -> None:
+        handle = await fs.open_async(key, "rb")
+        try:
+            while chunk := await handle.read(CHUNK_BYTES):
+                sink(chunk)
+        finally:
+            await handle.close()
+
+    _s3_call(object_uri, lambda: sync(fs.loop, stream))
+
+
+def _s3_call(uri: str, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such object") from exc
+    except OSError as exc:  # s3fs turns client errors (access denied, network) into OSError subclasses
+        raise StorageError(f"{uri}: cannot read ({exc})") from exc
+
+
+def _is_cached(path: Path, marker: Path, entry: FileEntry) -> bool:
+    """True if ``path`` holds exactly the manifest's bytes: its marker matches its stat, or a re-hash agrees.
+
+    A file that exists but does not match is removed, so it is downloaded again.
+    """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size == entry.size:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(marker.read_text()) == _marker_record(path, entry):
+                return True
+        if hash_file(path) == (entry.size, entry.xxh3):
+            _write_marker(marker, path, entry)
+            return True
+    path.unlink()
+    marker.unlink(missing_ok=True)
+    return False
+
+
+def _marker_record(path: Path, entry: FileEntry) -> dict[str, Any]:
+    stat = path.stat()  # of the real file (a Hub snapshot entry is a symlink to its blob)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "xxh3": entry.xxh3}
+
+
+def _write_marker(marker: Path, path: Path, entry: FileEntry) -> None:
+    _atomic_write(marker, json.dumps(_marker_record(path, entry)).encode())
+
+
+def _state(folder: Path, path: str, suffix: str) -> Path:
+    return folder / STATE_DIR / (quote(path, safe="") + suffix)
+
+
+def _marker(folder: Path, path: str) -> Path:
+    return _state(folder, path, ".verified")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: released by the kernel even if the holder dies."""
+    import fcntl  # POSIX only: imported here so that importing the runtime works everywhere
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    if not enabled or total == 0:
+        yield lambda n: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
+        yield bar.update
+
+
+__all__ = ["CACHE_ENV", "default_cache_dir", "fetch_artifact", "is_remote", "needed_files"]
