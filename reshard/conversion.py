@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,7 +23,6 @@ from reshard.manifests import (
     FileEntry,
     Manifest,
     RankSlice,
-    SourceInfo,
     TensorEntry,
     rank_file_name,
     read_manifest,
@@ -92,21 +90,17 @@ def convert(
     if workers > 1 and group.size == 1 and not isinstance(plan, str):
         raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
     staging = staging_path(out_path)
-    # The source's file hashes (for the manifest) are computed while the rank files are written: reads and xxh3
-    # release the GIL, so the extra pass over the source costs little wall time.
-    with ThreadPoolExecutor(max_workers=1) as hashing:
-        source_info = hashing.submit(job.source_info, False) if group.is_leader else None
-        group.barrier()
-        if workers > 1 and group.size == 1:
-            argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", str(plan)]
-            argv += ["--revision", revision] if revision else []
-            argv += ["--replicate-kv"] if replicate_kv else []
-            argv += ["--ep", str(ep)] if ep > 1 else []
-            run_workers([worker_command(argv, index, workers) for index in range(workers)])
-        else:
-            write_part(job, staging, group.ranks(tp), job_id, progress=progress)
-        group.barrier()
-        manifest = _finish(job, staging, out_path, tp, job_id, overwrite, source_info) if source_info else None
+    group.barrier()
+    if workers > 1 and group.size == 1:
+        argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", str(plan)]
+        argv += ["--revision", revision] if revision else []
+        argv += ["--replicate-kv"] if replicate_kv else []
+        argv += ["--ep", str(ep)] if ep > 1 else []
+        run_workers([worker_command(argv, index, workers) for index in range(workers)])
+    else:
+        write_part(job, staging, group.ranks(tp), job_id, progress=progress)
+    group.barrier()
+    manifest = _finish(job, staging, out_path, tp, job_id, overwrite, progress) if group.is_leader else None
     group.barrier()
     return manifest if manifest is not None else read_manifest(out_path)
 
@@ -148,7 +142,7 @@ def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str,
             todo[rank] = path
     if not todo:
         return
-    files = OpenFiles()
+    files = OpenFiles(job.source_hashes)
     try:
         readers = job.open_readers(files)
         desc = f"write {len(todo)} of {job.tp} rank files"
@@ -191,7 +185,7 @@ def _finished(path: Path, job_id: str, rehash: bool = True) -> WrittenFile | Non
 
 
 def _finish(
-    job: ConversionJob, staging: Path, out: Path, tp: int, job_id: str, overwrite: bool, source: Future[SourceInfo]
+    job: ConversionJob, staging: Path, out: Path, tp: int, job_id: str, overwrite: bool, progress: bool
 ) -> Manifest:
     """Collect every rank file's record, copy the small files, write the manifest last and rename into place."""
     written = []
@@ -219,7 +213,7 @@ def _finish(
         plan=job.plan,
         expert_mesh={"ep": job.ep} if job.ep > 1 else None,
         ep_plan=job.ep_plan,
-        source=source.result(),
+        source=job.source_info(progress),
         tensors=_tensor_entries(job.layouts, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
     )

@@ -21,7 +21,7 @@ from reshard.experts import fuse_experts
 from reshard.from_artifact import artifact_readers, open_artifact
 from reshard.kv_heads import HeadMapReader, config_json, head_maps, kv_replication, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
-from reshard.loaders.integrity import hash_bytes, hash_file
+from reshard.loaders.integrity import hash_bytes
 from reshard.loaders.safetensors_file import ITEMSIZES
 from reshard.manifests import FileEntry, SourceInfo, resolve_in
 from reshard.plan import (
@@ -34,7 +34,14 @@ from reshard.plan import (
     split_expert_parallel,
 )
 from reshard.preflight import require_expert_parallel, require_shardable, text_config
-from reshard.readers import CheckpointTensorReader, Geometry, OpenFiles, SegmentedTensorReader, TensorReader
+from reshard.readers import (
+    CheckpointTensorReader,
+    Geometry,
+    OpenFiles,
+    SegmentedTensorReader,
+    SequentialHashes,
+    TensorReader,
+)
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
 
 ITEMSIZE = ITEMSIZES
@@ -56,6 +63,7 @@ class ConversionJob:
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     ep_plan: dict[str, str] = field(default_factory=dict)
     ep: int = 1
+    source_hashes: SequentialHashes | None = None  # fed by the writer's reads of the source files
     lineage: dict[str, Any] | None = None
 
     @property
@@ -110,6 +118,8 @@ def job_from_checkpoint(
         ITEMSIZE,
     )
 
+    hashes = SequentialHashes(checkpoint.weight_files)
+
     def open_readers(files: OpenFiles) -> dict[str, TensorReader]:
         readers: dict[str, TensorReader] = {}
         for layout in layouts:
@@ -141,7 +151,8 @@ def job_from_checkpoint(
         open_readers=open_readers,
         total_bytes=sum(math.prod(shape) * ITEMSIZE[dtype] for dtype, shape in shapes.values()),
         extra_files=checkpoint.extra_files,
-        source_info=lambda progress: _source_info(checkpoint, progress),
+        source_info=lambda progress: _source_info(checkpoint, hashes, progress),
+        source_hashes=hashes,
         identity={
             "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoint.weight_files],
             "repo": [checkpoint.repo_id, checkpoint.commit],
@@ -216,17 +227,18 @@ def job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate
     )
 
 
-def _source_info(checkpoint: Checkpoint, progress: bool) -> SourceInfo:
+def _source_info(checkpoint: Checkpoint, hashes: SequentialHashes, progress: bool) -> SourceInfo:
+    """Size and xxh3-128 of every source file; weights mostly hashed already, while the writer read them."""
     files = sorted([*checkpoint.weight_files, *checkpoint.extra_files])
     index = checkpoint.root / "model.safetensors.index.json"
     if index.exists():
         files.append(index)
-    total = sum(p.stat().st_size for p in files)
     entries = []
-    with tqdm(total=total, unit="B", unit_scale=True, desc="hash source", disable=not progress) as bar:
+    with tqdm(total=len(files), unit="file", desc="hash source", disable=not progress) as bar:
         for path in sorted(files):
-            size, digest = hash_file(path, bar.update)
+            size, digest = hashes.digest(path)
             entries.append(FileEntry(path.name, size, digest))
+            bar.update()
     return SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, entries)
 
 

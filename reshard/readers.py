@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import xxhash
+
 from reshard.errors import FileFormatError
 from reshard.layout import TensorLayout
+from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import HeaderEntry, itemsize
 
 
@@ -43,16 +46,74 @@ class TensorReader(Protocol):
         ...
 
 
-class OpenFiles:
-    """Read-only descriptors opened once per file and closed together."""
+class SequentialHashes:
+    """xxh3-128 of whole source files, fed by the reads a conversion makes anyway.
 
-    def __init__(self) -> None:
+    A file's hash advances while the reads arrive in file order (a Hugging Face checkpoint's tensors are stored
+    sorted by dtype and name, the order rank files are written in), so the source is not read a second time
+    just to be hashed; a file read out of order or only in part is hashed again at the end (``digest``).
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._state = {path: (0, xxhash.xxh3_128()) for path in files}
+        self._broken: set[Path] = set()
+
+    def feed(self, path: Path, offset: int, data: memoryview) -> None:
+        state = self._state.get(path)
+        if state is None or path in self._broken:
+            return
+        cursor, digest = state
+        if offset > cursor:
+            self._fill(path, cursor, offset)  # a gap (a header, a tensor no rank needs): read it now
+            cursor, digest = self._state[path]
+        if offset < cursor < offset + len(data):
+            data, offset = data[cursor - offset :], cursor
+        if offset == cursor:
+            digest.update(data)
+            self._state[path] = (cursor + len(data), digest)
+        elif offset + len(data) > cursor:
+            self._broken.add(path)
+
+    def _fill(self, path: Path, start: int, stop: int) -> None:
+        if stop - start > 64 * 1024 * 1024:
+            self._broken.add(path)  # a large gap: cheaper to hash the file once at the end
+            return
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(stop - start)
+        cursor, digest = self._state[path]
+        digest.update(data)
+        self._state[path] = (cursor + len(data), digest)
+
+    def digest(self, path: Path) -> tuple[int, str]:
+        """Size and xxh3-128 of ``path``: from the reads if they covered it in order, else by reading it."""
+        size = path.stat().st_size
+        state = self._state.get(path)
+        if state is not None and path not in self._broken:
+            self._fill(path, state[0], size)
+            cursor, digest = self._state[path]
+            if path not in self._broken and cursor == size:
+                return size, digest.hexdigest()
+        return hash_file(path)
+
+
+class OpenFiles:
+    """Read-only descriptors opened once per file and closed together; reads can feed ``SequentialHashes``."""
+
+    def __init__(self, hashes: SequentialHashes | None = None) -> None:
         self._fds: dict[Path, int] = {}
+        self.hashes = hashes
 
     def fd(self, path: Path) -> int:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
+
+    def read(self, path: Path, name: str, view: memoryview, offset: int) -> None:
+        """Read exactly ``len(view)`` bytes of ``path`` at ``offset`` (``name``: the tensor, for errors)."""
+        read_exact(self.fd(path), path, name, view, offset)
+        if self.hashes is not None:
+            self.hashes.feed(path, offset, view)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -84,7 +145,7 @@ class CheckpointTensorReader:
         offset = self.entry.offset + (first * g.length + lo) * g.row
         # Contiguous in the file when whole outer blocks are read, or a run of rows inside one of them.
         assert (lo == 0 and hi == g.length) or count == 1
-        read_exact(self.files.fd(self.file), self.file, self.entry.name, out, offset)
+        self.files.read(self.file, self.entry.name, out, offset)
 
 
 @dataclass(frozen=True)
@@ -135,7 +196,6 @@ class SegmentedTensorReader:
             segment, segment_start = self.segments[index], self.starts[index]
             skip = start + done - segment_start
             take = min(segment.nbytes - skip, len(out) - done)
-            fd = self.files.fd(segment.file)
-            read_exact(fd, segment.file, segment.name, out[done : done + take], segment.offset + skip)
+            self.files.read(segment.file, segment.name, out[done : done + take], segment.offset + skip)
             done += take
             index += 1

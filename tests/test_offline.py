@@ -377,3 +377,13 @@ def test_hub_download_asks_only_for_weights_and_configs(monkeypatch, checkpoints
     assert seen["repo_id"] == "acme/tiny" and seen["revision"] == seen["config_revision"] == "v1"
     assert "*.safetensors" in seen["allow_patterns"] and "*.bin" not in seen["allow_patterns"]
     assert manifest.source.revision == "v1"
+
+
+@pytest.mark.parametrize("kind", ["llama", "family_qwen3_moe"])  # in-order reads / fused experts read out of order
+def test_manifest_records_every_source_file_hash(tmp_path: Path, kind: str):
+    from reshard.loaders.integrity import hash_file
+
+    source = make_checkpoint(kind, tmp_path / "src")
+    manifest = reshard.convert(source, tmp_path / "art", tp=2, progress=False)
+    recorded = {f.path: (f.size, f.xxh3) for f in manifest.source.files}
+    assert recorded == {p.name: hash_file(p) for p in source.iterdir() if p.is_file()}
