@@ -8,7 +8,10 @@ executes the ``TensorLayout`` values it is given.
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +90,9 @@ def write_rank_files(
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
             sinks[rank].write(encode_header(header, file_metadata, align=64))
-        streamer = _Streamer(sinks, bytearray(buffer_bytes or DEFAULT_BUFFER_BYTES), on_bytes)
-        for layout in layouts:
-            for sink in sinks.values():
-                sink.begin_tensor()
-            streamer.copy(readers[layout.name], layout)
-            for sink in sinks.values():
-                sink.end_tensor(layout.name)
+        with _Streamer(sinks, buffer_bytes or DEFAULT_BUFFER_BYTES, on_bytes) as streamer:
+            for layout in layouts:
+                streamer.copy(readers[layout.name], layout)
         written = {}
         for rank, sink in sinks.items():
             sink.handle.flush()
@@ -113,22 +112,102 @@ def _temporary(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-class _Streamer:
-    """Copies tensors into the rank files through two fixed buffers (one read, one gather): bounded memory."""
+class _WriteThread:
+    """Performs sink operations in order on a second thread, so that writing and hashing one block overlap reading
+    and gathering the next (file writes and xxh3 release the GIL). The first error is raised on the next ``wait``."""
 
-    def __init__(self, sinks: dict[int, RankSink], buffer: bytearray, on_bytes: Callable[[int], None]) -> None:
-        self.sinks, self.buffer, self.gather, self.on_bytes = sinks, buffer, bytearray(len(buffer)), on_bytes
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | threading.Event | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="reshard-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, operation: Callable[[], None]) -> None:
+        self._queue.put(operation)
+
+    def marker(self) -> threading.Event:
+        """An event set once everything submitted so far is done (or has been skipped after an error)."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done
+
+    def wait(self, done: threading.Event) -> None:
+        done.wait()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            elif self._error is None:  # after a failure the rest is skipped; markers still wake the reader
+                try:
+                    item()
+                except BaseException as exc:
+                    self._error = exc
+
+
+class _Buffers:
+    """Two read buffers (each with its gather buffer), used in turn: one is filled while the other is written."""
+
+    def __init__(self, size: int, writer: _WriteThread) -> None:
+        self.pairs = [(bytearray(size), bytearray(size)) for _ in range(2)]
+        self.released: list[threading.Event | None] = [None, None]
+        self.turn = 0
+        self.writer = writer
+
+    def take(self) -> tuple[bytearray, bytearray]:
+        """The next buffer pair, once the writes that used it last are done."""
+        self.turn ^= 1
+        if (pending := self.released[self.turn]) is not None:
+            self.writer.wait(pending)
+        return self.pairs[self.turn]
+
+    def give_back(self) -> None:
+        """The current pair may be reused once everything submitted so far has been written."""
+        self.released[self.turn] = self.writer.marker()
+
+
+class _Streamer:
+    """Copies tensors into the rank files through fixed buffers (bounded memory): this thread reads and gathers,
+    a second one writes and hashes."""
+
+    def __init__(self, sinks: dict[int, RankSink], buffer_bytes: int, on_bytes: Callable[[int], None]) -> None:
+        self.sinks, self.on_bytes = sinks, on_bytes
+        self.writer = _WriteThread()
+        self.buffers = _Buffers(buffer_bytes, self.writer)
+        self.size = buffer_bytes
+
+    def __enter__(self) -> _Streamer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.writer.close()
+
+    def _write(self, sink: RankSink, data: memoryview) -> None:
+        self.writer.submit(functools.partial(sink.write, data))
 
     def copy(self, reader: TensorReader, layout: TensorLayout) -> None:
         """View the tensor as ``[outer, length, row]`` around its placement dim and cut each rank's ranges."""
+        for sink in self.sinks.values():
+            self.writer.submit(sink.begin_tensor)
         g = Geometry.of(layout)
         block = g.length * g.row
-        if block == 0 or g.outer == 0:
-            return
-        if block <= len(self.buffer) and g.outer > 1:
-            self._whole_blocks(reader, layout, g)
-        else:
-            self._row_runs(reader, layout, g)
+        if block and g.outer:
+            if block <= self.size and g.outer > 1:
+                self._whole_blocks(reader, layout, g)
+            else:
+                self._row_runs(reader, layout, g)
+        for sink in self.sinks.values():
+            self.writer.submit(functools.partial(sink.end_tensor, layout.name))
 
     def _row_runs(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
         """Runs of rows inside each outer index: every rank's piece of a run is contiguous, nothing is gathered.
@@ -139,46 +218,54 @@ class _Streamer:
         if not held:
             return
         lowest, highest = min(start for start, _ in held), max(stop for _, stop in held)
-        rows_per_read = max(1, len(self.buffer) // g.row)
-        mv = memoryview(self.buffer)
+        rows_per_read = max(1, self.size // g.row)
         for index in range(g.outer):
             for first in range(lowest, highest, rows_per_read):
                 last = min(first + rows_per_read, highest)
                 nbytes = (last - first) * g.row
-                chunk = mv[:nbytes] if nbytes <= len(self.buffer) else memoryview(bytearray(nbytes))  # a huge row
+                buffer, _ = self.buffers.take()
+                chunk = memoryview(buffer)[:nbytes] if nbytes <= self.size else memoryview(bytearray(nbytes))
                 reader.read(index, 1, first, last, chunk)
                 self.on_bytes(nbytes)
                 for rank, sink in self.sinks.items():
                     for start, stop in layout.ranges[rank]:
                         lo, hi = max(start, first), min(stop, last)
                         if lo < hi:
-                            sink.write(chunk[(lo - first) * g.row : (hi - first) * g.row])
+                            self._write(sink, chunk[(lo - first) * g.row : (hi - first) * g.row])
+                self.buffers.give_back()
 
     def _whole_blocks(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
-        """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns)."""
+        """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns).
+
+        The gather buffer holds every rank's gathered piece of the block at once (together they are at most the
+        block), so all of them can be handed to the writer before the buffers are reused.
+        """
         block = g.length * g.row
-        per_read = max(1, len(self.buffer) // block)
-        mv, gathered = memoryview(self.buffer), memoryview(self.gather)
+        per_read = max(1, self.size // block)
         for first in range(0, g.outer, per_read):
             count = min(per_read, g.outer - first)
             nbytes = count * block
+            buffer, gather = self.buffers.take()
+            mv, gathered = memoryview(buffer), memoryview(gather)
             reader.read(first, count, 0, g.length, mv[:nbytes])
             self.on_bytes(nbytes)
+            position = 0
             for rank, sink in self.sinks.items():
                 ranges = layout.ranges[rank]
                 if not any(stop > start for start, stop in ranges):
                     continue
                 if ranges == ((0, g.length),):  # the whole tensor (replicated): the buffer as read
-                    sink.write(mv[:nbytes])
+                    self._write(sink, mv[:nbytes])
                 elif count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
                     start, stop = ranges[0]
-                    sink.write(mv[start * g.row : stop * g.row])
+                    self._write(sink, mv[start * g.row : stop * g.row])
                 else:  # one slice copy per outer index and range: memoryview copies, no tensor library needed
-                    position = 0
+                    begin = position
                     for index in range(count):
                         base = index * block
                         for start, stop in ranges:
                             size = (stop - start) * g.row
                             gathered[position : position + size] = mv[base + start * g.row : base + stop * g.row]
                             position += size
-                    sink.write(gathered[:position])
+                    self._write(sink, gathered[begin:position])
+            self.buffers.give_back()

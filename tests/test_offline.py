@@ -387,3 +387,23 @@ def test_manifest_records_every_source_file_hash(tmp_path: Path, kind: str):
     manifest = reshard.convert(source, tmp_path / "art", tp=2, progress=False)
     recorded = {f.path: (f.size, f.xxh3) for f in manifest.source.files}
     assert recorded == {p.name: hash_file(p) for p in source.iterdir() if p.is_file()}
+
+
+def test_a_failed_write_on_the_writer_thread_stops_the_conversion(checkpoints, tmp_path, monkeypatch):
+    """Writes run on a second thread: its error (a full disk) reaches the caller and leaves no artifact."""
+    import reshard.write
+
+    calls = {"n": 0}
+    original = reshard.write.RankSink.write
+
+    def failing(self, data):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(28, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(reshard.write.RankSink, "write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
+    assert not (tmp_path / "art").exists()
+    assert not list((tmp_path / ".art.partial").glob("rank-*"))
