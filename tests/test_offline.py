@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import reshard
-from reshard.errors import FileFormatError, OutputExistsError, PlanError, ShardabilityError
+from reshard.errors import FileFormatError, OutputExistsError, PlanError, ReshardError, ShardabilityError
 from reshard.manifests import read_manifest
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -407,3 +407,21 @@ def test_a_failed_write_on_the_writer_thread_stops_the_conversion(checkpoints, t
         reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
     assert not (tmp_path / "art").exists()
     assert not list((tmp_path / ".art.partial").glob("rank-*"))
+
+
+def test_tp_below_one_is_refused(checkpoints: dict[str, Path], tmp_path: Path):
+    with pytest.raises(ReshardError, match="tp must be a positive integer"):
+        reshard.convert(checkpoints["llama"], tmp_path / "art", tp=0, progress=False)
+    result = run_cli("--tp", "0", str(checkpoints["llama"]), "-o", str(tmp_path / "art"))
+    assert result.returncode == 2 and "Invalid value for '--tp'" in result.stderr
+    assert not (tmp_path / "art").exists()
+
+
+def test_experts_not_divisible_by_ep_are_refused_before_any_weight(tmp_path: Path):
+    source = make_checkpoint("family_qwen3_moe", tmp_path / "src", num_key_value_heads=4)  # 4 experts
+    for file in source.glob("*.safetensors"):
+        file.write_bytes(b"garbage")  # any weight read would fail differently
+    with pytest.raises(ShardabilityError, match="4 experts cannot be split evenly over ep=3"):
+        reshard.convert(source, tmp_path / "art", tp=3, ep=3, progress=False)
+    with pytest.raises(ShardabilityError, match="ep must equal tp"):
+        reshard.convert(source, tmp_path / "art", tp=2, ep=4, progress=False)
