@@ -85,6 +85,22 @@ class TensorEntry:
     def slice_for(self, rank: int) -> RankSlice:
         return self.slices[rank]
 
+    def to_json(self, *, slices: bool = True) -> dict[str, Any]:
+        """The tensor's JSON form; ``slices=False`` leaves out the per-rank slices (a summary)."""
+        data: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "style": self.style,
+            "placement": self.placement.to_json(),
+        }
+        if slices:
+            data["slices"] = [
+                {"rank": s.rank, "ranges": [list(r) for r in s.ranges], "shape": list(s.shape), "xxh3": s.xxh3}
+                for s in self.slices
+            ]
+        return data
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -171,20 +187,7 @@ class Manifest:
             "lineage": self.lineage,
             "source": asdict(self.source),
             "files": [asdict(f) for f in self.files],
-            "tensors": [
-                {
-                    "name": t.name,
-                    "dtype": t.dtype,
-                    "shape": list(t.shape),
-                    "style": t.style,
-                    "placement": t.placement.to_json(),
-                    "slices": [
-                        {"rank": s.rank, "ranges": [list(r) for r in s.ranges], "shape": list(s.shape), "xxh3": s.xxh3}
-                        for s in t.slices
-                    ],
-                }
-                for t in self.tensors
-            ],
+            "tensors": [t.to_json() for t in self.tensors],
         }
         return json.dumps(data, indent=1) + "\n"
 

@@ -23,15 +23,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "rank_files": [{"rank": f.rank, "path": f.path, "bytes": f.size} for f in manifest.files if f.rank is not None],
         "other_files": [{"path": f.path, "bytes": f.size} for f in manifest.files if f.rank is None],
         "tensors": [
-            {
-                "name": t.name,
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "style": t.style,
-                "placement": t.placement.to_json(),
-                "local_shapes": [list(s.shape) for s in t.slices],
-            }
-            for t in manifest.tensors
+            {**t.to_json(slices=False), "local_shapes": [list(s.shape) for s in t.slices]} for t in manifest.tensors
         ],
     }
 
