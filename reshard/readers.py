@@ -147,6 +147,12 @@ class CheckpointTensorReader:
         assert (lo == 0 and hi == g.length) or count == 1
         self.files.read(self.file, self.entry.name, out, offset)
 
+    def source_span(self, first: int, lo: int) -> tuple[int, int]:
+        """Where global row ``lo`` of outer index ``first`` lies in the source: (descriptor, byte offset). The writer
+        copies such runs file to file in the kernel (``copy_file_range``) instead of writing them from memory."""
+        g = self.geometry
+        return self.files.fd(self.file), self.entry.offset + (first * g.length + lo) * g.row
+
 
 @dataclass(frozen=True)
 class Segment:

@@ -394,7 +394,7 @@ def test_a_failed_write_on_the_writer_thread_stops_the_conversion(checkpoints, t
     import reshard.write
 
     calls = {"n": 0}
-    original = reshard.write.RankSink.write
+    original = reshard.write.RankSink._hash  # after every write and every kernel copy
 
     def failing(self, data):
         calls["n"] += 1
@@ -402,7 +402,7 @@ def test_a_failed_write_on_the_writer_thread_stops_the_conversion(checkpoints, t
             raise OSError(28, "No space left on device")
         return original(self, data)
 
-    monkeypatch.setattr(reshard.write.RankSink, "write", failing)
+    monkeypatch.setattr(reshard.write.RankSink, "_hash", failing)
     with pytest.raises(OSError, match="No space left"):
         reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
     assert not (tmp_path / "art").exists()
@@ -425,3 +425,17 @@ def test_experts_not_divisible_by_ep_are_refused_before_any_weight(tmp_path: Pat
         reshard.convert(source, tmp_path / "art", tp=3, ep=3, progress=False)
     with pytest.raises(ShardabilityError, match="ep must equal tp"):
         reshard.convert(source, tmp_path / "art", tp=2, ep=4, progress=False)
+
+
+def test_without_kernel_copies_the_bytes_are_the_same(checkpoints, tmp_path, monkeypatch):
+    """Where copy_file_range is unavailable (another file system, an old kernel) the writer falls back to write."""
+    reference = tmp_path / "ref"
+    reshard.convert(checkpoints["qwen2"], reference, tp=2, progress=False)
+
+    def unsupported(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("os.copy_file_range", unsupported)
+    reshard.convert(checkpoints["qwen2"], tmp_path / "fallback", tp=2, progress=False)
+    for path in reference.iterdir():
+        assert path.read_bytes() == (tmp_path / "fallback" / path.name).read_bytes(), path.name
