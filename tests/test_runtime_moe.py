@@ -1,6 +1,7 @@
 """The runtime on mixture-of-experts models and beyond transformers' own reach, under torchrun (gloo, CPU).
 
-- Tensor parallel: qwen3_moe and mixtral artifacts at 2 and 4 ranks load identically to
+- Tensor parallel: qwen3_moe and mixtral artifacts at 2 and 4 ranks (qwen2_moe, olmoe, deepseek_v3 at 2) load
+  identically to
   ``from_pretrained(source, tp_plan="auto")``: names, types, placements, local values, logits, ``generate``.
 - Expert parallel (``convert(..., ep=tp)``): identical to ``from_pretrained(source,
   distributed_config=DistributedConfig(tp_size=N, ep_size=N))``, experts ``Shard(0)`` on an ``ep`` mesh over the tp
@@ -31,6 +32,7 @@ pytest.importorskip("transformers")
 
 EAGER = {"experts_implementation": "eager"}
 FAMILIES = ("qwen3_moe", "mixtral")
+MORE_FAMILIES = ("qwen2_moe", "olmoe", "deepseek_v3")  # at 2 ranks only, to keep the suite short
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 # 4 KV heads divide tp 4 (the tiny default, 2, only divides tp 2)
 KV = {2: {}, 4: {"num_key_value_heads": 4}}
@@ -53,11 +55,13 @@ def compare_case(tiny, name: str, kind: str, artifact: Path, tp: int, root: Path
     return case | EAGER | ({"ep": True} if ep else {})
 
 
-def moe_cases(tiny, tp: int, root: Path, ep_root: Path, ep_families: tuple[str, ...]) -> list[dict[str, Any]]:
-    """TP cases for every family and EP cases for ``ep_families``; EP artifacts in ``ep_root``, stripped copies in
+def moe_cases(
+    tiny, tp: int, root: Path, ep_root: Path, ep_families: tuple[str, ...], families: tuple[str, ...] = FAMILIES
+) -> list[dict[str, Any]]:
+    """TP cases for ``families`` and EP cases for ``ep_families``; EP artifacts in ``ep_root``, stripped copies in
     ``root``."""
     cases = []
-    for family in FAMILIES:
+    for family in families:
         kind = f"family_{family}"
         cases.append(compare_case(tiny, family, kind, tiny.artifact(kind, tp=tp, **KV[tp]), tp, root, ep=False))
     for family in ep_families:
@@ -75,7 +79,8 @@ def ep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tiny, ep_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
     root = tmp_path_factory.mktemp("moe2")
-    return run(moe_cases(tiny, 2, root, ep_root, FAMILIES), 2, root / "out"), root / "out"
+    cases = moe_cases(tiny, 2, root, ep_root, FAMILIES, FAMILIES + MORE_FAMILIES)
+    return run(cases, 2, root / "out"), root / "out"
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +117,13 @@ def test_moe_tensor_parallel_identical_to_transformers(request, ranks: str, fami
         check_identical_to_transformers(result)
         check_state_dict(result, tied=False)
         assert {tuple(mesh) for mesh in result["meshes"].values() if mesh} == {("tp",)}
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_moe_families_identical_to_transformers_at_two_ranks(two_ranks, family: str) -> None:
+    for result in results_for(two_ranks, family):
+        check_identical_to_transformers(result)
+        check_state_dict(result, tied=False)
 
 
 @pytest.mark.parametrize(

@@ -195,5 +195,6 @@ def _label(kind: str, overrides: dict[str, Any]) -> str:
 
 
 # Families whose load_model is checked against from_pretrained(tp_plan="auto") (logits, generate) under torchrun:
-# llama and qwen2 in tests/test_runtime_tp.py, the MoE ones in tests/test_runtime_moe.py.
-RUNTIME_PARITY_FAMILIES = ("llama", "qwen2", "qwen3_moe", "mixtral")
+# llama and qwen2 in tests/test_runtime_tp.py, the MoE ones in tests/test_runtime_moe.py (qwen2_moe, olmoe and
+# deepseek_v3 at 2 ranks only).
+RUNTIME_PARITY_FAMILIES = ("llama", "qwen2", "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3")

@@ -82,8 +82,9 @@ def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     their_buffers, our_buffers = dict(theirs.named_buffers()), dict(ours.named_buffers())
 
     state = load_state_dict(case["stripped"][rank])
+    ours_by_name = {**our_buffers, **our_params}  # persistent buffers (e.g. deepseek's e_score_correction_bias) too
     state_checks = {
-        name: _same(our_params[name], tensor) | {"file": str(mapped_file(tensor))} for name, tensor in state.items()
+        name: _same(ours_by_name[name], tensor) | {"file": str(mapped_file(tensor))} for name, tensor in state.items()
     }
     return {
         "param_names": [sorted(their_params), sorted(our_params)],
