@@ -18,10 +18,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from reshard.errors import OutputExistsError, ReshardError
-from reshard.from_artifact import artifact_readers, open_artifact
-from reshard.jobs import ITEMSIZE
+from reshard.from_artifact import artifact_readers, manifest_and_digest
 from reshard.kv_heads import HeadMapReader, config_json, head_maps, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
+from reshard.loaders.safetensors_file import ITEMSIZES
 from reshard.manifests import Manifest, Placement, resolve_in
 from reshard.readers import Geometry, OpenFiles, TensorReader
 from reshard.staging import copy_hashed, staging_folder, write_durably
@@ -61,9 +61,9 @@ def consolidate(
     root, out_path = Path(artifact), Path(out)
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    manifest, _ = open_artifact(root)
+    manifest, _ = manifest_and_digest(root)
     files = OpenFiles()
-    total = sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in manifest.tensors)
+    total = sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in manifest.tensors)
     try:
         outputs = _checkpoint_tensors(root, manifest, files)
         shards = _group_into_shards(sorted(outputs.values(), key=lambda o: o[0].name), max_shard_bytes)
@@ -78,7 +78,7 @@ def consolidate(
                     if len(shards) == 1
                     else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
-                layouts = file_order([layout for layout, _ in shard], ITEMSIZE)
+                layouts = file_order([layout for layout, _ in shard], ITEMSIZES)
                 readers = {layout.name: reader for layout, reader in shard}
                 write_rank_files(
                     layouts, readers, {0: staging / name}, metadata={"format": "pt"}, on_bytes=bar.update,
@@ -138,7 +138,7 @@ def _expert_parts(
     if not fused.placement.is_sharded or not fused.placement.dim:
         raise ReshardError(f"{fused.name}: cannot split fused experts that are not sharded past the expert dim")
     dim, experts, rows_total = fused.placement.dim, fused.shape[0], fused.shape[1]
-    row_bytes = math.prod(fused.shape[2:]) * ITEMSIZE[fused.dtype]
+    row_bytes = math.prod(fused.shape[2:]) * ITEMSIZES[fused.dtype]
     per_expert = len(pieces) // experts
     parts = []
     for index, (key, nbytes) in enumerate(pieces):
@@ -183,7 +183,7 @@ def _group_into_shards(
     shards: list[list[tuple[TensorLayout, TensorReader]]] = [[]]
     size = 0
     for layout, reader in tensors:
-        nbytes = math.prod(layout.shape) * ITEMSIZE[layout.dtype]
+        nbytes = math.prod(layout.shape) * ITEMSIZES[layout.dtype]
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0

@@ -68,7 +68,7 @@ class ArtifactTensorReader:
             out[into + k * stride : into + k * stride + run] = scratch[k * step : k * step + run]
 
 
-def open_artifact(root: Path) -> tuple[Manifest, str]:
+def manifest_and_digest(root: Path) -> tuple[Manifest, str]:
     """The artifact's manifest and the xxh3-128 of ``manifest.json`` (the new artifact's lineage points at it)."""
     manifest = read_manifest(root)
     _, digest = hash_file(root / MANIFEST_NAME)

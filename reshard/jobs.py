@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import reshard
 from reshard.errors import PlanError, ReshardError
 from reshard.experts import fuse_experts
-from reshard.from_artifact import artifact_readers, open_artifact
+from reshard.from_artifact import artifact_readers, manifest_and_digest
 from reshard.kv_heads import HeadMapReader, config_json, head_maps, kv_replication, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.integrity import hash_bytes
@@ -43,8 +43,6 @@ from reshard.readers import (
     TensorReader,
 )
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
-
-ITEMSIZE = ITEMSIZES
 
 
 @dataclass
@@ -115,7 +113,7 @@ def job_from_checkpoint(
             tensor_layout(name, dtype, mapped_shape(shape, head_map.get(name), head_dim), styles[name], tp)
             for name, (dtype, shape) in shapes.items()
         ],
-        ITEMSIZE,
+        ITEMSIZES,
     )
 
     hashes = SequentialHashes(checkpoint.weight_files)
@@ -149,7 +147,7 @@ def job_from_checkpoint(
         plan=resolved_plan,
         layouts=layouts,
         open_readers=open_readers,
-        total_bytes=sum(math.prod(shape) * ITEMSIZE[dtype] for dtype, shape in shapes.values()),
+        total_bytes=sum(math.prod(shape) * ITEMSIZES[dtype] for dtype, shape in shapes.values()),
         extra_files=checkpoint.extra_files,
         source_info=lambda progress: _source_info(checkpoint, hashes, progress),
         source_hashes=hashes,
@@ -169,7 +167,7 @@ def job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate
 
     Replicated KV heads are folded back to the original heads and replicated again as the new tp needs.
     """
-    old, manifest_digest = open_artifact(root)
+    old, manifest_digest = manifest_and_digest(root)
     config = read_model_config(str(root))
     if plan != "auto" and load_plan(plan, config) != old.plan:
         raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to change it")
@@ -194,7 +192,7 @@ def job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate
             tensor_layout(t.name, t.dtype, mapped_shape(t.shape, head_map.get(t.name), head_dim), t.style, tp)
             for t in old.tensors
         ],
-        ITEMSIZE,
+        ITEMSIZES,
     )
 
     def open_readers(files: OpenFiles) -> dict[str, TensorReader]:
@@ -213,7 +211,7 @@ def job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate
         plan=old.plan,
         layouts=layouts,
         open_readers=open_readers,
-        total_bytes=sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in layouts),
+        total_bytes=sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in layouts),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source_info=lambda progress: old.source,
         identity={"artifact": manifest_digest},

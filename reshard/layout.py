@@ -73,10 +73,6 @@ STYLES: dict[str, StyleRule] = {
     "ep_dispatch_experts": StyleRule(None, None),
 }
 
-# Every style above is supported; styles not listed (e.g. sequence_parallel, which swaps parameters when its hook
-# is installed) are refused with a clear message.
-SUPPORTED_STYLES = frozenset(STYLES)
-
 
 def placement_for(style: str | None, name: str, ndim: int) -> Placement:
     """The placement of tensor ``name`` (``ndim`` dims) under plan ``style``, with its dim made non-negative."""

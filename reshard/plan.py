@@ -8,6 +8,7 @@ transformers by ``scripts/generate_plans.py`` so that the offline stage needs no
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from importlib import resources
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import PlanError
-from reshard.layout import STYLES, SUPPORTED_STYLES
+from reshard.layout import STYLES
 
 _LAYER_NUMBER = re.compile(r"\.\d+(\.|$)")
 
@@ -34,6 +35,7 @@ def style_of(tensor_name: str, plan: dict[str, str]) -> str | None:
     return plan.get(module) if module else None
 
 
+@functools.cache
 def builtin_plan_names() -> list[str]:
     """The model types that have a built-in plan."""
     folder = resources.files("reshard.manifests") / "plans"
@@ -42,8 +44,10 @@ def builtin_plan_names() -> list[str]:
     )
 
 
+@functools.cache
 def builtin_plan(model_type: str) -> dict[str, Any]:
-    """The built-in plan record for ``model_type`` (``tp_plan``, ``ep_plan``, ``architecture``, ...)."""
+    """The built-in plan record for ``model_type`` (``tp_plan``, ``ep_plan``, ``architecture``, ...); read once per
+    process. Callers copy what they change."""
     path = resources.files("reshard.manifests") / "plans" / f"{model_type}.json"
     if not path.is_file():
         raise PlanError(
@@ -115,15 +119,8 @@ def assign_styles(
 
     With ``strict`` (custom plans) a rule that names no module or tensor of the checkpoint is an error; the
     head's rule is allowed to match nothing when the embeddings are tied (its weight is the embedding's).
-    Styles reshard cannot reproduce yet are refused here, before any byte is read.
     """
-    styles = {name: style_of(name, plan) for name in tensor_names}
-    for name, style in styles.items():
-        if style is not None and style not in SUPPORTED_STYLES:
-            raise PlanError(
-                f"tensor {name!r}: style {style!r} (fused experts / packed weights) is not supported by this "
-                "version of reshard"
-            )
+    styles = {name: style_of(name, plan) for name in tensor_names}  # load_plan has checked every style
     if strict:
         generic = {generic_name(n) for n in tensor_names}
         for rule in plan:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reshard.experts import SUPPORTED_OPERATIONS  # noqa: E402
-from reshard.layout import SUPPORTED_STYLES  # noqa: E402
+from reshard.layout import STYLES  # noqa: E402
 from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, RUNTIME_PARITY_FAMILIES  # noqa: E402
 
 START, END = "<!-- architectures:start -->", "<!-- architectures:end -->"
@@ -31,7 +31,7 @@ EP_SLICE_FAMILIES = {"qwen3_moe", "mixtral"}
 
 def blockers(plan: dict) -> list[str]:
     """Why reshard cannot convert this model type (empty: it can)."""
-    reasons = [f"style {s}" for s in plan["styles"] if s not in SUPPORTED_STYLES]
+    reasons = [f"style {s}" for s in plan["styles"] if s not in STYLES]
     for converter in plan.get("key_converters", []):
         operations = {name for name, _ in converter["operations"]}
         if operations not in SUPPORTED_OPERATIONS or converter["kind"] != "WeightConverter":
