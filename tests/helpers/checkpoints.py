@@ -94,6 +94,14 @@ MOE_FAMILIES: dict[str, dict[str, Any]] = {
         "decoder_sparse_step": 1,
     },
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 42},
+    # experts stored fused already (fc1/fc2, renamed at load); gate_up_proj is packed_rowwise
+    "aria_text": {
+        "moe_num_experts": 4,
+        "moe_topk": 2,
+        "moe_num_shared_experts": 1,
+        "intermediate_size": 42,
+        "head_dim": 16,
+    },
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 42},
     "deepseek_v3": {
         "n_routed_experts": 4,
