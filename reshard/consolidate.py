@@ -7,6 +7,7 @@ every tensor equals the original bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,12 +163,18 @@ class ExpertPartReader:
     dim: int
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
+        self.fused.read(*self._in_fused(first, count, lo, hi), out)
+
+    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
+        return self.fused.mapped(*self._in_fused(first, count, lo, hi))
+
+    def _in_fused(self, first: int, count: int, lo: int, hi: int) -> tuple[int, int, int, int]:
+        """The same bytes as (first, count, lo, hi) of the fused tensor's reader."""
         if self.dim == 1:  # the piece is a run of rows of the fused tensor's own geometry
-            self.fused.read(self.expert, 1, self.offset + lo, self.offset + hi, out)
-            return
+            return self.expert, 1, self.offset + lo, self.offset + hi
         inner = math.prod(self.fused_shape[2 : self.dim])
         base = (self.expert * self.rows_total + self.offset) * inner
-        self.fused.read(base + first, count, lo, hi, out)
+        return base + first, count, lo, hi
 
 
 def _renamed(layout: TensorLayout, name: str) -> TensorLayout:

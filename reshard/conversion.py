@@ -30,7 +30,7 @@ from reshard.manifests import (
 from reshard.parallel import WorkerGroup, from_torchrun, run_workers, solo, worker_command
 from reshard.readers import OpenFiles
 from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
-from reshard.write import WrittenFile, write_rank_files
+from reshard.write import WrittenFile, rank_bytes, write_rank_files
 
 
 def default_output(model: str, tp: int) -> Path:
@@ -87,6 +87,8 @@ def convert(
     job_id = job.fingerprint(tp)
     if group.is_leader:
         prepare_staging(out_path, job_id)
+        if job.source_hashes is not None:  # the source's hashes for the manifest, while the rank files are written
+            job.source_hashes.start()
     if workers > 1 and group.size == 1 and not isinstance(plan, str):
         raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
     staging = staging_path(out_path)
@@ -142,11 +144,12 @@ def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str,
             todo[rank] = path
     if not todo:
         return
-    files = OpenFiles(job.source_hashes)
+    files = OpenFiles()
     try:
         readers = job.open_readers(files)
         desc = f"write {len(todo)} of {job.tp} rank files"
-        with tqdm(total=job.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+        total = rank_bytes(job.layouts, list(todo))
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             written = write_rank_files(
                 job.layouts,
                 readers,

@@ -6,6 +6,8 @@ bounded buffers as a conversion from a checkpoint, and without the original chec
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,22 @@ class ArtifactTensorReader:
     name: str
     geometry: Geometry
     pieces: list[Piece]
-    scratch: bytearray = field(default_factory=bytearray)
+    local: threading.local = field(default_factory=threading.local)  # each writer thread's scratch buffer
+
+    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
+        """A view when one old rank holds the rows contiguously (one outer index, or whole blocks of a tensor that
+        rank holds whole), else ``None``."""
+        g = self.geometry
+        for piece in self.pieces:
+            position = 0
+            for start, stop in piece.ranges:
+                if start <= lo and hi <= stop and (count == 1 or piece.length == g.length):
+                    local = position + lo - start
+                    offset = piece.offset + (first * piece.length + local) * g.row
+                    nbytes = ((count - 1) * piece.length + hi - lo) * g.row
+                    return self.files.mapped(piece.path, self.name, offset, nbytes)
+                position += stop - start
+        return None
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         row, width = self.geometry.row, hi - lo
@@ -59,9 +76,9 @@ class ArtifactTensorReader:
         each run to ``into + k * stride`` in ``out``."""
         row = self.geometry.row
         span = ((count - 1) * piece.length + rows) * row
-        if len(self.scratch) < span:
-            self.scratch = bytearray(span)
-        scratch = memoryview(self.scratch)
+        if len(getattr(self.local, "scratch", b"")) < span:
+            self.local.scratch = bytearray(span)
+        scratch = memoryview(self.local.scratch)
         read_exact(fd, piece.path, self.name, scratch[:span], base)
         run, step = rows * row, piece.length * row
         for k in range(count):

@@ -7,7 +7,6 @@ Two sources make a job: a Hugging Face checkpoint (``job_from_checkpoint``) or a
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from reshard.readers import (
     Geometry,
     OpenFiles,
     SegmentedTensorReader,
-    SequentialHashes,
+    SourceHashes,
     TensorReader,
 )
 from reshard.source import Checkpoint, open_checkpoint, read_model_config
@@ -53,7 +52,6 @@ class ConversionJob:
     plan: dict[str, str]
     layouts: list[TensorLayout]
     open_readers: Callable[[OpenFiles], dict[str, TensorReader]]
-    total_bytes: int
     extra_files: list[Path]
     source_info: Callable[[bool], SourceInfo]
     identity: dict[str, Any] = field(default_factory=dict)
@@ -61,7 +59,7 @@ class ConversionJob:
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     ep_plan: dict[str, str] = field(default_factory=dict)
     ep: int = 1
-    source_hashes: SequentialHashes | None = None  # fed by the writer's reads of the source files
+    source_hashes: SourceHashes | None = None  # hashed on a background thread once started
     lineage: dict[str, Any] | None = None
 
     @property
@@ -116,7 +114,7 @@ def job_from_checkpoint(
         ITEMSIZES,
     )
 
-    hashes = SequentialHashes(checkpoint.weight_files)
+    hashes = SourceHashes(checkpoint.weight_files)
 
     def open_readers(files: OpenFiles) -> dict[str, TensorReader]:
         readers: dict[str, TensorReader] = {}
@@ -147,7 +145,6 @@ def job_from_checkpoint(
         plan=resolved_plan,
         layouts=layouts,
         open_readers=open_readers,
-        total_bytes=sum(math.prod(shape) * ITEMSIZES[dtype] for dtype, shape in shapes.values()),
         extra_files=checkpoint.extra_files,
         source_info=lambda progress: _source_info(checkpoint, hashes, progress),
         source_hashes=hashes,
@@ -211,7 +208,6 @@ def job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate
         plan=old.plan,
         layouts=layouts,
         open_readers=open_readers,
-        total_bytes=sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in layouts),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source_info=lambda progress: old.source,
         identity={"artifact": manifest_digest},
@@ -225,8 +221,8 @@ def job_from_artifact(root: Path, tp: int, plan: str | dict[str, str], replicate
     )
 
 
-def _source_info(checkpoint: Checkpoint, hashes: SequentialHashes, progress: bool) -> SourceInfo:
-    """Size and xxh3-128 of every source file; weights mostly hashed already, while the writer read them."""
+def _source_info(checkpoint: Checkpoint, hashes: SourceHashes, progress: bool) -> SourceInfo:
+    """Size and xxh3-128 of every source file; the weights were hashed while the rank files were written."""
     files = sorted([*checkpoint.weight_files, *checkpoint.extra_files])
     index = checkpoint.root / "model.safetensors.index.json"
     if index.exists():

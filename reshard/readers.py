@@ -1,14 +1,19 @@
 """Where a tensor's global bytes come from, read in row blocks: a checkpoint file, fused pieces, an artifact.
 
 The writer asks a ``TensorReader`` for rows ``[lo, hi)`` of some outer indices of a tensor seen as
-``[outer, length, row]`` around its placement dim; each reader turns that into ``pread`` calls on its files.
+``[outer, length, row]`` around its placement dim. Where those bytes lie contiguous in one file, the reader lends
+them as a view of the mapped file (``mapped``: no copy); otherwise it ``pread``s them into the writer's buffer.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
+import mmap
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +22,6 @@ import xxhash
 
 from reshard.errors import FileFormatError
 from reshard.layout import TensorLayout
-from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import HeaderEntry, itemsize
 
 
@@ -45,80 +49,123 @@ class TensorReader(Protocol):
         """Fill ``out`` with global rows ``[lo, hi)`` of outer indices ``[first, first + count)``, row-major."""
         ...
 
+    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
+        """The same bytes as a view into the source's pages where they lie contiguous in one file, else ``None``
+        (the writer then ``read``s them into its buffer)."""
+        ...
 
-class SequentialHashes:
-    """xxh3-128 of whole source files, fed by the reads a conversion makes anyway.
 
-    A file's hash advances while the reads arrive in file order (a Hugging Face checkpoint's tensors are stored
-    sorted by dtype and name, the order rank files are written in), so the source is not read a second time
-    just to be hashed; a file read out of order or only in part is hashed again at the end (``digest``).
+class SourceHashes:
+    """xxh3-128 of whole source files, computed on a background thread while the rank files are written.
+
+    The thread reads each file once, in order, from a read-only mapping (no copy out of the page cache), so on
+    a cold cache it also reads the checkpoint ahead of the writers. ``digest`` waits for a file's hash, or
+    hashes the file itself if the thread was never started (a worker that only writes some of the ranks).
     """
 
     def __init__(self, files: list[Path]) -> None:
-        self._state = {path: (0, xxhash.xxh3_128()) for path in files}
-        self._broken: set[Path] = set()
+        self._files = list(files)
+        self._digests: dict[Path, tuple[int, str]] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def feed(self, path: Path, offset: int, data: memoryview) -> None:
-        state = self._state.get(path)
-        if state is None or path in self._broken:
-            return
-        cursor, digest = state
-        if offset > cursor:
-            self._fill(path, cursor, offset)  # a gap (a header, a tensor no rank needs): read it now
-            cursor, digest = self._state[path]
-        if offset < cursor < offset + len(data):
-            data, offset = data[cursor - offset :], cursor
-        if offset == cursor:
-            digest.update(data)
-            self._state[path] = (cursor + len(data), digest)
-        elif offset + len(data) > cursor:
-            self._broken.add(path)
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reshard-source-hashes", daemon=True)
+            self._thread.start()
 
-    def _fill(self, path: Path, start: int, stop: int) -> None:
-        if stop - start > 64 * 1024 * 1024:
-            self._broken.add(path)  # a large gap: cheaper to hash the file once at the end
-            return
-        with open(path, "rb") as handle:
-            handle.seek(start)
-            data = handle.read(stop - start)
-        cursor, digest = self._state[path]
-        digest.update(data)
-        self._state[path] = (cursor + len(data), digest)
+    def _run(self) -> None:
+        try:
+            for path in self._files:
+                self._digests[path] = hash_mapped(path)
+        except BaseException as exc:  # raised again by digest(), in the caller's thread
+            self._error = exc
 
     def digest(self, path: Path) -> tuple[int, str]:
-        """Size and xxh3-128 of ``path``: from the reads if they covered it in order, else by reading it."""
-        size = path.stat().st_size
-        state = self._state.get(path)
-        if state is not None and path not in self._broken:
-            self._fill(path, state[0], size)
-            cursor, digest = self._state[path]
-            if path not in self._broken and cursor == size:
-                return size, digest.hexdigest()
-        return hash_file(path)
+        """Size and xxh3-128 of ``path``."""
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        if path not in self._digests:
+            self._digests[path] = hash_mapped(path)
+        return self._digests[path]
+
+
+def hash_mapped(path: Path, window: int = 64 * 1024 * 1024) -> tuple[int, str]:
+    """Size and xxh3-128 of a file hashed through a read-only mapping, window by window: no copy into this
+    process, and resident memory bounded by one window (each is dropped from the mapping once hashed)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return 0, digest.hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping, memoryview(mapping) as view:
+            for start in range(0, size, window):
+                stop = min(start + window, size)
+                with view[start:stop] as part:
+                    digest.update(part)
+                mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+    return size, digest.hexdigest()
 
 
 class OpenFiles:
-    """Read-only descriptors opened once per file and closed together; reads can feed ``SequentialHashes``."""
+    """Read-only descriptors and whole-file mappings, opened once per file, shared by the writer threads.
 
-    def __init__(self, hashes: SequentialHashes | None = None) -> None:
+    ``mapped`` lends a view straight into the page cache (zero copy); the pages are dropped from this process's
+    mapping once the view is returned, so resident memory stays bounded by the views in use, not by the model.
+    """
+
+    def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self.hashes = hashes
+        self._mappings: dict[Path, tuple[mmap.mmap, memoryview]] = {}
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def read(self, path: Path, name: str, view: memoryview, offset: int) -> None:
         """Read exactly ``len(view)`` bytes of ``path`` at ``offset`` (``name``: the tensor, for errors)."""
         read_exact(self.fd(path), path, name, view, offset)
-        if self.hashes is not None:
-            self.hashes.feed(path, offset, view)
+
+    @contextlib.contextmanager
+    def mapped(self, path: Path, name: str, offset: int, nbytes: int) -> Iterator[memoryview]:
+        """A read-only view of ``nbytes`` of ``path`` at ``offset``, dropped from this process once used."""
+        mapping, whole = self._mapping(path)
+        if offset + nbytes > len(mapping):
+            raise FileFormatError(f"{path}: tensor {name!r} is cut short at byte {len(mapping)} (truncated file)")
+        view = whole[offset : offset + nbytes]
+        try:
+            yield view
+        finally:
+            view.release()
+            start = offset - offset % mmap.PAGESIZE
+            if nbytes:
+                mapping.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+
+    def _mapping(self, path: Path) -> tuple[mmap.mmap, memoryview]:
+        fd = self.fd(path)
+        with self._lock:
+            if path not in self._mappings:
+                if os.fstat(fd).st_size == 0:
+                    raise FileFormatError(f"{path}: empty file")
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                self._mappings[path] = (mapping, memoryview(mapping))
+            return self._mappings[path]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for mapping, whole in self._mappings.values():
+                whole.release()
+                with contextlib.suppress(BufferError):  # a view still referenced (a traceback): unmapped when freed
+                    mapping.close()
+            self._mappings.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 def read_exact(fd: int, file: Path, name: str, view: memoryview, offset: int) -> None:
@@ -147,11 +194,13 @@ class CheckpointTensorReader:
         assert (lo == 0 and hi == g.length) or count == 1
         self.files.read(self.file, self.entry.name, out, offset)
 
-    def source_span(self, first: int, lo: int) -> tuple[int, int]:
-        """Where global row ``lo`` of outer index ``first`` lies in the source: (descriptor, byte offset). The writer
-        copies such runs file to file in the kernel (``copy_file_range``) instead of writing them from memory."""
+    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
         g = self.geometry
-        return self.files.fd(self.file), self.entry.offset + (first * g.length + lo) * g.row
+        if not ((lo == 0 and hi == g.length) or count == 1):
+            return None
+        offset = self.entry.offset + (first * g.length + lo) * g.row
+        nbytes = ((count - 1) * g.length + hi - lo) * g.row
+        return self.files.mapped(self.file, self.entry.name, offset, nbytes)
 
 
 @dataclass(frozen=True)
@@ -184,6 +233,19 @@ class SegmentedTensorReader:
             self.starts.append(position)
             position += segment.nbytes
         self.total = position
+
+    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
+        """A view where the run lies inside one segment (one expert's tensor), else ``None``."""
+        g = self.geometry
+        if not ((lo == 0 and hi == g.length) or count == 1):
+            return None
+        start = (first * g.length + lo) * g.row
+        nbytes = ((count - 1) * g.length + hi - lo) * g.row
+        index = bisect.bisect_right(self.starts, start) - 1
+        segment, skip = self.segments[index], start - self.starts[index]
+        if skip + nbytes > segment.nbytes:
+            return None
+        return self.files.mapped(segment.file, segment.name, segment.offset + skip, nbytes)
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         g = self.geometry

@@ -1,70 +1,63 @@
 """Stream tensor bytes into per-rank safetensors files, hashing as they pass.
 
 Every rank file's header is computed from the layout before any byte is read and written first; then each tensor
-is read once from its source in blocks of at most ``buffer_bytes`` and each rank's ranges are appended to its
-file. Memory stays bounded by the buffers, whatever the model's size. Knows nothing of plans or styles: it
-executes the ``TensorLayout`` values it is given.
+is taken from its source in blocks of at most ``buffer_bytes`` and each rank's ranges are appended to its file.
+Source bytes are written straight from the mapped checkpoint (no copy into this process) and hashed while they
+are still in the CPU cache; only a rowwise tensor's columns are gathered through a fixed buffer. The ranks are
+split into contiguous groups, one thread each: rank files are independent, and file writes and xxh3 release
+the GIL, so the groups run in parallel. Memory stays bounded by the buffers, whatever the model's size.
+Knows nothing of plans or styles: it executes the ``TensorLayout`` values it is given.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import functools
+import math
 import os
-import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import xxhash
 
 from reshard.layout import TensorLayout
-from reshard.loaders.safetensors_file import encode_header
+from reshard.loaders.safetensors_file import encode_header, itemsize
 from reshard.readers import Geometry, TensorReader
 
 DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
+PIECE_BYTES = 512 * 1024  # written, then hashed twice while still in the CPU cache
+WRITEBACK_BYTES = 64 * 1024 * 1024  # start a file's disk writes every this many bytes, not all at the final fsync
 
 
 @dataclass
 class RankSink:
-    """One rank file being written: the open handle, the running file hash, and each tensor's hash."""
+    """One rank file being written: its descriptor, the running file hash, and each tensor's hash."""
 
     path: Path
-    handle: BinaryIO
+    fd: int
     file_hash: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     tensor_hashes: dict[str, str] = field(default_factory=dict)
     size: int = 0
+    flushed: int = 0  # bytes whose write-back to disk has been started
     tensor_hash: xxhash.xxh3_128 | None = None  # of the tensor being written, if any
 
     def write(self, data: memoryview | bytes) -> None:
-        self.handle.write(data)
-        self._hash(data)
-
-    def copy_range(self, source_fd: int, offset: int, data: memoryview) -> None:
-        """Append ``data``, which is also at ``offset`` in ``source_fd``: copied in the kernel, hashed from memory.
-
-        ``copy_file_range`` costs a fraction of ``write`` here (no copy out of this process's memory); where the
-        file systems cannot do it, this falls back to ``write``.
-        """
-        done, fd = 0, self.handle.fileno()
-        try:
-            while done < len(data):
-                copied = os.copy_file_range(source_fd, fd, len(data) - done, offset + done)
-                if copied == 0:
-                    break
-                done += copied
-        except OSError:
-            pass
-        if done < len(data):
-            self.handle.write(data[done:])
-        self._hash(data)
-
-    def _hash(self, data: memoryview | bytes) -> None:
-        self.file_hash.update(data)
-        if self.tensor_hash is not None:
-            self.tensor_hash.update(data)
-        self.size += len(data)
+        """Append ``data`` and hash it, piece by piece so that the hashes read what the write just read."""
+        with memoryview(data) as view:
+            for start in range(0, len(view), PIECE_BYTES):
+                with view[start : start + PIECE_BYTES] as piece:
+                    _write_all(self.fd, piece)
+                    self.file_hash.update(piece)
+                    if self.tensor_hash is not None:
+                        self.tensor_hash.update(piece)
+            self.size += len(view)
+        if self.size - self.flushed >= WRITEBACK_BYTES:
+            start_writeback(self.fd, self.flushed, self.size - self.flushed)
+            self.flushed = self.size
 
     def begin_tensor(self) -> None:
         self.tensor_hash = xxhash.xxh3_128()
@@ -73,6 +66,35 @@ class RankSink:
         assert self.tensor_hash is not None
         self.tensor_hashes[name] = self.tensor_hash.hexdigest()
         self.tensor_hash = None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range to disk without waiting, so the
+    disk works while later tensors are copied and the final fsync has little left to do. ``None`` elsewhere."""
+    name = ctypes.util.find_library("c")
+    if not name or not hasattr(os, "O_DIRECT"):  # O_DIRECT: a stand-in for "this is Linux"
+        return None
+    try:
+        function = ctypes.CDLL(name, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        function(fd, offset, nbytes, write)  # advisory: a failure only means the final fsync does the work
+
+    return start
+
+
+start_writeback = _sync_file_range() or (lambda fd, offset, nbytes: None)
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,17 @@ class WrittenFile:
     tensor_hashes: dict[str, str]
 
 
+def rank_bytes(layouts: list[TensorLayout], ranks: list[int]) -> int:
+    """Tensor bytes the rank files of ``ranks`` hold together (what a progress bar counts)."""
+    return sum(math.prod(t.local_shapes[r]) * itemsize(t.dtype) for t in layouts for r in ranks)
+
+
+def default_threads(ranks: int) -> int:
+    """One writer thread per CPU this process may use, at most one per rank file."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(ranks, cpus))
+
+
 def write_rank_files(
     layouts: list[TensorLayout],
     readers: dict[str, TensorReader],
@@ -94,138 +127,95 @@ def write_rank_files(
     buffer_bytes: int | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
     rank_metadata: bool = True,
+    threads: int | None = None,
 ) -> dict[int, WrittenFile]:
     """Write ``paths[r]`` for the ranks given: header, then each layout's rank-r bytes in order.
 
     Each file is written as ``NAME.tmp``, fsynced and renamed, so a file under its final name is always whole.
-    ``readers`` gives each tensor's global bytes; only the rows these ranks hold are read where the layout allows.
-    ``on_bytes`` is called with the number of global bytes consumed (for a progress bar). ``rank_metadata``
-    records each file's rank in its header metadata.
+    ``readers`` gives each tensor's global bytes; only the rows these ranks hold are read. ``on_bytes`` is called
+    with the number of bytes written (from the writer threads; calls are serialised). ``rank_metadata`` records
+    each file's rank in its header metadata. ``threads`` (default: one per CPU) split the ranks between them.
     """
-    handles: list[BinaryIO] = []
     sinks: dict[int, RankSink] = {}
     try:
         for rank, path in paths.items():
-            # unbuffered, so that kernel copies (copy_range) and writes land in order at the file position
-            handle = open(_temporary(path), "wb", buffering=0)  # noqa: SIM115 - closed in finally, many at once
-            handles.append(handle)
-            sinks[rank] = RankSink(path, handle)
+            sinks[rank] = RankSink(path, os.open(_temporary(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
             sinks[rank].write(encode_header(header, file_metadata, align=64))
-        with _Streamer(sinks, buffer_bytes or DEFAULT_BUFFER_BYTES, on_bytes) as streamer:
-            for layout in layouts:
-                streamer.copy(readers[layout.name], layout)
+        lock = threading.Lock()
+
+        def progress(nbytes: int) -> None:
+            with lock:
+                on_bytes(nbytes)
+
+        ranks = list(sinks)
+        count = threads or default_threads(len(ranks))
+        groups = [ranks[i * len(ranks) // count : (i + 1) * len(ranks) // count] for i in range(count)]
+        stop = threading.Event()
+        size = buffer_bytes or DEFAULT_BUFFER_BYTES
+        streamers = [_Streamer({r: sinks[r] for r in group}, size, progress, stop) for group in groups if group]
+        _run_together([functools.partial(s.copy_all, layouts, readers) for s in streamers], stop)
         written = {}
         for rank, sink in sinks.items():
-            sink.handle.flush()
-            os.fsync(sink.handle.fileno())
-            sink.handle.close()
+            os.fsync(sink.fd)
+            os.close(sink.fd)
+            sink.fd = -1
             os.replace(_temporary(sink.path), sink.path)
             written[rank] = WrittenFile(sink.path, sink.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
         return written
     finally:
-        for handle in handles:
-            handle.close()
         for sink in sinks.values():
+            if sink.fd >= 0:
+                os.close(sink.fd)
             _temporary(sink.path).unlink(missing_ok=True)
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+def _run_together(tasks: list[Callable[[], None]], stop: threading.Event) -> None:
+    """Run ``tasks`` on threads of their own (the first on this one); the first error sets ``stop``, which the
+    others check at every tensor, and is raised here once all have stopped."""
+    errors: list[BaseException] = []
 
+    def run(task: Callable[[], None]) -> None:
+        try:
+            task()
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
 
-class _WriteThread:
-    """Performs sink operations in order on a second thread, so that writing and hashing one block overlap reading
-    and gathering the next (file writes and xxh3 release the GIL). The first error is raised on the next ``wait``."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Callable[[], None] | threading.Event | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="reshard-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, operation: Callable[[], None]) -> None:
-        self._queue.put(operation)
-
-    def marker(self) -> threading.Event:
-        """An event set once everything submitted so far is done (or has been skipped after an error)."""
-        done = threading.Event()
-        self._queue.put(done)
-        return done
-
-    def wait(self, done: threading.Event) -> None:
-        done.wait()
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if isinstance(item, threading.Event):
-                item.set()
-            elif self._error is None:  # after a failure the rest is skipped; markers still wake the reader
-                try:
-                    item()
-                except BaseException as exc:
-                    self._error = exc
-
-
-class _Buffers:
-    """Two read buffers (each with its gather buffer), used in turn: one is filled while the other is written."""
-
-    def __init__(self, size: int, writer: _WriteThread) -> None:
-        self.pairs = [(bytearray(size), bytearray(size)) for _ in range(2)]
-        self.released: list[threading.Event | None] = [None, None]
-        self.turn = 0
-        self.writer = writer
-
-    def take(self) -> tuple[bytearray, bytearray]:
-        """The next buffer pair, once the writes that used it last are done."""
-        self.turn ^= 1
-        if (pending := self.released[self.turn]) is not None:
-            self.writer.wait(pending)
-        return self.pairs[self.turn]
-
-    def give_back(self) -> None:
-        """The current pair may be reused once everything submitted so far has been written."""
-        self.released[self.turn] = self.writer.marker()
+    threads = [threading.Thread(target=run, args=(task,), name="reshard-writer", daemon=True) for task in tasks[1:]]
+    for thread in threads:
+        thread.start()
+    if tasks:
+        run(tasks[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class _Streamer:
-    """Copies tensors into the rank files through fixed buffers (bounded memory): this thread reads and gathers,
-    a second one writes and hashes."""
+    """Copies every tensor's bytes for a group of ranks: views of the mapped source written as they are, rowwise
+    columns gathered through a fixed buffer, other sources read into a fixed buffer."""
 
-    def __init__(self, sinks: dict[int, RankSink], buffer_bytes: int, on_bytes: Callable[[int], None]) -> None:
-        self.sinks, self.on_bytes = sinks, on_bytes
-        self.writer = _WriteThread()
-        self.buffers = _Buffers(buffer_bytes, self.writer)
+    def __init__(
+        self, sinks: dict[int, RankSink], buffer_bytes: int, on_bytes: Callable[[int], None], stop: threading.Event
+    ) -> None:
+        self.sinks, self.on_bytes, self.stop = sinks, on_bytes, stop
         self.size = buffer_bytes
+        self.buffer = bytearray(buffer_bytes)  # bytes read from a source that cannot lend a view
+        self.gather = bytearray(buffer_bytes)  # one rank's columns of a block, gathered
 
-    def __enter__(self) -> _Streamer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.writer.close()
-
-    def _write(self, sink: RankSink, data: memoryview, source: tuple[int, int] | None = None) -> None:
-        """Queue ``data`` for ``sink``; with ``source`` (descriptor, offset) of the same bytes, copy in the kernel."""
-        if source is None:
-            self.writer.submit(functools.partial(sink.write, data))
-        else:
-            self.writer.submit(functools.partial(sink.copy_range, source[0], source[1], data))
+    def copy_all(self, layouts: list[TensorLayout], readers: dict[str, TensorReader]) -> None:
+        for layout in layouts:
+            if self.stop.is_set():
+                return
+            self.copy(readers[layout.name], layout)
 
     def copy(self, reader: TensorReader, layout: TensorLayout) -> None:
         """View the tensor as ``[outer, length, row]`` around its placement dim and cut each rank's ranges."""
         for sink in self.sinks.values():
-            self.writer.submit(sink.begin_tensor)
+            sink.begin_tensor()
         g = Geometry.of(layout)
         block = g.length * g.row
         if block and g.outer:
@@ -234,68 +224,62 @@ class _Streamer:
             else:
                 self._row_runs(reader, layout, g)
         for sink in self.sinks.values():
-            self.writer.submit(functools.partial(sink.end_tensor, layout.name))
+            sink.end_tensor(layout.name)
+
+    @contextlib.contextmanager
+    def _source(
+        self, reader: TensorReader, first: int, count: int, lo: int, hi: int, nbytes: int
+    ) -> Iterator[memoryview]:
+        """The global bytes of rows ``[lo, hi)`` of outer indices ``[first, first + count)``: lent by the reader
+        as a view where it can, else read into this streamer's buffer."""
+        mapped = reader.mapped(first, count, lo, hi)
+        if mapped is not None:
+            with mapped as view:
+                yield view
+            return
+        buffer = self.buffer if nbytes <= self.size else bytearray(nbytes)
+        with memoryview(buffer)[:nbytes] as view:
+            reader.read(first, count, lo, hi, view)
+            yield view
 
     def _row_runs(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
-        """Runs of rows inside each outer index: every rank's piece of a run is contiguous, nothing is gathered.
-
-        Only the rows these ranks hold are read (a worker writing some of the ranks reads only their share).
-        """
-        held = [r for rank in self.sinks for r in layout.ranges[rank]]
-        if not held:
-            return
-        lowest, highest = min(start for start, _ in held), max(stop for _, stop in held)
+        """Each rank's rows, run by run inside each outer index: contiguous in the source, nothing is gathered."""
         rows_per_read = max(1, self.size // g.row)
         for index in range(g.outer):
-            for first in range(lowest, highest, rows_per_read):
-                last = min(first + rows_per_read, highest)
-                nbytes = (last - first) * g.row
-                buffer, _ = self.buffers.take()
-                chunk = memoryview(buffer)[:nbytes] if nbytes <= self.size else memoryview(bytearray(nbytes))
-                reader.read(index, 1, first, last, chunk)
-                self.on_bytes(nbytes)
-                span = reader.source_span(index, first) if hasattr(reader, "source_span") else None
-                for rank, sink in self.sinks.items():
-                    for start, stop in layout.ranges[rank]:
-                        lo, hi = max(start, first), min(stop, last)
-                        if lo < hi:
-                            source = (span[0], span[1] + (lo - first) * g.row) if span else None
-                            self._write(sink, chunk[(lo - first) * g.row : (hi - first) * g.row], source)
-                self.buffers.give_back()
+            for rank, sink in self.sinks.items():
+                for start, stop in layout.ranges[rank]:
+                    for first in range(start, stop, rows_per_read):
+                        last = min(first + rows_per_read, stop)
+                        nbytes = (last - first) * g.row
+                        with self._source(reader, index, 1, first, last, nbytes) as view:
+                            sink.write(view)
+                        self.on_bytes(nbytes)
 
     def _whole_blocks(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
-        """Read several whole outer indices at once and gather each rank's ranges (e.g. a rowwise weight's columns).
-
-        The gather buffer holds every rank's gathered piece of the block at once (together they are at most the
-        block), so all of them can be handed to the writer before the buffers are reused.
-        """
+        """Several whole outer indices at once, each rank's ranges gathered from them (a rowwise weight's columns)."""
         block = g.length * g.row
         per_read = max(1, self.size // block)
         for first in range(0, g.outer, per_read):
             count = min(per_read, g.outer - first)
-            nbytes = count * block
-            buffer, gather = self.buffers.take()
-            mv, gathered = memoryview(buffer), memoryview(gather)
-            reader.read(first, count, 0, g.length, mv[:nbytes])
-            self.on_bytes(nbytes)
-            span = reader.source_span(first, 0) if hasattr(reader, "source_span") else None
-            position = 0
-            for rank, sink in self.sinks.items():
-                ranges = layout.ranges[rank]
-                if not any(stop > start for start, stop in ranges):
-                    continue
-                if ranges == ((0, g.length),):  # the whole tensor (replicated): the buffer as read
-                    self._write(sink, mv[:nbytes], span)
-                elif count == 1 and len(ranges) == 1:  # one contiguous run: no gather needed
-                    start, stop = ranges[0]
-                    self._write(sink, mv[start * g.row : stop * g.row])
-                else:  # one slice copy per outer index and range: memoryview copies, no tensor library needed
-                    begin = position
-                    for index in range(count):
+            with self._source(reader, first, count, 0, g.length, count * block) as view:
+                for rank, sink in self.sinks.items():
+                    ranges = layout.ranges[rank]
+                    if not any(stop > start for start, stop in ranges):
+                        continue
+                    if ranges == ((0, g.length),):  # the whole tensor (replicated): the block as it is
+                        sink.write(view)
+                        self.on_bytes(len(view))
+                        continue
+                    gathered, position = memoryview(self.gather), 0
+                    for index in range(count):  # one slice copy per outer index and range
                         base = index * block
                         for start, stop in ranges:
                             size = (stop - start) * g.row
-                            gathered[position : position + size] = mv[base + start * g.row : base + stop * g.row]
+                            gathered[position : position + size] = view[base + start * g.row : base + stop * g.row]
                             position += size
-                    self._write(sink, gathered[begin:position])
-            self.buffers.give_back()
+                    sink.write(gathered[:position])
+                    self.on_bytes(position)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")

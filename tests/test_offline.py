@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -389,22 +390,28 @@ def test_manifest_records_every_source_file_hash(tmp_path: Path, kind: str):
     assert recorded == {p.name: hash_file(p) for p in source.iterdir() if p.is_file()}
 
 
-def test_a_failed_write_on_the_writer_thread_stops_the_conversion(checkpoints, tmp_path, monkeypatch):
-    """Writes run on a second thread: its error (a full disk) reaches the caller and leaves no artifact."""
+def test_a_failed_write_on_a_writer_thread_stops_the_conversion(checkpoints, tmp_path, monkeypatch):
+    """Rank groups are written by threads of their own: an error on one (a full disk) stops the others and reaches
+    the caller, and leaves no artifact."""
     import reshard.write
 
     calls = {"n": 0}
-    original = reshard.write.RankSink._hash  # after every write and every kernel copy
+    original = reshard.write.RankSink.write
+    seen: set[str] = set()
 
     def failing(self, data):
-        calls["n"] += 1
-        if calls["n"] == 40:
-            raise OSError(28, "No space left on device")
+        seen.add(threading.current_thread().name)
+        if self.path.name.startswith("rank-00001"):  # the second of two groups: not the calling thread
+            calls["n"] += 1
+            if calls["n"] == 20:
+                raise OSError(28, "No space left on device")
         return original(self, data)
 
-    monkeypatch.setattr(reshard.write.RankSink, "_hash", failing)
+    monkeypatch.setattr(reshard.write.RankSink, "write", failing)
+    monkeypatch.setattr(reshard.write, "default_threads", lambda ranks: 2)
     with pytest.raises(OSError, match="No space left"):
         reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, progress=False)
+    assert "reshard-writer" in seen
     assert not (tmp_path / "art").exists()
     assert not list((tmp_path / ".art.partial").glob("rank-*"))
 
@@ -427,15 +434,18 @@ def test_experts_not_divisible_by_ep_are_refused_before_any_weight(tmp_path: Pat
         reshard.convert(source, tmp_path / "art", tp=2, ep=4, progress=False)
 
 
-def test_without_kernel_copies_the_bytes_are_the_same(checkpoints, tmp_path, monkeypatch):
-    """Where copy_file_range is unavailable (another file system, an old kernel) the writer falls back to write."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_views_reads_and_thread_counts_give_the_same_bytes(tmp_path, monkeypatch, threads):
+    """Source bytes lent as views of the mapped checkpoint, or read into the writer's buffer (a source that cannot
+    lend them), by one writer thread or several: the same rank files."""
+    import reshard.readers
+    import reshard.write
+
+    source = make_checkpoint("llama_gqa8", tmp_path / "src")
     reference = tmp_path / "ref"
-    reshard.convert(checkpoints["qwen2"], reference, tp=2, progress=False)
-
-    def unsupported(*args, **kwargs):
-        raise OSError(18, "Invalid cross-device link")
-
-    monkeypatch.setattr("os.copy_file_range", unsupported)
-    reshard.convert(checkpoints["qwen2"], tmp_path / "fallback", tp=2, progress=False)
+    reshard.convert(source, reference, tp=4, progress=False)
+    monkeypatch.setattr(reshard.readers.CheckpointTensorReader, "mapped", lambda self, *args: None)
+    monkeypatch.setattr(reshard.write, "default_threads", lambda ranks: threads)
+    reshard.convert(source, tmp_path / "read", tp=4, progress=False)
     for path in reference.iterdir():
-        assert path.read_bytes() == (tmp_path / "fallback" / path.name).read_bytes(), path.name
+        assert path.read_bytes() == (tmp_path / "read" / path.name).read_bytes(), path.name
