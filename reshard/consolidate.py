@@ -7,7 +7,6 @@ every tensor equals the original bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from reshard.kv_heads import HeadMapReader, config_json, head_maps, mapped_shape
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.safetensors_file import ITEMSIZES
 from reshard.manifests import Manifest, Placement, resolve_in
-from reshard.readers import Geometry, OpenFiles, TensorReader
+from reshard.readers import Geometry, OpenFiles, Span, TensorReader
 from reshard.staging import copy_hashed, staging_folder, write_durably
 from reshard.write import write_rank_files
 
@@ -165,8 +164,8 @@ class ExpertPartReader:
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         self.fused.read(*self._in_fused(first, count, lo, hi), out)
 
-    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
-        return self.fused.mapped(*self._in_fused(first, count, lo, hi))
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
+        return self.fused.span(*self._in_fused(first, count, lo, hi))
 
     def _in_fused(self, first: int, count: int, lo: int, hi: int) -> tuple[int, int, int, int]:
         """The same bytes as (first, count, lo, hi) of the fused tensor's reader."""

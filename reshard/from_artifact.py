@@ -6,7 +6,6 @@ bounded buffers as a conversion from a checkpoint, and without the original chec
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from reshard.errors import FileFormatError
 from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import read_header
 from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
-from reshard.readers import Geometry, OpenFiles, read_exact
+from reshard.readers import Geometry, OpenFiles, Span, read_exact
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,8 @@ class ArtifactTensorReader:
     pieces: list[Piece]
     local: threading.local = field(default_factory=threading.local)  # each writer thread's scratch buffer
 
-    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
-        """A view when one old rank holds the rows contiguously (one outer index, or whole blocks of a tensor that
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
+        """A span when one old rank holds the rows contiguously (one outer index, or whole blocks of a tensor that
         rank holds whole), else ``None``."""
         g = self.geometry
         for piece in self.pieces:
@@ -49,7 +48,7 @@ class ArtifactTensorReader:
                     local = position + lo - start
                     offset = piece.offset + (first * piece.length + local) * g.row
                     nbytes = ((count - 1) * piece.length + hi - lo) * g.row
-                    return self.files.mapped(piece.path, self.name, offset, nbytes)
+                    return Span(self.files, piece.path, self.name, offset, nbytes)
                 position += stop - start
         return None
 

@@ -8,14 +8,13 @@ query group still attends to the same keys and values, so the model computes wha
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from reshard.plan import generic_name
 from reshard.preflight import text_config
-from reshard.readers import TensorReader
+from reshard.readers import Span, TensorReader
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 
@@ -93,13 +92,13 @@ class HeadMapReader:
     head_rows: int
     source_heads: tuple[int, ...]
 
-    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
-        """A view of the source head when the rows lie inside one head, else ``None``."""
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
+        """The source head's span when the rows lie inside one head, else ``None``."""
         head, offset = divmod(lo, self.head_rows)
         if hi > (head + 1) * self.head_rows:
             return None
         source = self.source_heads[head] * self.head_rows + offset
-        return self.base.mapped(first, count, source, source + hi - lo)
+        return self.base.span(first, count, source, source + hi - lo)
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         assert first == 0 and count == 1, "a head map is read along dim 0 of a tensor sharded on dim 0"

@@ -2,7 +2,8 @@
 
 The writer asks a ``TensorReader`` for rows ``[lo, hi)`` of some outer indices of a tensor seen as
 ``[outer, length, row]`` around its placement dim. Where those bytes lie contiguous in one file, the reader lends
-them as a view of the mapped file (``mapped``: no copy); otherwise it ``pread``s them into the writer's buffer.
+them as a ``Span`` (a view of the mapped file, or a scattering ``preadv``); otherwise it ``pread``s them into the
+writer's buffer.
 """
 
 from __future__ import annotations
@@ -49,10 +50,35 @@ class TensorReader(Protocol):
         """Fill ``out`` with global rows ``[lo, hi)`` of outer indices ``[first, first + count)``, row-major."""
         ...
 
-    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
-        """The same bytes as a view into the source's pages where they lie contiguous in one file, else ``None``
-        (the writer then ``read``s them into its buffer)."""
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
+        """Where the same bytes lie contiguous in one file, else ``None`` (the writer then ``read``s them)."""
         ...
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of a source file holding some rows of a tensor, contiguous: lent as a view, or scattered by preadv."""
+
+    files: OpenFiles
+    path: Path
+    name: str  # the tensor, for errors
+    offset: int
+    nbytes: int
+
+    def mapped(self) -> contextlib.AbstractContextManager[memoryview]:
+        """The bytes as a view into the page cache (no copy), dropped from this process once used."""
+        return self.files.mapped(self.path, self.name, self.offset, self.nbytes)
+
+    def scatter(self, reads: list[tuple[int, list[memoryview]]]) -> None:
+        """``preadv`` each ``(relative offset, buffers)``: one system call fills many buffers, the kernel copying
+        each piece where it belongs (a rowwise weight's columns into each rank's buffer)."""
+        fd = self.files.fd(self.path)
+        for start, buffers in reads:
+            expected = sum(len(b) for b in buffers)
+            if os.preadv(fd, buffers, self.offset + start) != expected:  # a short read: the file was cut
+                raise FileFormatError(
+                    f"{self.path}: tensor {self.name!r} is cut short after byte {self.offset + start} (truncated file)"
+                )
 
 
 class SourceHashes:
@@ -194,13 +220,13 @@ class CheckpointTensorReader:
         assert (lo == 0 and hi == g.length) or count == 1
         self.files.read(self.file, self.entry.name, out, offset)
 
-    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
         g = self.geometry
         if not ((lo == 0 and hi == g.length) or count == 1):
             return None
         offset = self.entry.offset + (first * g.length + lo) * g.row
         nbytes = ((count - 1) * g.length + hi - lo) * g.row
-        return self.files.mapped(self.file, self.entry.name, offset, nbytes)
+        return Span(self.files, self.file, self.entry.name, offset, nbytes)
 
 
 @dataclass(frozen=True)
@@ -234,8 +260,8 @@ class SegmentedTensorReader:
             position += segment.nbytes
         self.total = position
 
-    def mapped(self, first: int, count: int, lo: int, hi: int) -> contextlib.AbstractContextManager[memoryview] | None:
-        """A view where the run lies inside one segment (one expert's tensor), else ``None``."""
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
+        """A span where the run lies inside one segment (one expert's tensor), else ``None``."""
         g = self.geometry
         if not ((lo == 0 and hi == g.length) or count == 1):
             return None
@@ -245,7 +271,7 @@ class SegmentedTensorReader:
         segment, skip = self.segments[index], start - self.starts[index]
         if skip + nbytes > segment.nbytes:
             return None
-        return self.files.mapped(segment.file, segment.name, segment.offset + skip, nbytes)
+        return Span(self.files, segment.file, segment.name, segment.offset + skip, nbytes)
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         g = self.geometry

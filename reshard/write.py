@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import math
 import os
+import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import xxhash
 
 from reshard.layout import TensorLayout
 from reshard.loaders.safetensors_file import encode_header, itemsize
-from reshard.readers import Geometry, TensorReader
+from reshard.readers import Geometry, Span, TensorReader
 
 DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 PIECE_BYTES = 512 * 1024  # written, then hashed twice while still in the CPU cache
@@ -42,7 +43,8 @@ class RankSink:
     file_hash: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     tensor_hashes: dict[str, str] = field(default_factory=dict)
     size: int = 0
-    flushed: int = 0  # bytes whose write-back to disk has been started
+    writeback: WriteBack | None = None
+    flushed: int = 0  # bytes whose write-back to disk has been asked for
     tensor_hash: xxhash.xxh3_128 | None = None  # of the tensor being written, if any
 
     def write(self, data: memoryview | bytes) -> None:
@@ -55,8 +57,8 @@ class RankSink:
                     if self.tensor_hash is not None:
                         self.tensor_hash.update(piece)
             self.size += len(view)
-        if self.size - self.flushed >= WRITEBACK_BYTES:
-            start_writeback(self.fd, self.flushed, self.size - self.flushed)
+        if self.writeback is not None and self.size - self.flushed >= WRITEBACK_BYTES:
+            self.writeback.request(self.fd, self.flushed, self.size - self.flushed)
             self.flushed = self.size
 
     def begin_tensor(self) -> None:
@@ -75,13 +77,12 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def _sync_file_range() -> Callable[[int, int, int], None] | None:
-    """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range to disk without waiting, so the
-    disk works while later tensors are copied and the final fsync has little left to do. ``None`` elsewhere."""
-    name = ctypes.util.find_library("c")
-    if not name or not hasattr(os, "O_DIRECT"):  # O_DIRECT: a stand-in for "this is Linux"
+    """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range to disk, so that the disk works
+    while later tensors are copied and the final fsync has little left to do. ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(name, use_errno=True).sync_file_range
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range  # libc, already loaded in this process
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -89,12 +90,37 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
     write = 2  # SYNC_FILE_RANGE_WRITE
 
     def start(fd: int, offset: int, nbytes: int) -> None:
-        function(fd, offset, nbytes, write)  # advisory: a failure only means the final fsync does the work
+        function(fd, offset, nbytes, write)  # advisory: a failure only leaves the work to the final fsync
 
     return start
 
 
-start_writeback = _sync_file_range() or (lambda fd, offset, nbytes: None)
+class WriteBack:
+    """Starts the disk writes of finished file ranges on a thread of its own while the writers go on.
+
+    ``sync_file_range`` blocks for tens of milliseconds per call here (ext4 allocates the blocks as it submits
+    them); called from a writer, that stalled the copy for over a second of a 2.5 s conversion.
+    """
+
+    start_range = staticmethod(_sync_file_range() or (lambda fd, offset, nbytes: None))
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="reshard-writeback", daemon=True)
+        self._thread.start()
+
+    def request(self, fd: int, offset: int, nbytes: int) -> None:
+        self._requests.put((fd, offset, nbytes))
+
+    def close(self) -> None:
+        """Wait for the requests made so far (before their descriptors are closed)."""
+        if self._thread.is_alive():
+            self._requests.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._requests.get()) is not None:
+            self.start_range(*item)
 
 
 @dataclass(frozen=True)
@@ -137,9 +163,11 @@ def write_rank_files(
     each file's rank in its header metadata. ``threads`` (default: one per CPU) split the ranks between them.
     """
     sinks: dict[int, RankSink] = {}
+    writeback = WriteBack()
     try:
         for rank, path in paths.items():
-            sinks[rank] = RankSink(path, os.open(_temporary(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            fd = os.open(_temporary(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            sinks[rank] = RankSink(path, fd, writeback=writeback)
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
             file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
             sinks[rank].write(encode_header(header, file_metadata, align=64))
@@ -156,6 +184,7 @@ def write_rank_files(
         size = buffer_bytes or DEFAULT_BUFFER_BYTES
         streamers = [_Streamer({r: sinks[r] for r in group}, size, progress, stop) for group in groups if group]
         _run_together([functools.partial(s.copy_all, layouts, readers) for s in streamers], stop)
+        writeback.close()
         written = {}
         for rank, sink in sinks.items():
             os.fsync(sink.fd)
@@ -165,6 +194,7 @@ def write_rank_files(
             written[rank] = WrittenFile(sink.path, sink.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
         return written
     finally:
+        writeback.close()
         for sink in sinks.values():
             if sink.fd >= 0:
                 os.close(sink.fd)
@@ -194,17 +224,38 @@ def _run_together(tasks: list[Callable[[], None]], stop: threading.Event) -> Non
         raise errors[0]
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+@dataclass(frozen=True)
+class _ScatterPlan:
+    """How one ``preadv`` pass over whole outer blocks puts each rank's columns in its own region of the gather
+    buffer: ``reads`` are ``(offset in the blocks, buffers)`` calls; ``regions`` each rank's ``(start, stop)``.
+    Columns of ranks another thread writes land in a scratch buffer, overwritten at will."""
+
+    reads: list[tuple[int, list[memoryview]]]
+    regions: dict[int, tuple[int, int]]
+
+
 class _Streamer:
     """Copies every tensor's bytes for a group of ranks: views of the mapped source written as they are, rowwise
-    columns gathered through a fixed buffer, other sources read into a fixed buffer."""
+    columns scattered by the kernel into a fixed gather buffer, other sources read into a fixed buffer."""
 
     def __init__(
         self, sinks: dict[int, RankSink], buffer_bytes: int, on_bytes: Callable[[int], None], stop: threading.Event
     ) -> None:
         self.sinks, self.on_bytes, self.stop = sinks, on_bytes, stop
         self.size = buffer_bytes
-        self.buffer = bytearray(buffer_bytes)  # bytes read from a source that cannot lend a view
-        self.gather = bytearray(buffer_bytes)  # one rank's columns of a block, gathered
+        self._buffers: dict[str, bytearray] = {}  # allocated when first needed
+        self._plans: dict[tuple[object, ...], _ScatterPlan] = {}  # the same shapes recur in every layer
+
+    def _buffer(self, purpose: str, size: int | None = None) -> bytearray:
+        """``"read"``: bytes of a source that lends no span; ``"gather"``: the ranks' columns of a block;
+        ``"scratch"``: other ranks' columns. Grown, never shrunk (plans keep views of the old ones)."""
+        size = size or self.size
+        if len(self._buffers.get(purpose, b"")) < size:
+            self._buffers[purpose] = bytearray(size)
+        return self._buffers[purpose]
 
     def copy_all(self, layouts: list[TensorLayout], readers: dict[str, TensorReader]) -> None:
         for layout in layouts:
@@ -230,14 +281,14 @@ class _Streamer:
     def _source(
         self, reader: TensorReader, first: int, count: int, lo: int, hi: int, nbytes: int
     ) -> Iterator[memoryview]:
-        """The global bytes of rows ``[lo, hi)`` of outer indices ``[first, first + count)``: lent by the reader
-        as a view where it can, else read into this streamer's buffer."""
-        mapped = reader.mapped(first, count, lo, hi)
-        if mapped is not None:
-            with mapped as view:
+        """The global bytes of rows ``[lo, hi)`` of outer indices ``[first, first + count)``: a view of the mapped
+        source where the reader has them contiguous, else read into this streamer's buffer."""
+        span = reader.span(first, count, lo, hi)
+        if span is not None:
+            with span.mapped() as view:
                 yield view
             return
-        buffer = self.buffer if nbytes <= self.size else bytearray(nbytes)
+        buffer = self._buffer("read") if nbytes <= self.size else bytearray(nbytes)
         with memoryview(buffer)[:nbytes] as view:
             reader.read(first, count, lo, hi, view)
             yield view
@@ -256,29 +307,89 @@ class _Streamer:
                         self.on_bytes(nbytes)
 
     def _whole_blocks(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
-        """Several whole outer indices at once, each rank's ranges gathered from them (a rowwise weight's columns)."""
+        """Several whole outer indices at once, each rank's ranges taken from them (a rowwise weight's columns)."""
         block = g.length * g.row
         per_read = max(1, self.size // block)
+        held = {rank: layout.ranges[rank] for rank in self.sinks if any(b > a for a, b in layout.ranges[rank])}
+        contiguous = all(len(ranges) == 1 for ranges in held.values())
         for first in range(0, g.outer, per_read):
             count = min(per_read, g.outer - first)
+            span = reader.span(first, count, 0, g.length)
+            whole = all(ranges == ((0, g.length),) for ranges in held.values())
+            if span is not None and not whole and not (count == 1 and contiguous):
+                self._scatter(span, held, g, count)  # the kernel gathers: no per-row Python work, GIL released
+                continue
             with self._source(reader, first, count, 0, g.length, count * block) as view:
-                for rank, sink in self.sinks.items():
-                    ranges = layout.ranges[rank]
-                    if not any(stop > start for start, stop in ranges):
-                        continue
-                    if ranges == ((0, g.length),):  # the whole tensor (replicated): the block as it is
-                        sink.write(view)
-                        self.on_bytes(len(view))
-                        continue
-                    gathered, position = memoryview(self.gather), 0
-                    for index in range(count):  # one slice copy per outer index and range
-                        base = index * block
-                        for start, stop in ranges:
-                            size = (stop - start) * g.row
-                            gathered[position : position + size] = view[base + start * g.row : base + stop * g.row]
-                            position += size
-                    sink.write(gathered[:position])
-                    self.on_bytes(position)
+                for rank, ranges in held.items():
+                    if whole:  # the whole tensor (replicated): the block as it is
+                        self._write(rank, view)
+                    elif count == 1 and contiguous:  # one run of the block: no gather needed
+                        ((start, stop),) = ranges
+                        self._write(rank, view[start * g.row : stop * g.row])
+                    else:
+                        self._write(rank, self._gather(view, ranges, g, count))
+
+    def _write(self, rank: int, data: memoryview) -> None:
+        self.sinks[rank].write(data)
+        self.on_bytes(len(data))
+
+    def _gather(self, view: memoryview, ranges: tuple[tuple[int, int], ...], g: Geometry, count: int) -> memoryview:
+        """One rank's ranges of ``count`` whole blocks, copied one after another into the gather buffer."""
+        gathered, position, block = memoryview(self._buffer("gather")), 0, g.length * g.row
+        for index in range(count):
+            base = index * block
+            for start, stop in ranges:
+                size = (stop - start) * g.row
+                gathered[position : position + size] = view[base + start * g.row : base + stop * g.row]
+                position += size
+        return gathered[:position]
+
+    def _scatter(self, span: Span, held: dict[int, tuple[tuple[int, int], ...]], g: Geometry, count: int) -> None:
+        """Read ``count`` whole blocks with ``preadv`` straight into each rank's region, then write the regions."""
+        key = (g, count, tuple(held.items()))
+        if key not in self._plans:
+            self._plans[key] = self._scatter_plan(held, g, count)
+        plan = self._plans[key]
+        span.scatter(plan.reads)
+        gathered = memoryview(self._buffer("gather"))
+        for rank, (start, stop) in plan.regions.items():
+            self._write(rank, gathered[start:stop])
+
+    def _scatter_plan(self, held: dict[int, tuple[tuple[int, int], ...]], g: Geometry, count: int) -> _ScatterPlan:
+        """Lay each rank's columns of ``count`` blocks one after another in its region; bytes between them (other
+        ranks' columns, merged across block ends) go to the scratch buffer."""
+        pieces = sorted((start, stop, rank) for rank, ranges in held.items() for start, stop in ranges if stop > start)
+        regions, position = {}, 0
+        for rank, ranges in held.items():
+            width = count * sum(stop - start for start, stop in ranges) * g.row
+            regions[rank] = (position, position + width)
+            position += width
+        cursors = {rank: start for rank, (start, _) in regions.items()}
+        items: list[tuple[int, int] | int] = []  # a (start, stop) of the gather buffer, or a number of bytes to skip
+        skip = 0
+        for _ in range(count):
+            row = 0
+            for start, stop, rank in pieces:
+                skip += (start - row) * g.row
+                if skip:
+                    items.append(skip)
+                    skip = 0
+                size = (stop - start) * g.row
+                items.append((cursors[rank], cursors[rank] + size))
+                cursors[rank] += size
+                row = stop
+            skip += (g.length - row) * g.row
+        if skip:
+            items.append(skip)
+        gathered = memoryview(self._buffer("gather"))
+        scratch = memoryview(self._buffer("scratch", max([i for i in items if isinstance(i, int)], default=1)))
+        buffers = [scratch[:i] if isinstance(i, int) else gathered[i[0] : i[1]] for i in items]
+        reads, offset = [], 0
+        for index in range(0, len(buffers), IOV_MAX):
+            chunk = buffers[index : index + IOV_MAX]
+            reads.append((offset, chunk))
+            offset += sum(len(b) for b in chunk)
+        return _ScatterPlan(reads, regions)
 
 
 def _temporary(path: Path) -> Path:

@@ -444,7 +444,7 @@ def test_views_reads_and_thread_counts_give_the_same_bytes(tmp_path, monkeypatch
     source = make_checkpoint("llama_gqa8", tmp_path / "src")
     reference = tmp_path / "ref"
     reshard.convert(source, reference, tp=4, progress=False)
-    monkeypatch.setattr(reshard.readers.CheckpointTensorReader, "mapped", lambda self, *args: None)
+    monkeypatch.setattr(reshard.readers.CheckpointTensorReader, "span", lambda self, *args: None)
     monkeypatch.setattr(reshard.write, "default_threads", lambda ranks: threads)
     reshard.convert(source, tmp_path / "read", tp=4, progress=False)
     for path in reference.iterdir():
