@@ -118,7 +118,7 @@ class SourceHashes:
         return self._digests[path]
 
 
-def hash_mapped(path: Path, window: int = 64 * 1024 * 1024) -> tuple[int, str]:
+def hash_mapped(path: Path, window: int = 16 * 1024 * 1024) -> tuple[int, str]:
     """Size and xxh3-128 of a file hashed through a read-only mapping, window by window: no copy into this
     process, and resident memory bounded by one window (each is dropped from the mapping once hashed)."""
     digest = xxhash.xxh3_128()

@@ -138,10 +138,13 @@ def rank_bytes(layouts: list[TensorLayout], ranks: list[int]) -> int:
     return sum(math.prod(t.local_shapes[r]) * itemsize(t.dtype) for t in layouts for r in ranks)
 
 
+MAX_THREADS = 4  # each has its own buffers; a few threads already saturate the page cache's copy bandwidth
+
+
 def default_threads(ranks: int) -> int:
-    """One writer thread per CPU this process may use, at most one per rank file."""
+    """One writer thread per CPU this process may use, at most one per rank file and ``MAX_THREADS``."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(ranks, cpus))
+    return max(1, min(ranks, cpus, MAX_THREADS))
 
 
 def write_rank_files(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -435,17 +436,86 @@ def test_experts_not_divisible_by_ep_are_refused_before_any_weight(tmp_path: Pat
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_views_reads_and_thread_counts_give_the_same_bytes(tmp_path, monkeypatch, threads):
-    """Source bytes lent as views of the mapped checkpoint, or read into the writer's buffer (a source that cannot
-    lend them), by one writer thread or several: the same rank files."""
+@pytest.mark.parametrize(("kind", "tp"), [("llama_gqa8", 4), ("family_qwen3_moe", 2)])
+def test_views_reads_and_thread_counts_give_the_same_bytes(tmp_path, monkeypatch, threads, kind, tp):
+    """Source bytes lent as views of the mapped checkpoint and rowwise columns scattered by preadv, or everything
+    read into the writer's buffer and gathered in Python (a source that lends no span), by one writer thread or
+    several: the same rank files (the MoE kind adds strided [gate; up] ranges and fused experts)."""
     import reshard.readers
     import reshard.write
 
-    source = make_checkpoint("llama_gqa8", tmp_path / "src")
+    source = make_checkpoint(kind, tmp_path / "src")
     reference = tmp_path / "ref"
-    reshard.convert(source, reference, tp=4, progress=False)
+    reshard.convert(source, reference, tp=tp, progress=False)
     monkeypatch.setattr(reshard.readers.CheckpointTensorReader, "span", lambda self, *args: None)
+    monkeypatch.setattr(reshard.readers.SegmentedTensorReader, "span", lambda self, *args: None)
     monkeypatch.setattr(reshard.write, "default_threads", lambda ranks: threads)
-    reshard.convert(source, tmp_path / "read", tp=4, progress=False)
+    reshard.convert(source, tmp_path / "read", tp=tp, progress=False)
     for path in reference.iterdir():
         assert path.read_bytes() == (tmp_path / "read" / path.name).read_bytes(), path.name
+
+
+def test_memory_stays_bounded_by_the_buffers_not_the_model(tmp_path: Path):
+    """A 270 MB checkpoint converted with 4 MiB buffers in a fresh process: its peak RSS grows by far less than
+    the model (mapped source pages are dropped once written, buffers are fixed)."""
+    source = tmp_path / "big"
+    source.mkdir()
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
+        "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+        "vocab_size": 32000, "tie_word_embeddings": False,
+    }  # fmt: skip
+    (source / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": (32000, 1024), "lm_head.weight": (32000, 1024), "model.norm.weight": (1024,)}
+    for layer in range(4):
+        prefix = f"model.layers.{layer}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{prefix}self_attn.{name}.weight"] = (1024, 1024)
+        shapes[f"{prefix}mlp.gate_proj.weight"] = shapes[f"{prefix}mlp.up_proj.weight"] = (4096, 1024)
+        shapes[f"{prefix}mlp.down_proj.weight"] = (1024, 4096)
+        shapes[f"{prefix}input_layernorm.weight"] = shapes[f"{prefix}post_attention_layernorm.weight"] = (1024,)
+    header, offset = {}, 0
+    for name, shape in sorted(shapes.items()):
+        nbytes = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header).encode()
+    with open(source / "model.safetensors", "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        block = bytes(i % 64 for i in range(256)) * 4096  # 1 MiB of finite bf16 values (no NaN)
+        for _ in range(offset // len(block)):
+            handle.write(block)
+        handle.write(block[: offset % len(block)])
+    assert offset > 250e6
+    # VmHWM, not ru_maxrss: the latter also counts the image of the parent this process was forked from (pytest)
+    script = (
+        "import re, sys, reshard, reshard.write\n"
+        "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
+        "reshard.write.DEFAULT_BUFFER_BYTES = 4 << 20\n"
+        "before = peak()\n"
+        "reshard.convert(sys.argv[1], sys.argv[2], tp=2, progress=False)\n"
+        "print(before, peak())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(source), str(tmp_path / "art")], capture_output=True, text=True, check=True
+    )
+    before, peak = (int(field) for field in result.stdout.split())
+    assert peak - before < 100e6, f"peak RSS grew by {(peak - before) / 1e6:.0f} MB for a {offset / 1e6:.0f} MB model"
+    assert reassemble(tmp_path / "art")["lm_head.weight"].shape == (32000, 1024)
+
+
+def test_a_source_cut_short_under_the_writer_is_named(tmp_path: Path):
+    """Reads that come back short (a file truncated after its header was checked) name the file and tensor."""
+    from reshard.readers import OpenFiles, Span
+
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(b"x" * 100)
+    files = OpenFiles()
+    try:
+        span = Span(files, path, "model.norm.weight", 40, 100)
+        with pytest.raises(FileFormatError, match=r"cut\.safetensors: tensor 'model\.norm\.weight' is cut short"):
+            span.scatter([(0, [memoryview(bytearray(100))])])
+        with pytest.raises(FileFormatError, match=r"tensor 'model\.norm\.weight' is cut short"), span.mapped():
+            pass
+    finally:
+        files.close()
