@@ -120,6 +120,13 @@ def cli() -> None:
     help="Publish the artifact when done: a folder, s3://bucket/prefix or hf://org/name (see `reshard publish`).",
 )
 @click.option(
+    "--no-fsync",
+    is_flag=True,
+    help="Leave the rank files in the page cache instead of flushing them to disk (about the speed of cp -r). "
+    "Interrupting reshard stays safe; an OS crash or power cut soon after can leave an artifact whose files are "
+    "incomplete (`reshard verify` finds it).",
+)
+@click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
 def convert(
@@ -134,6 +141,7 @@ def convert(
     replicate_kv: bool,
     ep: int,
     push_to: str | None,
+    no_fsync: bool,
     worker_slot: str | None,
 ) -> None:
     from reshard.conversion import convert as run_convert
@@ -142,7 +150,7 @@ def convert(
     out = output or str(default_output(model, tp))
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
-        convert_part(model, out, tp, plan, revision, index, size, replicate_kv, ep)
+        convert_part(model, out, tp, plan, revision, index, size, replicate_kv, ep, durable=not no_fsync)
         return
     manifest = run_convert(
         model,
@@ -155,6 +163,7 @@ def convert(
         workers=workers,
         replicate_kv=replicate_kv,
         ep=ep,
+        durable=not no_fsync,
     )
     size = sum(f.size for f in manifest.files if f.rank is not None)
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")

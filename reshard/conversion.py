@@ -51,6 +51,7 @@ def convert(
     group: WorkerGroup | None = None,
     replicate_kv: bool = False,
     ep: int = 1,
+    durable: bool = True,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -67,6 +68,8 @@ def convert(
         replicate_kv: when tp exceeds the KV heads, duplicate them so every rank holds whole heads.
         ep: expert-parallel size (equal to tp): each rank holds whole experts instead of a slice of each.
         group: this process's worker group; by default the torchrun group when run under torchrun, else alone.
+        durable: flush the rank files to disk (fsync) before the manifest is written. ``False`` leaves them in the
+            page cache, like ``cp``: interrupting the process is still safe, an OS crash soon after is not.
 
     Returns:
         The manifest written into ``out``.
@@ -98,9 +101,10 @@ def convert(
         argv += ["--revision", revision] if revision else []
         argv += ["--replicate-kv"] if replicate_kv else []
         argv += ["--ep", str(ep)] if ep > 1 else []
+        argv += [] if durable else ["--no-fsync"]
         run_workers([worker_command(argv, index, workers) for index in range(workers)])
     else:
-        write_part(job, staging, group.ranks(tp), job_id, progress=progress)
+        write_part(job, staging, group.ranks(tp), job_id, progress=progress, durable=durable)
     group.barrier()
     manifest = _finish(job, staging, out_path, tp, job_id, overwrite, progress) if group.is_leader else None
     group.barrier()
@@ -117,6 +121,8 @@ def convert_part(
     size: int,
     replicate_kv: bool = False,
     ep: int = 1,
+    *,
+    durable: bool = True,
 ) -> None:
     """One local worker's share of ``convert(..., workers=size)``: its rank files only, into the staging folder
     the parent prepared (the parent writes the manifest)."""
@@ -124,7 +130,8 @@ def convert_part(
     staging = staging_path(Path(out))
     if not staging.is_dir():
         raise ReshardError(f"{staging}: no staging folder; --worker is for the processes `--workers` starts")
-    write_part(job, staging, WorkerGroup(index, size, lambda: None).ranks(tp), job.fingerprint(tp), progress=False)
+    ranks = WorkerGroup(index, size, lambda: None).ranks(tp)
+    write_part(job, staging, ranks, job.fingerprint(tp), progress=False, durable=durable)
 
 
 def _build_job(
@@ -135,7 +142,9 @@ def _build_job(
     return job_from_checkpoint(model, revision, tp, plan, replicate_kv, ep)
 
 
-def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str, *, progress: bool) -> None:
+def write_part(
+    job: ConversionJob, staging: Path, ranks: list[int], job_id: str, *, progress: bool, durable: bool = True
+) -> None:
     """Write this worker's rank files into ``staging``, reusing any a previous run of the same job finished."""
     todo = {}
     for rank in ranks:
@@ -156,6 +165,7 @@ def write_part(job: ConversionJob, staging: Path, ranks: list[int], job_id: str,
                 todo,
                 metadata={"format": "pt", "reshard.tp": str(job.tp)},
                 on_bytes=bar.update,
+                durable=durable,
             )
     finally:
         files.close()

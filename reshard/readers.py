@@ -140,6 +140,8 @@ class OpenFiles:
 
     ``mapped`` lends a view straight into the page cache (zero copy); the pages are dropped from this process's
     mapping once the view is returned, so resident memory stays bounded by the views in use, not by the model.
+    Every view is checked against the file's size when mapped (and tensor offsets against it when the header is
+    read); like safetensors' own loader, this relies on the source not being truncated while it is converted.
     """
 
     def __init__(self) -> None:

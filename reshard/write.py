@@ -3,10 +3,12 @@
 Every rank file's header is computed from the layout before any byte is read and written first; then each tensor
 is taken from its source in blocks of at most ``buffer_bytes`` and each rank's ranges are appended to its file.
 Source bytes are written straight from the mapped checkpoint (no copy into this process) and hashed while they
-are still in the CPU cache; only a rowwise tensor's columns are gathered through a fixed buffer. The ranks are
-split into contiguous groups, one thread each: rank files are independent, and file writes and xxh3 release
-the GIL, so the groups run in parallel. Memory stays bounded by the buffers, whatever the model's size.
-Knows nothing of plans or styles: it executes the ``TensorLayout`` values it is given.
+are still in the CPU cache; a rowwise tensor's columns are scattered by the kernel (one ``preadv`` per block, its
+buffer list planned once per shape) into a fixed gather buffer. The ranks are split into contiguous groups, one
+thread each: rank files are independent, and file writes, ``preadv`` and xxh3 release the GIL, so the groups run
+in parallel. A further thread asks the kernel to start writing finished ranges to disk, so the final fsync finds
+little left to do. Memory stays bounded by the buffers, whatever the model's size. Knows nothing of plans or
+styles: it executes the ``TensorLayout`` values it is given.
 """
 
 from __future__ import annotations
@@ -157,16 +159,18 @@ def write_rank_files(
     on_bytes: Callable[[int], None] = lambda n: None,
     rank_metadata: bool = True,
     threads: int | None = None,
+    durable: bool = True,
 ) -> dict[int, WrittenFile]:
     """Write ``paths[r]`` for the ranks given: header, then each layout's rank-r bytes in order.
 
     Each file is written as ``NAME.tmp``, fsynced and renamed, so a file under its final name is always whole.
     ``readers`` gives each tensor's global bytes; only the rows these ranks hold are read. ``on_bytes`` is called
     with the number of bytes written (from the writer threads; calls are serialised). ``rank_metadata`` records
-    each file's rank in its header metadata. ``threads`` (default: one per CPU) split the ranks between them.
+    each file's rank in its header metadata. ``threads`` (default: one per CPU, at most ``MAX_THREADS``) split the
+    ranks between them. ``durable=False`` skips the write-back and fsync (files left in the page cache, like cp).
     """
     sinks: dict[int, RankSink] = {}
-    writeback = WriteBack()
+    writeback = WriteBack() if durable else None
     try:
         for rank, path in paths.items():
             fd = os.open(_temporary(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -187,17 +191,20 @@ def write_rank_files(
         size = buffer_bytes or DEFAULT_BUFFER_BYTES
         streamers = [_Streamer({r: sinks[r] for r in group}, size, progress, stop) for group in groups if group]
         _run_together([functools.partial(s.copy_all, layouts, readers) for s in streamers], stop)
-        writeback.close()
+        if writeback is not None:
+            writeback.close()
         written = {}
         for rank, sink in sinks.items():
-            os.fsync(sink.fd)
+            if durable:
+                os.fsync(sink.fd)
             os.close(sink.fd)
             sink.fd = -1
             os.replace(_temporary(sink.path), sink.path)
             written[rank] = WrittenFile(sink.path, sink.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
         return written
     finally:
-        writeback.close()
+        if writeback is not None:
+            writeback.close()
         for sink in sinks.values():
             if sink.fd >= 0:
                 os.close(sink.fd)
