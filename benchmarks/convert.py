@@ -2,10 +2,9 @@
 
 Like is compared with like. By default reshard flushes its rank files to disk (fsync) before writing the manifest;
 ``cp -r`` leaves its copy in the page cache. So each repeat runs, in order: ``cp -r SRC DST`` then ``sync`` (timed
-alone and together), the disk's durable floor (the same bytes written with O_DIRECT and fsynced: what any writer
-that persists them needs at least), ``reshard --tp N SRC -o OUT -q`` (durable) and ``reshard ... --no-fsync``
-(page cache, as cp). Each reshard run is a child process timed with its own peak RSS (``os.wait4``, cross-checked
-by psutil polling of its process tree). Goals: durable reshard <= 1.5x cp -r + sync, reshard --no-fsync <= 1.5x
+alone and together), ``reshard --tp N SRC -o OUT -q`` (durable) and ``reshard ... --no-fsync`` (page cache, as
+cp). Each reshard run is a child process timed with its own peak RSS (``os.wait4``, cross-checked by psutil
+polling of its process tree). Goals: durable reshard <= 1.5x cp -r + sync, reshard --no-fsync <= 1.5x
 cp -r. Ratios are given two ways: best time over best time, and the median over repeats of the ratio within a
 repeat (the runs of one repeat are seconds apart, so this cancels the machine's drift; copy speed on this shared VM
 swings by several times from one minute to the next). Peak RSS is the worst run. "cold" drops the page cache
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import mmap
 import os
 import shlex
 import shutil
@@ -43,7 +41,7 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 WARM_LIBRARIES = "import torch, xxhash, tqdm, reshard.cli, reshard.conversion"
 
 
-PEERS = ("cp -r", "cp -r + sync", "disk floor", "reshard", "reshard --no-fsync")
+PEERS = ("cp -r", "cp -r + sync", "reshard", "reshard --no-fsync")
 # (reshard variant, its like-for-like peer): durable with durable, page cache with page cache
 GOALS = (("reshard", "cp -r + sync"), ("reshard --no-fsync", "cp -r"))
 
@@ -154,26 +152,6 @@ def clean(*paths: Path) -> None:
     os.sync()
 
 
-def direct_write(src: Path, dst: Path) -> None:
-    """Write ``src``'s files to ``dst`` with O_DIRECT (no page cache) and fsync them: the disk's durable floor.
-
-    The page-aligned buffer O_DIRECT needs is unmapped afterwards, so that the reshard processes this one forks
-    next do not start with it in their peak RSS."""
-    dst.mkdir()
-    with mmap.mmap(-1, 32 << 20) as buffer:
-        for path in sorted(p for p in src.iterdir() if p.is_file()):
-            fd = os.open(dst / path.name, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-            try:
-                with open(path, "rb", buffering=0) as source:
-                    while got := source.readinto(buffer):  # type: ignore[arg-type]
-                        with memoryview(buffer)[: -(-got // 4096) * 4096] as blocks:  # whole blocks, trimmed below
-                            os.write(fd, blocks)
-                os.ftruncate(fd, path.stat().st_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def measure(setup: str, src: Path, work: Path, tp: int, repeat: int, extra: list[str]) -> Runs:
     """Run ``repeat`` rounds of every peer under ``setup``, cleaning outputs between runs."""
     runs = Runs(setup)
@@ -191,12 +169,6 @@ def measure(setup: str, src: Path, work: Path, tp: int, repeat: int, extra: list
         runs.cpu["cp -r"].append(cp.cpu)
         runs.walls["cp -r + sync"].append(cp.wall + time.perf_counter() - synced)
         runs.cpu["cp -r + sync"].append(cp.cpu)
-        clean(dst, out)
-        prepare(cold, src)
-        started = time.perf_counter()
-        direct_write(src, dst)
-        runs.walls["disk floor"].append(time.perf_counter() - started)
-        runs.cpu["disk floor"].append(0.0)
         for peer, flags in (("reshard", []), ("reshard --no-fsync", ["--no-fsync"])):
             clean(dst, out)
             prepare(cold, src)
@@ -226,7 +198,7 @@ def report(results: list[Runs], tp: int, notes: list[str]) -> str:
     lines.append("| setup | ratio | best / best | median within a repeat | goal |")
     lines.append("|---|---|---:|---:|---|")
     for r in results:
-        for mine, peer in (*GOALS, ("reshard", "cp -r"), ("disk floor", "cp -r")):
+        for mine, peer in (*GOALS, ("reshard", "cp -r"), ("cp -r + sync", "cp -r")):
             goal = _verdict(r.paired_ratio(mine, peer) <= GOAL_RATIO) if (mine, peer) in GOALS else "-"
             lines.append(
                 f"| {r.setup} | {mine} / {peer} | {r.best_ratio(mine, peer):.2f}x | {r.paired_ratio(mine, peer):.2f}x "

@@ -31,7 +31,8 @@ from reshard.layout import TensorLayout
 from reshard.loaders.safetensors_file import encode_header, itemsize
 from reshard.readers import Geometry, Span, TensorReader
 
-DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
+DEFAULT_BUFFER_BYTES = 2 * 1024 * 1024  # per view, gather and read: small enough that bytes written are still cached
+# when hashed (32 MiB buffers measured 10-15% slower end to end: the hashes then read from memory, not cache)
 PIECE_BYTES = 512 * 1024  # written, then hashed twice while still in the CPU cache
 WRITEBACK_BYTES = 64 * 1024 * 1024  # start a file's disk writes every this many bytes, not all at the final fsync
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import reshard
+from reshard.cli import cli
 from reshard.errors import FileFormatError, OutputExistsError, PlanError, ReshardError, ShardabilityError
 from reshard.manifests import read_manifest
 from tests.helpers.checkpoints import make_checkpoint
@@ -519,3 +521,29 @@ def test_a_source_cut_short_under_the_writer_is_named(tmp_path: Path):
             pass
     finally:
         files.close()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_rank_files_are_fsynced_unless_no_fsync(checkpoints, tmp_path, monkeypatch, durable):
+    """Durable by default: every rank file is fsynced before the manifest is written; --no-fsync leaves them in the
+    page cache (the manifest and the folder are still made durable) and writes the same bytes."""
+    synced: list[str] = []
+    original = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        original(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    out = tmp_path / "art"
+    args = ["--tp", "2", str(checkpoints["llama"]), "-o", str(out), "-q", *([] if durable else ["--no-fsync"])]
+    result = CliRunner().invoke(cli, args)  # in this process, so that the recording fsync sees every call
+    assert result.exit_code == 0, result.output
+    rank_files_synced = {Path(path).name for path in synced if path.endswith(".safetensors.tmp")}
+    assert rank_files_synced == (
+        {"rank-00000-of-00002.safetensors.tmp", "rank-00001-of-00002.safetensors.tmp"} if durable else set()
+    )
+    reference = tmp_path / "ref"
+    reshard.convert(checkpoints["llama"], reference, tp=2, progress=False)
+    for path in reference.iterdir():
+        assert path.read_bytes() == (out / path.name).read_bytes(), path.name
