@@ -184,14 +184,13 @@ def verify(artifact: str, quiet: bool) -> None:
     \b
       reshard verify ./my-checkpoint-tp4
     """
-    from tqdm.auto import tqdm
-
     from reshard.errors import IntegrityError
     from reshard.manifests import read_manifest
+    from reshard.progress import progress_bar
     from reshard.verify import total_bytes, verify_artifact
 
     manifest = read_manifest(artifact)
-    with tqdm(total=total_bytes(manifest), unit="B", unit_scale=True, desc="verify", disable=quiet) as bar:
+    with progress_bar(total=total_bytes(manifest), desc="verify", enabled=not quiet) as bar:
         problems = verify_artifact(artifact, bar.update)
     if problems:
         for problem in problems:

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from reshard.errors import OutputExistsError, ReshardError
 from reshard.from_artifact import artifact_readers, manifest_and_digest
 from reshard.kv_heads import HeadMapReader, config_json, head_maps, mapped_shape, with_kv_heads
 from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.safetensors_file import ITEMSIZES
 from reshard.manifests import Manifest, Placement, resolve_in
+from reshard.progress import progress_bar
 from reshard.readers import Geometry, OpenFiles, Span, TensorReader
 from reshard.staging import copy_hashed, staging_folder, write_durably
 from reshard.write import write_rank_files
@@ -69,7 +68,7 @@ def consolidate(
         shards = _group_into_shards(sorted(outputs.values(), key=lambda o: o[0].name), max_shard_bytes)
         with (
             staging_folder(out_path, overwrite) as staging,
-            tqdm(total=total, unit="B", unit_scale=True, desc="consolidate", disable=not progress) as bar,
+            progress_bar(total=total, desc="consolidate", enabled=progress) as bar,
         ):
             weight_map: dict[str, str] = {}
             for index, shard in enumerate(shards):

@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 import reshard
 from reshard.errors import OutputExistsError, ReshardError
 from reshard.jobs import ConversionJob, architecture, job_from_artifact, job_from_checkpoint
@@ -28,6 +26,7 @@ from reshard.manifests import (
     read_manifest,
 )
 from reshard.parallel import WorkerGroup, from_torchrun, run_workers, solo, worker_command
+from reshard.progress import progress_bar
 from reshard.readers import OpenFiles
 from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
 from reshard.write import WrittenFile, rank_bytes, write_rank_files
@@ -158,7 +157,7 @@ def write_part(
         readers = job.open_readers(files)
         desc = f"write {len(todo)} of {job.tp} rank files"
         total = rank_bytes(job.layouts, list(todo))
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+        with progress_bar(total=total, desc=desc, enabled=progress) as bar:
             written = write_rank_files(
                 job.layouts,
                 readers,

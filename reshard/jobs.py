@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 import reshard
 from reshard.errors import PlanError, ReshardError
 from reshard.experts import fuse_experts
@@ -33,6 +31,7 @@ from reshard.plan import (
     split_expert_parallel,
 )
 from reshard.preflight import require_expert_parallel, require_shardable, text_config
+from reshard.progress import progress_bar
 from reshard.readers import (
     CheckpointTensorReader,
     Geometry,
@@ -228,7 +227,7 @@ def _source_info(checkpoint: Checkpoint, hashes: SourceHashes, progress: bool) -
     if index.exists():
         files.append(index)
     entries = []
-    with tqdm(total=len(files), unit="file", desc="hash source", disable=not progress) as bar:
+    with progress_bar(total=len(files), unit="file", desc="hash source", enabled=progress) as bar:
         for path in sorted(files):
             size, digest = hashes.digest(path)
             entries.append(FileEntry(path.name, size, digest))

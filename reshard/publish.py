@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
-
 from reshard.errors import IntegrityError, StorageError
 from reshard.loaders.integrity import CHUNK_BYTES, hash_file
 from reshard.loaders.remote import HubLocation, S3Location, parse_location, s3_filesystem
 from reshard.manifests import MANIFEST_NAME, FileEntry, Manifest, read_manifest, resolve_in
 from reshard.model_card import model_card
+from reshard.progress import progress_bar
 from reshard.staging import fsync_dir
 
 S3_PART_BYTES = 64 * 1024 * 1024  # multipart size: up to 640 GB per file within S3's 10,000 parts
@@ -129,9 +128,7 @@ def _publish_to_store(local: LocalArtifact, store: _Store, progress: bool) -> st
     existing = store.read(MANIFEST_NAME)
     if existing is not None and existing != local.manifest_bytes:
         store.delete(MANIFEST_NAME)  # another artifact is here: it stops being one before any of its files change
-    with tqdm(
-        total=local.total_bytes, unit="B", unit_scale=True, desc=f"publish {store.uri}", disable=not progress
-    ) as bar:
+    with progress_bar(total=local.total_bytes, desc=f"publish {store.uri}", enabled=progress) as bar:
         for entry in local.upload_order():
             if store.has(entry):
                 bar.update(entry.size)

@@ -1,0 +1,28 @@
+"""Progress bars that cost nothing when turned off: tqdm (and the asyncio it pulls in, 60 ms of start-up) is only
+imported when a bar is shown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class _NoBar:
+    """What a disabled bar needs to answer."""
+
+    def update(self, n: float = 1) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+def progress_bar(*, total: float, desc: str, unit: str = "B", enabled: bool = True) -> Any:
+    """A tqdm bar (bytes scaled to kB/MB/GB when ``unit`` is ``"B"``), or a no-op stand-in when not ``enabled``."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc)
