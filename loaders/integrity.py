@@ -15,7 +15,7 @@ def hash_file(path: str | os.PathLike[str], on_bytes: Callable[[int], None] = la
 
     digest = xxhash.xxh3_128()
     size = 0
-    buffer = bytearray(CHUNK_BYTES)
+    buffer = bytearray(max(1, min(CHUNK_BYTES, os.path.getsize(path))))  # a small file gets a small buffer
     view = memoryview(buffer)
     with open(Path(path), "rb", buffering=0) as handle:
         while got := handle.readinto(buffer):

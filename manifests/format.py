@@ -172,7 +172,10 @@ class Manifest:
         raise KeyError(name)
 
     def to_json(self) -> str:
-        """Serialise deterministically (sorted plan, fixed key order), ending with a newline."""
+        """Serialise deterministically (sorted plan, fixed key order), ending with a newline.
+
+        One line per top-level key, per file, per tensor and per plan rule: readable and greppable, and written by
+        json's C encoder (an indented dump goes through its pure-Python one: 25 ms for a 218-tensor model)."""
         data = {
             "format": self.format,
             "format_version": self.format_version,
@@ -189,7 +192,7 @@ class Manifest:
             "files": [asdict(f) for f in self.files],
             "tensors": [t.to_json() for t in self.tensors],
         }
-        return json.dumps(data, indent=1) + "\n"
+        return _one_item_per_line(data)
 
     @classmethod
     def from_json(cls, text: str, origin: str = MANIFEST_NAME) -> Manifest:
@@ -302,3 +305,18 @@ def _tensor_from_json(data: dict[str, Any]) -> TensorEntry:
             for s in data["slices"]
         ],
     )
+
+
+def _one_item_per_line(data: dict[str, Any]) -> str:
+    """``data`` as JSON with each top-level key on its own line, and each item of a top-level list or dict too."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, list) and value:
+            items = ",\n".join(f"  {json.dumps(item)}" for item in value)
+            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
+        elif isinstance(value, dict) and value:
+            items = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            lines.append(f" {json.dumps(key)}: {{\n{items}\n }}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
