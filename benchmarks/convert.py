@@ -102,7 +102,7 @@ class Sample:
     wall: float
     cpu: float
     maxrss_mb: float  # ru_maxrss from wait4: the largest single process of the child's tree
-    polled_mb: float  # psutil, every 10 ms: the child and its descendants summed
+    polled_mb: float  # psutil, every 100 ms: the child and its descendants summed (a cross-check; cheap)
 
     @property
     def peak_mb(self) -> float:
@@ -123,7 +123,7 @@ def run_timed(command: list[str]) -> Sample:
     def poll() -> None:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(child.pid)
-            while not done.wait(0.01):
+            while not done.wait(0.1):  # polling costs CPU the timed command would otherwise have
                 total = 0
                 for process in [root, *root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
