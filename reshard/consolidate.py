@@ -22,7 +22,7 @@ from reshard.layout import TensorLayout, file_order, tensor_layout
 from reshard.loaders.safetensors_file import ITEMSIZES
 from reshard.manifests import Manifest, Placement, resolve_in
 from reshard.progress import progress_bar
-from reshard.readers import Geometry, OpenFiles, Span, TensorReader
+from reshard.readers import ColumnSpan, Geometry, OpenFiles, Span, TensorReader
 from reshard.staging import copy_hashed, staging_folder, write_durably
 from reshard.write import write_rank_files
 
@@ -165,6 +165,9 @@ class ExpertPartReader:
 
     def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
         return self.fused.span(*self._in_fused(first, count, lo, hi))
+
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        return None  # a tp=1 layout: every block is taken whole, never gathered
 
     def _in_fused(self, first: int, count: int, lo: int, hi: int) -> tuple[int, int, int, int]:
         """The same bytes as (first, count, lo, hi) of the fused tensor's reader."""

@@ -14,7 +14,7 @@ from reshard.errors import FileFormatError
 from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import read_header
 from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
-from reshard.readers import Geometry, OpenFiles, Span, read_exact
+from reshard.readers import ColumnSpan, Geometry, OpenFiles, Span, read_exact
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,15 @@ class ArtifactTensorReader:
                     return Span(self.files, piece.path, self.name, offset, nbytes)
                 position += stop - start
         return None
+
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        """Each old rank's rows of the blocks: contiguous in its file, holding that rank's columns."""
+        row = self.geometry.row
+        return [
+            (Span(self.files, p.path, self.name, p.offset + first * p.length * row, count * p.length * row), p.ranges)
+            for p in self.pieces
+            if p.length  # an old rank with no rows of this tensor holds none of its columns
+        ]
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         row, width = self.geometry.row, hi - lo

@@ -14,7 +14,7 @@ from typing import Any
 
 from reshard.plan import generic_name
 from reshard.preflight import text_config
-from reshard.readers import Span, TensorReader
+from reshard.readers import ColumnSpan, Span, TensorReader
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 
@@ -99,6 +99,9 @@ class HeadMapReader:
             return None
         source = self.source_heads[head] * self.head_rows + offset
         return self.base.span(first, count, source, source + hi - lo)
+
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        return None  # sharded on dim 0: never read as whole outer blocks
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         assert first == 0 and count == 1, "a head map is read along dim 0 of a tensor sharded on dim 0"

@@ -54,6 +54,14 @@ class TensorReader(Protocol):
         """Where the same bytes lie contiguous in one file, else ``None`` (the writer then ``read``s them)."""
         ...
 
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        """Whole outer indices ``[first, first + count)`` as spans that each hold, row after row, some of the
+        columns (global ranges of the placement dim), together all of them; ``None`` if the reader cannot."""
+        ...
+
+
+ColumnSpan = tuple["Span", tuple[tuple[int, int], ...]]  # a span and the global columns each of its rows holds
+
 
 @dataclass(frozen=True)
 class Span:
@@ -69,12 +77,11 @@ class Span:
         """The bytes as a view into the page cache (no copy), dropped from this process once used."""
         return self.files.mapped(self.path, self.name, self.offset, self.nbytes)
 
-    def scatter(self, reads: list[tuple[int, list[memoryview]]]) -> None:
-        """``preadv`` each ``(relative offset, buffers)``: one system call fills many buffers, the kernel copying
-        each piece where it belongs (a rowwise weight's columns into each rank's buffer)."""
+    def scatter(self, reads: list[tuple[int, list[memoryview], int]]) -> None:
+        """``preadv`` each ``(relative offset, buffers, their total bytes)``: one system call fills many buffers, the
+        kernel copying each piece where it belongs (a rowwise weight's columns into each rank's buffer)."""
         fd = self.files.fd(self.path)
-        for start, buffers in reads:
-            expected = sum(len(b) for b in buffers)
+        for start, buffers, expected in reads:
             if os.preadv(fd, buffers, self.offset + start) != expected:  # a short read: the file was cut
                 raise FileFormatError(
                     f"{self.path}: tensor {self.name!r} is cut short after byte {self.offset + start} (truncated file)"
@@ -230,6 +237,10 @@ class CheckpointTensorReader:
         nbytes = ((count - 1) * g.length + hi - lo) * g.row
         return Span(self.files, self.file, self.entry.name, offset, nbytes)
 
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        span = self.span(first, count, 0, self.geometry.length)
+        return None if span is None else [(span, ((0, self.geometry.length),))]
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -274,6 +285,10 @@ class SegmentedTensorReader:
         if skip + nbytes > segment.nbytes:
             return None
         return Span(self.files, segment.file, segment.name, segment.offset + skip, nbytes)
+
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        span = self.span(first, count, 0, self.geometry.length)
+        return None if span is None else [(span, ((0, self.geometry.length),))]
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         g = self.geometry

@@ -31,7 +31,7 @@ import xxhash
 
 from reshard.layout import TensorLayout
 from reshard.loaders.safetensors_file import encode_header, itemsize
-from reshard.readers import Geometry, Span, TensorReader
+from reshard.readers import ColumnSpan, Geometry, TensorReader
 
 DEFAULT_BUFFER_BYTES = 2 * 1024 * 1024  # per view, gather and read: small enough that bytes written are still cached
 # when hashed (32 MiB buffers measured 10-15% slower end to end: the hashes then read from memory, not cache)
@@ -271,13 +271,16 @@ def _run_together(tasks: list[Callable[[], None]], stop: threading.Event) -> Non
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
+Ranges = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class _ScatterPlan:
-    """How one ``preadv`` pass over whole outer blocks puts each rank's columns in its own region of the gather
-    buffer: ``reads`` are ``(offset in the blocks, buffers)`` calls; ``regions`` each rank's ``(start, stop)``.
+    """How ``preadv`` calls over whole outer blocks put each rank's columns in its own region of the gather buffer:
+    ``reads[k]`` are source k's ``(offset in its span, buffers)`` calls; ``regions`` each rank's ``(start, stop)``.
     Columns of ranks another thread writes land in a scratch buffer, overwritten at will."""
 
-    reads: list[tuple[int, list[memoryview]]]
+    reads: list[list[tuple[int, list[memoryview], int]]]
     regions: dict[int, tuple[int, int]]
 
 
@@ -356,12 +359,12 @@ class _Streamer:
         per_read = max(1, self.size // block)
         held = {rank: layout.ranges[rank] for rank in self.sinks if any(b > a for a, b in layout.ranges[rank])}
         contiguous = all(len(ranges) == 1 for ranges in held.values())
+        whole = all(ranges == ((0, g.length),) for ranges in held.values())
         for first in range(0, g.outer, per_read):
             count = min(per_read, g.outer - first)
-            span = reader.span(first, count, 0, g.length)
-            whole = all(ranges == ((0, g.length),) for ranges in held.values())
-            if span is not None and not whole and not (count == 1 and contiguous):
-                self._scatter(span, held, g, count)  # the kernel gathers: no per-row Python work, GIL released
+            spans = None if whole or (count == 1 and contiguous) else reader.column_spans(first, count)
+            if spans:
+                self._scatter(spans, held, g, count)  # the kernel gathers: no per-row Python work, GIL released
                 continue
             with self._source(reader, first, count, 0, g.length, count * block) as view:
                 for rank, ranges in held.items():
@@ -388,52 +391,76 @@ class _Streamer:
                 position += size
         return gathered[:position]
 
-    def _scatter(self, span: Span, held: dict[int, tuple[tuple[int, int], ...]], g: Geometry, count: int) -> None:
+    def _scatter(self, spans: list[ColumnSpan], held: dict[int, Ranges], g: Geometry, count: int) -> None:
         """Read ``count`` whole blocks with ``preadv`` straight into each rank's region, then write the regions."""
-        key = (g, count, tuple(held.items()))
+        key = (g, count, tuple(held.items()), tuple(columns for _, columns in spans))
         if key not in self._plans:
-            self._plans[key] = self._scatter_plan(held, g, count)
+            self._plans[key] = self._scatter_plan(held, g, count, [columns for _, columns in spans])
         plan = self._plans[key]
-        span.scatter(plan.reads)
+        for (span, _), reads in zip(spans, plan.reads, strict=True):
+            span.scatter(reads)
         gathered = memoryview(self._buffer("gather"))
         for rank, (start, stop) in plan.regions.items():
             self._write(rank, gathered[start:stop])
 
-    def _scatter_plan(self, held: dict[int, tuple[tuple[int, int], ...]], g: Geometry, count: int) -> _ScatterPlan:
-        """Lay each rank's columns of ``count`` blocks one after another in its region; bytes between them (other
-        ranks' columns, merged across block ends) go to the scratch buffer."""
-        pieces = sorted((start, stop, rank) for rank, ranges in held.items() for start, stop in ranges if stop > start)
-        regions, position = {}, 0
+    def _scatter_plan(self, held: dict[int, Ranges], g: Geometry, count: int, sources: list[Ranges]) -> _ScatterPlan:
+        """Lay each rank's columns of ``count`` blocks row after row in its region. Each source holds, row after
+        row, the columns ``sources[k]`` (a checkpoint: all of them; an old rank file: that rank's); its bytes that
+        no rank here holds (merged across rows) go to the scratch buffer."""
+        regions, widths, position = {}, {}, 0
         for rank, ranges in held.items():
-            width = count * sum(stop - start for start, stop in ranges) * g.row
-            regions[rank] = (position, position + width)
-            position += width
-        cursors = {rank: start for rank, (start, _) in regions.items()}
-        items: list[tuple[int, int] | int] = []  # a (start, stop) of the gather buffer, or a number of bytes to skip
-        skip = 0
-        for _ in range(count):
-            row = 0
-            for start, stop, rank in pieces:
-                skip += (start - row) * g.row
-                if skip:
-                    items.append(skip)
-                    skip = 0
-                size = (stop - start) * g.row
-                items.append((cursors[rank], cursors[rank] + size))
-                cursors[rank] += size
-                row = stop
-            skip += (g.length - row) * g.row
-        if skip:
-            items.append(skip)
+            widths[rank] = sum(stop - start for start, stop in ranges) * g.row
+            regions[rank] = (position, position + count * widths[rank])
+            position += count * widths[rank]
+
+        def local(rank: int, column: int) -> int:
+            """Where global ``column`` lies in one row of ``rank``'s piece, in bytes."""
+            before = 0
+            for start, stop in held[rank]:
+                if start <= column < stop:
+                    return before + (column - start) * g.row
+                before += (stop - start) * g.row
+            raise AssertionError(column)
+
+        plans = []
+        for columns in sources:
+            items: list[tuple[int, int] | int] = []  # a (start, stop) of the gather buffer, or bytes to skip
+            skip = 0
+            for index in range(count):
+                for a, b in columns:
+                    cursor = a
+                    overlaps = sorted(
+                        (max(a, start), min(b, stop), rank)
+                        for rank, ranges in held.items()
+                        for start, stop in ranges
+                        if max(a, start) < min(b, stop)
+                    )
+                    for lo, hi, rank in overlaps:
+                        skip += (lo - cursor) * g.row
+                        if skip:
+                            items.append(skip)
+                            skip = 0
+                        at = regions[rank][0] + index * widths[rank] + local(rank, lo)
+                        items.append((at, at + (hi - lo) * g.row))
+                        cursor = hi
+                    skip += (b - cursor) * g.row
+            if skip:
+                items.append(skip)
+            plans.append(self._preadv_calls(items))
+        return _ScatterPlan(plans, regions)
+
+    def _preadv_calls(self, items: list[tuple[int, int] | int]) -> list[tuple[int, list[memoryview], int]]:
+        """``(offset, buffers, bytes)`` calls of at most ``IOV_MAX`` buffers for items read one after another."""
         gathered = memoryview(self._buffer("gather"))
         scratch = memoryview(self._buffer("scratch", max([i for i in items if isinstance(i, int)], default=1)))
         buffers = [scratch[:i] if isinstance(i, int) else gathered[i[0] : i[1]] for i in items]
-        reads, offset = [], 0
+        calls, offset = [], 0
         for index in range(0, len(buffers), IOV_MAX):
             chunk = buffers[index : index + IOV_MAX]
-            reads.append((offset, chunk))
-            offset += sum(len(b) for b in chunk)
-        return _ScatterPlan(reads, regions)
+            nbytes = sum(len(b) for b in chunk)
+            calls.append((offset, chunk, nbytes))
+            offset += nbytes
+        return calls
 
 
 def _temporary(path: Path) -> Path:

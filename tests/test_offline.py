@@ -516,7 +516,7 @@ def test_a_source_cut_short_under_the_writer_is_named(tmp_path: Path):
     try:
         span = Span(files, path, "model.norm.weight", 40, 100)
         with pytest.raises(FileFormatError, match=r"cut\.safetensors: tensor 'model\.norm\.weight' is cut short"):
-            span.scatter([(0, [memoryview(bytearray(100))])])
+            span.scatter([(0, [memoryview(bytearray(100))], 100)])
         with pytest.raises(FileFormatError, match=r"tensor 'model\.norm\.weight' is cut short"), span.mapped():
             pass
     finally:

@@ -10,6 +10,7 @@ import pytest
 
 import reshard
 from reshard.errors import ShardabilityError
+from reshard.manifests import read_manifest
 from tests.helpers.checkpoints import make_checkpoint
 
 
@@ -72,3 +73,17 @@ def test_reshard_moe_artifact(tmp_path: Path, old_tp: int, new_tp: int):
     for path in (tmp_path / "direct").glob("rank-*"):
         assert path.read_bytes() == (tmp_path / "new" / path.name).read_bytes(), path.name
     assert without_lineage(tmp_path / "new" / "manifest.json") == without_lineage(tmp_path / "direct" / "manifest.json")
+
+
+def test_reshard_when_an_old_rank_holds_no_columns(tmp_path: Path):
+    """intermediate 42 over 8 ranks: 6 columns each for ranks 0-6 and none for rank 7 (torch.chunk). Re-sharding
+    the rowwise down_proj gathers columns from every old rank file; the empty one must add nothing."""
+    source = make_checkpoint("llama_h24", tmp_path / "src", intermediate_size=42)
+    reshard.convert(source, tmp_path / "tp8", tp=8, progress=False)
+    down = read_manifest(tmp_path / "tp8").tensor("model.layers.0.mlp.down_proj.weight")
+    assert down.slices[7].shape[1] == 0
+    reshard.convert(source, tmp_path / "direct", tp=3, progress=False)
+    reshard.convert(tmp_path / "tp8", tmp_path / "tp3", tp=3, progress=False)
+    for rank in range(3):
+        name = f"rank-{rank:05d}-of-00003.safetensors"
+        assert (tmp_path / "tp3" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
