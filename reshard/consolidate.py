@@ -166,6 +166,11 @@ class ExpertPartReader:
     def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
         return self.fused.span(*self._in_fused(first, count, lo, hi))
 
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        if self.dim == 1:  # rows of one expert's piece: the fused tensor's rows, shifted
+            return [b - self.offset for b in self.fused.breaks(self.expert, self.offset + lo, self.offset + hi)]
+        return self.fused.breaks(self._in_fused(index, 1, lo, hi)[0], lo, hi)
+
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
         return None  # a tp=1 layout: every block is taken whole, never gathered
 

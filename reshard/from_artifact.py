@@ -52,6 +52,11 @@ class ArtifactTensorReader:
                 position += stop - start
         return None
 
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        """Where one old rank's rows end and the next one's begin."""
+        edges = {edge for piece in self.pieces if piece.length for r in piece.ranges for edge in r}
+        return sorted(edge for edge in edges if lo < edge < hi)
+
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
         """Each old rank's rows of the blocks: contiguous in its file, holding that rank's columns."""
         row = self.geometry.row

@@ -100,6 +100,16 @@ class HeadMapReader:
         source = self.source_heads[head] * self.head_rows + offset
         return self.base.span(first, count, source, source + hi - lo)
 
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        """Head boundaries, and wherever the base tensor breaks inside a head."""
+        edges = set(range((lo // self.head_rows + 1) * self.head_rows, hi, self.head_rows))
+        for position in range(lo, hi, self.head_rows):
+            head, offset = divmod(position, self.head_rows)
+            stop = min(hi, (head + 1) * self.head_rows)
+            source = self.source_heads[head] * self.head_rows + offset
+            edges.update(b - source + position for b in self.base.breaks(index, source, source + stop - position))
+        return sorted(edge for edge in edges if lo < edge < hi)
+
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
         return None  # sharded on dim 0: never read as whole outer blocks
 

@@ -54,6 +54,11 @@ class TensorReader(Protocol):
         """Where the same bytes lie contiguous in one file, else ``None`` (the writer then ``read``s them)."""
         ...
 
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        """Rows strictly inside ``(lo, hi)`` of outer index ``index`` where the bytes move to another file or
+        place (an old rank's boundary, an expert's segment): the writer asks for a span on each side."""
+        ...
+
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
         """Whole outer indices ``[first, first + count)`` as spans that each hold, row after row, some of the
         columns (global ranges of the placement dim), together all of them; ``None`` if the reader cannot."""
@@ -241,6 +246,9 @@ class CheckpointTensorReader:
         span = self.span(first, count, 0, self.geometry.length)
         return None if span is None else [(span, ((0, self.geometry.length),))]
 
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        return []  # the whole tensor is one run of one file
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -289,6 +297,13 @@ class SegmentedTensorReader:
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
         span = self.span(first, count, 0, self.geometry.length)
         return None if span is None else [(span, ((0, self.geometry.length),))]
+
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        """Rows where another segment (another expert's tensor, or the up half after the gate half) begins. A segment
+        that begins inside a row leaves that row to ``read``."""
+        g = self.geometry
+        rows = [start // g.row - index * g.length for start in self.starts if start % g.row == 0]
+        return [row for row in rows if lo < row < hi]
 
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         g = self.geometry

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import itertools
 import math
 import os
 import queue
@@ -348,10 +349,11 @@ class _Streamer:
                 for start, stop in layout.ranges[rank]:
                     for first in range(start, stop, rows_per_read):
                         last = min(first + rows_per_read, stop)
-                        nbytes = (last - first) * g.row
-                        with self._source(reader, index, 1, first, last, nbytes) as view:
-                            sink.write(view)
-                        self.on_bytes(nbytes)
+                        cuts = [first, *reader.breaks(index, first, last), last]  # a span on each side of a break
+                        for lo, hi in itertools.pairwise(cuts):
+                            with self._source(reader, index, 1, lo, hi, (hi - lo) * g.row) as view:
+                                sink.write(view)
+                        self.on_bytes((last - first) * g.row)
 
     def _whole_blocks(self, reader: TensorReader, layout: TensorLayout, g: Geometry) -> None:
         """Several whole outer indices at once, each rank's ranges taken from them (a rowwise weight's columns)."""
