@@ -6,9 +6,10 @@ Source bytes are written straight from the mapped checkpoint (no copy into this 
 are still in the CPU cache; a rowwise tensor's columns are scattered by the kernel (one ``preadv`` per block, its
 buffer list planned once per shape) into a fixed gather buffer. The ranks are split into contiguous groups, one
 thread each: rank files are independent, and file writes, ``preadv`` and xxh3 release the GIL, so the groups run
-in parallel. A further thread asks the kernel to start writing finished ranges to disk, so the final fsync finds
-little left to do. Memory stays bounded by the buffers, whatever the model's size. Knows nothing of plans or
-styles: it executes the ``TensorLayout`` values it is given.
+in parallel. Each rank file is preallocated at its final size before the first byte (``preallocate``), and a
+further thread asks the kernel to start writing finished ranges to disk, so the final fsync finds little left to do.
+Memory stays bounded by the buffers, whatever the model's size. Knows nothing of plans or styles: it executes the
+``TensorLayout`` values it is given.
 """
 
 from __future__ import annotations
