@@ -139,7 +139,7 @@ def _expert_parts(
     dim, experts, rows_total = fused.placement.dim, fused.shape[0], fused.shape[1]
     row_bytes = math.prod(fused.shape[2:]) * ITEMSIZES[fused.dtype]
     per_expert = len(pieces) // experts
-    parts = []
+    parts: list[tuple[str, TensorLayout, TensorReader]] = []
     for index, (key, nbytes) in enumerate(pieces):
         expert, offset = index // per_expert, sum(n for _, n in pieces[index - index % per_expert : index]) // row_bytes
         shape = (nbytes // row_bytes, *fused.shape[2:])
