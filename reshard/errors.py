@@ -49,6 +49,12 @@ class OutputExistsError(ReshardError):
     exit_code = 8
 
 
+class OutputError(ReshardError):
+    """An output file could not be written: no space left, a read-only file system, no permission, an I/O error."""
+
+    exit_code = 11
+
+
 class MeshError(ReshardError):
     """The device mesh or world size does not fit the artifact (wrong tp size, no ``tp`` dimension)."""
 

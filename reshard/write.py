@@ -31,6 +31,7 @@ from typing import Any
 
 import xxhash
 
+from reshard.errors import OutputError
 from reshard.layout import TensorLayout
 from reshard.loaders.safetensors_file import encode_header, itemsize
 from reshard.readers import ColumnSpan, Geometry, TensorReader
@@ -59,7 +60,7 @@ class RankSink:
         with memoryview(data) as view:
             for start in range(0, len(view), PIECE_BYTES):
                 with view[start : start + PIECE_BYTES] as piece:
-                    _write_all(self.fd, piece)
+                    _write_all(self.fd, piece, self.path)
                     self.file_hash.update(piece)
                     if self.tensor_hash is not None:
                         self.tensor_hash.update(piece)
@@ -77,10 +78,13 @@ class RankSink:
         self.tensor_hash = None
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(fd: int, data: memoryview, path: Path) -> None:
     done = 0
-    while done < len(data):
-        done += os.write(fd, data[done:])
+    try:
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as exc:  # a full disk, a quota, an I/O error: name the file
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def _libc_function(name: str, argtypes: list[Any]) -> Any:
@@ -110,8 +114,8 @@ def preallocate(fd: int, size: int, path: Path) -> None:
         return
     if _fallocate(fd, 0, 0, size) != 0:
         error = ctypes.get_errno()
-        if error == errno.ENOSPC:
-            raise OSError(error, f"{path}: not enough disk space for this rank file ({size / 1e9:.2f} GB)")
+        if error in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{path}: not enough disk space for this rank file ({size / 1e9:.2f} GB)")
         # EOPNOTSUPP, ENOSYS, EINVAL...: a file system without preallocation; write without it
 
 
@@ -232,7 +236,10 @@ def write_rank_files(
             if sink.size != os.fstat(sink.fd).st_size:  # the header and layouts disagree: a bug, never a file
                 raise RuntimeError(f"{sink.path}: wrote {sink.size} bytes, expected {os.fstat(sink.fd).st_size}")
             if durable:
-                os.fsync(sink.fd)
+                try:
+                    os.fsync(sink.fd)
+                except OSError as exc:
+                    raise OutputError(f"{sink.path}: cannot be flushed to disk ({exc.strerror or exc})") from exc
             os.close(sink.fd)
             sink.fd = -1
             os.replace(_temporary(sink.path), sink.path)

@@ -547,3 +547,40 @@ def test_rank_files_are_fsynced_unless_no_fsync(checkpoints, tmp_path, monkeypat
     reshard.convert(checkpoints["llama"], reference, tp=2, progress=False)
     for path in reference.iterdir():
         assert path.read_bytes() == (out / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("where", ["preallocate", "write"])
+def test_a_full_disk_is_one_line_naming_the_rank_file(checkpoints, tmp_path, monkeypatch, capsys, where):
+    """No space for a rank file: reported before any byte where the file system preallocates, else at the failing
+    write; either way one line naming the file, exit code 11, and no artifact."""
+    import ctypes
+    import errno
+
+    import reshard.write
+    from reshard.cli import main
+
+    if where == "preallocate":
+
+        def no_space(fd: int, mode: int, offset: int, length: int) -> int:
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+
+        monkeypatch.setattr(reshard.write, "_fallocate", no_space)
+    else:
+        monkeypatch.setattr(reshard.write, "_fallocate", None)  # a file system that cannot preallocate
+        real_write = os.write
+
+        def failing(fd: int, data: bytes) -> int:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("rank-00001-of-00002.safetensors.tmp"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", failing)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tp", "2", str(checkpoints["llama"]), "-o", str(tmp_path / "art"), "-q"])
+    assert exit_info.value.code == 11
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert ("rank-00000" if where == "preallocate" else "rank-00001-of-00002.safetensors") in error, error
+    assert ("not enough disk space" if where == "preallocate" else "No space left on device") in error, error
+    assert not (tmp_path / "art").exists()
