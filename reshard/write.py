@@ -199,7 +199,8 @@ def write_rank_files(
 ) -> dict[int, WrittenFile]:
     """Write ``paths[r]`` for the ranks given: header, then each layout's rank-r bytes in order.
 
-    Each file is written as ``NAME.tmp``, fsynced and renamed, so a file under its final name is always whole.
+    Each file is written as ``NAME.tmp``, fsynced (unless ``durable=False``) and renamed, so a file under its
+    final name is always whole.
     ``readers`` gives each tensor's global bytes; only the rows these ranks hold are read. ``on_bytes`` is called
     with the number of bytes written (from the writer threads; calls are serialised). ``rank_metadata`` records
     each file's rank in its header metadata. ``threads`` (default: one per CPU, at most ``MAX_THREADS``) split the
