@@ -113,7 +113,7 @@ def _build_model(
         model = cls(config)
         patch_output_recorders(model)
     dtype_plan = model._get_dtype_plan(dtype)
-    model._weight_conversions = []  # the rank files already hold the model's own names and layouts
+    model._weight_conversions = []  # type: ignore[assignment]  # the rank files hold the model's own names
 
     if tp_mesh is not None and distributed_config is not None:
         _record_plans(model, artifact, distributed_config)
@@ -121,7 +121,7 @@ def _build_model(
         model._device_mesh = artifact.mesh
         model._is_distributed_loading_by_transformers = True
         model._tp_size = manifest.tp
-        model._fsdp_size = 1
+        model._fsdp_size = 1  # type: ignore[assignment]  # declared None on the class
         tp_plan, ep_plan, _ = model._resolve_parallel_plans(distributed_config)
         apply_tensor_parallelism(model, tp_mesh, tp_plan)
         if ep_mesh is not None and "ep_dispatch_experts" in ep_plan.values():  # as maybe_distribute_model
@@ -141,7 +141,7 @@ def _build_model(
     model.eval()
     model.set_use_kernels(False, None)
     if model.can_generate():
-        model.adjust_generation_fn(
+        model.adjust_generation_fn(  # type: ignore[operator]  # a method, typed through nn.Module.__getattr__
             generation_config=None,
             from_auto_class=True,
             from_pipeline=None,

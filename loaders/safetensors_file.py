@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from reshard.errors import FileFormatError
 
@@ -196,7 +196,7 @@ def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
     storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
+    return torch.empty(0, dtype=torch.uint8).set_(cast(torch.UntypedStorage, storage))  # typed as _StorageBase
 
 
 def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
