@@ -134,17 +134,26 @@ def hash_mapped(path: Path, window: int = 16 * 1024 * 1024) -> tuple[int, str]:
     """Size and xxh3-128 of a file hashed through a read-only mapping, window by window: no copy into this
     process, and resident memory bounded by one window (each is dropped from the mapping once hashed)."""
     digest = xxhash.xxh3_128()
+    size = 0
+    for _, part in mapped_windows(path, window):
+        digest.update(part)
+        size += len(part)
+    return size, digest.hexdigest()
+
+
+def mapped_windows(path: Path, window: int = 16 * 1024 * 1024) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, view)`` of each window of ``path`` in order, through one read-only mapping; each window is
+    dropped from this process once the caller moves on, so resident memory stays bounded by one window."""
     with open(path, "rb", buffering=0) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
-            return 0, digest.hexdigest()
+            return
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping, memoryview(mapping) as view:
             for start in range(0, size, window):
                 stop = min(start + window, size)
                 with view[start:stop] as part:
-                    digest.update(part)
+                    yield start, part
                 mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
-    return size, digest.hexdigest()
 
 
 class OpenFiles:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import xxhash
 
 from reshard.errors import ReshardError
-from reshard.loaders.integrity import hash_bytes, hash_file
-from reshard.loaders.safetensors_file import map_file, read_header, tensor_memoryview
+from reshard.loaders.integrity import hash_file
+from reshard.loaders.safetensors_file import SafetensorsHeader, read_header
 from reshard.manifests import Manifest, TensorEntry, read_manifest, resolve_in
-
-if TYPE_CHECKING:
-    import torch
+from reshard.readers import mapped_windows
 
 
 def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
@@ -30,17 +29,46 @@ def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None
             continue
         if entry.rank is None:
             size, digest = hash_file(path, on_bytes)
-        else:  # mapped once: the file's hash and every tensor slice's hash come from the same read
-            flat = map_file(path)
-            size, digest = flat.numel(), hash_bytes(tensor_memoryview(flat))
-            on_bytes(size)
+        else:  # one pass: the file's hash and every tensor slice's hash come from the same read
+            header = _header_or_problem(path, problems)
+            size, digest, tensor_hashes = _hash_rank_file(path, header, on_bytes)
         if size != entry.size:
             problems.append(f"{entry.path}: {size} bytes, manifest records {entry.size}")
         elif digest != entry.xxh3:
             problems.append(f"{entry.path}: xxh3 {digest} does not match the manifest's {entry.xxh3}")
-        if entry.rank is not None:
-            problems.extend(_check_rank_file(manifest, path, flat, entry.path, entry.rank))
+        if entry.rank is not None and header is not None:
+            problems.extend(_check_rank_file(manifest, header, tensor_hashes, entry.path, entry.rank))
     return problems
+
+
+def _header_or_problem(path: Path, problems: list[str]) -> SafetensorsHeader | None:
+    """The rank file's header, or ``None`` with the reason added to ``problems`` (its hash is still checked)."""
+    try:
+        return read_header(path)
+    except ReshardError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def _hash_rank_file(
+    path: Path, header: SafetensorsHeader | None, on_bytes: Callable[[int], None]
+) -> tuple[int, str, dict[str, str]]:
+    """Size and xxh3-128 of the file and of each tensor's bytes, from one pass over a mapping dropped window by
+    window (memory stays bounded however large the rank file)."""
+    file_hash = xxhash.xxh3_128()
+    tensors = sorted(header.tensors.values(), key=lambda t: t.offset) if header else []
+    hashes = {t.name: xxhash.xxh3_128() for t in tensors}
+    size = 0
+    for start, part in mapped_windows(path):
+        stop = start + len(part)
+        file_hash.update(part)
+        for tensor in tensors:  # each tensor gets its bytes in order, window after window
+            lo, hi = max(start, tensor.offset), min(stop, tensor.offset + tensor.nbytes)
+            if lo < hi:
+                hashes[tensor.name].update(part[lo - start : hi - start])
+        size = stop
+        on_bytes(len(part))
+    return size, file_hash.hexdigest(), {name: h.hexdigest() for name, h in hashes.items()}
 
 
 def total_bytes(manifest: Manifest) -> int:
@@ -48,12 +76,10 @@ def total_bytes(manifest: Manifest) -> int:
     return sum(entry.size for entry in manifest.files)
 
 
-def _check_rank_file(manifest: Manifest, path: Path, flat: torch.Tensor, name: str, rank: int) -> list[str]:
+def _check_rank_file(
+    manifest: Manifest, header: SafetensorsHeader, tensor_hashes: dict[str, str], name: str, rank: int
+) -> list[str]:
     """Compare a rank file's header and each tensor's bytes with the manifest, so a problem names its tensor."""
-    try:
-        header = read_header(path)
-    except ReshardError as exc:
-        return [str(exc)]
     problems = []
     expected: dict[str, TensorEntry] = {t.name: t for t in manifest.tensors}
     for missing in sorted(expected.keys() - header.tensors.keys()):
@@ -71,8 +97,6 @@ def _check_rank_file(manifest: Manifest, path: Path, flat: torch.Tensor, name: s
                 f"manifest records {tensor.dtype}{list(piece.shape)}"
             )
             continue
-        data = flat[entry.offset : entry.offset + entry.nbytes]
-        digest = hash_bytes(tensor_memoryview(data))
-        if digest != piece.xxh3:
+        if tensor_hashes.get(tensor_name) != piece.xxh3:
             problems.append(f"{name}: tensor {tensor_name!r} bytes do not match the manifest's xxh3 (corrupted)")
     return problems
