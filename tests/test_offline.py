@@ -586,3 +586,27 @@ def test_a_full_disk_is_one_line_naming_the_rank_file(checkpoints, tmp_path, mon
     assert ("rank-00000" if where == "preallocate" else "rank-00001-of-00002.safetensors") in error, error
     assert ("not enough disk space" if where == "preallocate" else "No space left on device") in error, error
     assert not (tmp_path / "art").exists()
+
+
+def test_progress_bar_counts_bytes_and_quiet_silences_it(checkpoints: dict[str, Path], tmp_path: Path):
+    """Long work shows a tqdm bar in bytes on stderr; -q shows none."""
+    shown = run_cli("--tp", "2", str(checkpoints["llama"]), "-o", str(tmp_path / "shown"))
+    assert shown.returncode == 0, shown.stderr
+    assert "write 2 of 2 rank files" in shown.stderr and "B/s" in shown.stderr, shown.stderr
+    quiet = run_cli("--tp", "2", str(checkpoints["llama"]), "-o", str(tmp_path / "quiet"), "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_tokenizer_and_config_files_are_copied_and_hashed(tmp_path: Path):
+    """Every non-weight file of the source (config, generation config, tokenizer) is in the artifact, byte for
+    byte, and in the manifest with its size and xxh3-128."""
+    from reshard.loaders.integrity import hash_file
+
+    source = make_checkpoint("llama", tmp_path / "src", tokenizer=True)
+    manifest = reshard.convert(source, tmp_path / "art", tp=2, progress=False)
+    extras = {p.name for p in source.iterdir() if p.is_file() and not p.name.startswith("model")}
+    assert any(name.startswith("tokenizer") for name in extras), extras
+    recorded = {f.path: (f.size, f.xxh3) for f in manifest.files if f.rank is None}
+    assert recorded == {name: hash_file(source / name) for name in extras}
+    for name in extras:
+        assert (tmp_path / "art" / name).read_bytes() == (source / name).read_bytes(), name
