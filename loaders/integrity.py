@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def hash_file(path: str | os.PathLike[str], on_bytes: Callable[[int], None] = lambda n: None) -> tuple[int, str]:
-    """Size and xxh3-128 hex digest of a file, read in fixed-size chunks (memory stays flat)."""
+    """Size and xxh3-128 hex digest of a file, hashed straight from its pages (``mapped_windows``)."""
     import xxhash
 
     digest = xxhash.xxh3_128()
     size = 0
-    buffer = bytearray(max(1, min(CHUNK_BYTES, os.path.getsize(path))))  # a small file gets a small buffer
-    view = memoryview(buffer)
-    with open(Path(path), "rb", buffering=0) as handle:
-        while got := handle.readinto(buffer):
-            digest.update(view[:got])
-            size += got
-            on_bytes(got)
+    for _, part in mapped_windows(path):
+        digest.update(part)
+        size += len(part)
+        on_bytes(len(part))
     return size, digest.hexdigest()
+
+
+def mapped_windows(path: str | os.PathLike[str], window: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, view)`` of each window of a file in order, through one read-only mapping: no copy into this
+    process, and each window is dropped from it once the caller moves on, so resident memory stays one window."""
+    with open(Path(path), "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping, memoryview(mapping) as view:
+            for start in range(0, size, window):
+                stop = min(start + window, size)
+                with view[start:stop] as part:
+                    yield start, part
+                mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def hash_bytes(data: memoryview | bytes) -> str:

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import xxhash
-
 from reshard.errors import FileFormatError
 from reshard.layout import TensorLayout
+from reshard.loaders.integrity import hash_file
 from reshard.loaders.safetensors_file import HeaderEntry, itemsize
 
 
@@ -115,7 +114,7 @@ class SourceHashes:
     def _run(self) -> None:
         try:
             for path in self._files:
-                self._digests[path] = hash_mapped(path)
+                self._digests[path] = hash_file(path)
         except BaseException as exc:  # raised again by digest(), in the caller's thread
             self._error = exc
 
@@ -126,34 +125,8 @@ class SourceHashes:
             if self._error is not None:
                 raise self._error
         if path not in self._digests:
-            self._digests[path] = hash_mapped(path)
+            self._digests[path] = hash_file(path)
         return self._digests[path]
-
-
-def hash_mapped(path: Path, window: int = 16 * 1024 * 1024) -> tuple[int, str]:
-    """Size and xxh3-128 of a file hashed through a read-only mapping, window by window: no copy into this
-    process, and resident memory bounded by one window (each is dropped from the mapping once hashed)."""
-    digest = xxhash.xxh3_128()
-    size = 0
-    for _, part in mapped_windows(path, window):
-        digest.update(part)
-        size += len(part)
-    return size, digest.hexdigest()
-
-
-def mapped_windows(path: Path, window: int = 16 * 1024 * 1024) -> Iterator[tuple[int, memoryview]]:
-    """``(offset, view)`` of each window of ``path`` in order, through one read-only mapping; each window is
-    dropped from this process once the caller moves on, so resident memory stays bounded by one window."""
-    with open(path, "rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            return
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping, memoryview(mapping) as view:
-            for start in range(0, size, window):
-                stop = min(start + window, size)
-                with view[start:stop] as part:
-                    yield start, part
-                mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class OpenFiles:
@@ -227,6 +200,11 @@ def read_exact(fd: int, file: Path, name: str, view: memoryview, offset: int) ->
         done += got
 
 
+def whole_rows(span: Span | None, geometry: Geometry) -> list[ColumnSpan] | None:
+    """A span of whole outer blocks as the one column span holding every column (``None`` stays ``None``)."""
+    return None if span is None else [(span, ((0, geometry.length),))]
+
+
 @dataclass
 class CheckpointTensorReader:
     """A whole tensor stored contiguously in one safetensors file (a Hugging Face checkpoint)."""
@@ -252,8 +230,7 @@ class CheckpointTensorReader:
         return Span(self.files, self.file, self.entry.name, offset, nbytes)
 
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
-        span = self.span(first, count, 0, self.geometry.length)
-        return None if span is None else [(span, ((0, self.geometry.length),))]
+        return whole_rows(self.span(first, count, 0, self.geometry.length), self.geometry)
 
     def breaks(self, index: int, lo: int, hi: int) -> list[int]:
         return []  # the whole tensor is one run of one file
@@ -304,8 +281,7 @@ class SegmentedTensorReader:
         return Span(self.files, segment.file, segment.name, segment.offset + skip, nbytes)
 
     def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
-        span = self.span(first, count, 0, self.geometry.length)
-        return None if span is None else [(span, ((0, self.geometry.length),))]
+        return whole_rows(self.span(first, count, 0, self.geometry.length), self.geometry)
 
     def breaks(self, index: int, lo: int, hi: int) -> list[int]:
         """Rows where another segment (another expert's tensor, or the up half after the gate half) begins. A segment

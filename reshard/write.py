@@ -234,8 +234,9 @@ def write_rank_files(
             writeback.close()
         written = {}
         for rank, sink in sinks.items():
-            if sink.size != os.fstat(sink.fd).st_size:  # the header and layouts disagree: a bug, never a file
-                raise RuntimeError(f"{sink.path}: wrote {sink.size} bytes, expected {os.fstat(sink.fd).st_size}")
+            preallocated = os.fstat(sink.fd).st_size
+            if sink.size != preallocated:  # the header and layouts disagree: a bug, never a file
+                raise RuntimeError(f"{sink.path}: wrote {sink.size} bytes, expected {preallocated}")
             if durable:
                 try:
                     os.fsync(sink.fd)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -229,6 +230,12 @@ def test_killed_conversion_leaves_no_complete_looking_artifact(tmp_path: Path):
     assert read_manifest(tmp_path / "art").tp == 2
 
 
+def reference_hash(path: Path) -> tuple[int, str]:
+    """Size and xxh3-128 of a file, computed here independently of reshard's own hashing."""
+    data = path.read_bytes()
+    return len(data), xxhash.xxh3_128(data).hexdigest()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "reshard", *args], capture_output=True, text=True, timeout=120, env=env or None
@@ -385,12 +392,10 @@ def test_hub_download_asks_only_for_weights_and_configs(monkeypatch, checkpoints
 
 @pytest.mark.parametrize("kind", ["llama", "family_qwen3_moe"])  # in-order reads / fused experts read out of order
 def test_manifest_records_every_source_file_hash(tmp_path: Path, kind: str):
-    from reshard.loaders.integrity import hash_file
-
     source = make_checkpoint(kind, tmp_path / "src")
     manifest = reshard.convert(source, tmp_path / "art", tp=2, progress=False)
     recorded = {f.path: (f.size, f.xxh3) for f in manifest.source.files}
-    assert recorded == {p.name: hash_file(p) for p in source.iterdir() if p.is_file()}
+    assert recorded == {p.name: reference_hash(p) for p in source.iterdir() if p.is_file()}
 
 
 def test_a_failed_write_on_a_writer_thread_stops_the_conversion(checkpoints, tmp_path, monkeypatch):
@@ -600,13 +605,11 @@ def test_progress_bar_counts_bytes_and_quiet_silences_it(checkpoints: dict[str, 
 def test_tokenizer_and_config_files_are_copied_and_hashed(tmp_path: Path):
     """Every non-weight file of the source (config, generation config, tokenizer) is in the artifact, byte for
     byte, and in the manifest with its size and xxh3-128."""
-    from reshard.loaders.integrity import hash_file
-
     source = make_checkpoint("llama", tmp_path / "src", tokenizer=True)
     manifest = reshard.convert(source, tmp_path / "art", tp=2, progress=False)
     extras = {p.name for p in source.iterdir() if p.is_file() and not p.name.startswith("model")}
     assert any(name.startswith("tokenizer") for name in extras), extras
     recorded = {f.path: (f.size, f.xxh3) for f in manifest.files if f.rank is None}
-    assert recorded == {name: hash_file(source / name) for name in extras}
+    assert recorded == {name: reference_hash(source / name) for name in extras}
     for name in extras:
         assert (tmp_path / "art" / name).read_bytes() == (source / name).read_bytes(), name
