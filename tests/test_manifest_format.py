@@ -62,7 +62,8 @@ def test_bad_manifests_are_refused(manifests: list[Path], tmp_path: Path, change
         read_manifest(tmp_path)
 
 
-def test_readme_architecture_table_is_current():
+def test_docs_architecture_table_is_current():
+    """docs/architectures.md is what scripts/architectures_table.py generates from the plans and the tests."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "architectures_table.py"), "--check"], capture_output=True, text=True
     )
