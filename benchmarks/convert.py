@@ -38,7 +38,7 @@ from make_checkpoint import FULL_LAYERS, is_complete
 GOAL_RATIO = 1.5
 GOAL_RSS_MB = 1500.0  # 1.5 GB, MB = 10**6 bytes
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-WARM_LIBRARIES = "import torch, xxhash, tqdm, reshard.cli, reshard.conversion"
+WARM_LIBRARIES = "import torch, xxhash, tqdm, reshard.cli, reshard.commands.convert"
 
 
 PEERS = ("cp -r", "cp -r + sync", "reshard", "reshard --no-fsync")

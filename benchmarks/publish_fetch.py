@@ -49,7 +49,7 @@ def worker(side: str, uri: str, cache: Path, out: Path, load: bool) -> None:
         started = time.perf_counter()
         folder = fetch_artifact(uri, rank, cache_dir=local, progress=False)
     else:
-        from reshard.loaders.remote import s3_filesystem
+        from reshard.manifests.locations import s3_filesystem
 
         started = time.perf_counter()
         fs, folder = s3_filesystem(), local
@@ -88,9 +88,9 @@ def main() -> None:
     from make_checkpoint import make_smollm2_checkpoint
 
     import reshard
-    from reshard.loaders.remote import s3_filesystem
+    from reshard.commands.publish import publish
     from reshard.manifests import read_manifest
-    from reshard.publish import publish
+    from reshard.manifests.locations import s3_filesystem
     from tests.helpers.s3_server import RecordingMotoServer
 
     work = args.work.absolute()

@@ -1,7 +1,8 @@
 """The reshard runtime: each rank maps only its own file of an artifact into DTensors.
 
-``import reshard.loaders`` pulls in torch and safetensors' format only; ``load_model`` imports transformers the
-first time it is used (module ``__getattr__``), and nothing here imports the offline stage.
+``import reshard.loaders`` pulls in nothing but the format core (``reshard.manifests``); torch comes with
+``load_state_dict`` and transformers with ``load_model``, each the first time it is used (module ``__getattr__``).
+Nothing here imports the offline stage.
 
 Example (``torchrun --nproc-per-node 2 serve.py``):
     >>> from reshard.loaders import load_model, load_state_dict  # doctest: +SKIP
@@ -20,8 +21,7 @@ __all__ = ["load_model", "load_state_dict"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that the offline stage can use the format modules here (safetensors_file, integrity) without torch,
-    # and load_model pulls transformers only when called.
+    # Lazy: load_model pulls transformers only when it is first used.
     if name == "load_model":
         from reshard.loaders.model import load_model
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from reshard import errors
-from reshard.errors import ReshardError
+from reshard.manifests import errors
+from reshard.manifests.errors import ReshardError
 
 # (global rank, exception class name, message) of each rank that failed
 Failure = tuple[int, str, str]

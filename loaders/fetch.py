@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from reshard.errors import IntegrityError, StorageError
-from reshard.loaders.integrity import hash_bytes, hash_file
-from reshard.loaders.remote import HubLocation, S3Location, parse_location, s3_filesystem
-from reshard.manifests.format import MANIFEST_NAME, FileEntry, Manifest, resolve_in
+from reshard.manifests.errors import IntegrityError, StorageError
+from reshard.manifests.hashing import hash_bytes, hash_file
+from reshard.manifests.locations import HubLocation, S3Location, parse_location, s3_filesystem
+from reshard.manifests.manifest import MANIFEST_NAME, FileEntry, Manifest, resolve_in
 
 CACHE_ENV = "RESHARD_CACHE"
 CHUNK_BYTES = 32 * 1024 * 1024

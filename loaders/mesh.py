@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from reshard.errors import MeshError
 from reshard.manifests import Manifest
+from reshard.manifests.errors import MeshError
 
 TP = "tp"
 EP = "ep"

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from reshard.errors import ManifestError
 from reshard.loaders.consensus import agreed
 from reshard.loaders.state_dict import DeviceArg, DtypeArg, LoadedArtifact, open_artifact
+from reshard.manifests.errors import ManifestError
+from reshard.manifests.plans import expert_rule_matcher
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -171,7 +171,7 @@ def _record_plans(model: PreTrainedModel, artifact: LoadedArtifact, distributed_
         if dict(manifest.ep_plan) != dict(model.ep_plan):
             distributed_config.ep_plan = dict(manifest.ep_plan)
             model._ep_plan = dict(manifest.ep_plan)
-        is_expert = re.compile(rf"(?:{'|'.join(map(re.escape, manifest.ep_plan))})(?:\..+)?").fullmatch
+        is_expert = expert_rule_matcher(manifest.ep_plan)
         own_tp_plan = {name: style for name, style in own_tp_plan.items() if not is_expert(name)}
     if dict(manifest.plan) != own_tp_plan:  # a custom plan
         distributed_config.tp_plan = dict(manifest.plan)

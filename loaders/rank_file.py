@@ -16,11 +16,12 @@ import os
 
 import torch
 
-from reshard.errors import IntegrityError
-from reshard.loaders.integrity import hash_bytes
-from reshard.loaders.safetensors_file import SafetensorsHeader, map_file, read_header, tensor_view
+from reshard.loaders.tensors import map_file, tensor_view
 from reshard.loaders.transfer import copy_to_device
 from reshard.manifests import Manifest, resolve_in
+from reshard.manifests.errors import IntegrityError
+from reshard.manifests.hashing import hash_bytes
+from reshard.manifests.safetensors import SafetensorsHeader, read_header
 
 
 def map_rank_file(

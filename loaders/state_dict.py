@@ -20,13 +20,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from reshard.errors import ManifestError, ReshardError
 from reshard.loaders.consensus import agreed
 from reshard.loaders.fetch import fetch_artifact
 from reshard.loaders.mesh import EP, as_device, check_mesh, default_device, ep_submesh, resolve_mesh, tp_submesh
 from reshard.loaders.rank_file import map_rank_file
-from reshard.loaders.safetensors_file import ITEMSIZES, torch_dtype
+from reshard.loaders.tensors import torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
+from reshard.manifests.errors import ManifestError, ReshardError
+from reshard.manifests.safetensors import ITEMSIZES
 
 DtypeArg = torch.dtype | str | None
 DeviceArg = torch.device | str | int | None

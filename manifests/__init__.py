@@ -1,9 +1,11 @@
-"""The reshard artifact format: the manifest dataclasses, its JSON Schema, and the built-in tensor-parallel plans.
+"""The format core: everything both halves of reshard share, and nothing else.
 
-Installed as ``reshard.manifests``; imported by both the offline stage and the runtime.
+The manifest (``manifest``, ``transforms``), the layout of every style (``layout``), where tensor bytes are stored
+(``chunks``), the built-in plans (``plans``), the safetensors container, hashing, locations, errors and progress.
+Installed as ``reshard.manifests``; imported by the offline stage and the runtime, it imports neither.
 """
 
-from reshard.manifests.format import (
+from reshard.manifests.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,

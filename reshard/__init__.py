@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from reshard.conversion import convert
+    from reshard.commands.convert import convert
 
 __all__ = ["__version__", "convert"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "convert":
-        from reshard.conversion import convert
+        from reshard.commands.convert import convert
 
         return convert
     raise AttributeError(f"module 'reshard' has no attribute {name!r}")

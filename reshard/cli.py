@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from reshard.errors import ReshardError, ShardabilityError
+from reshard.manifests.errors import ReshardError, ShardabilityError
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
 
@@ -144,31 +144,35 @@ def convert(
     no_fsync: bool,
     worker_slot: str | None,
 ) -> None:
-    from reshard.conversion import convert as run_convert
-    from reshard.conversion import convert_part, default_output
+    from pathlib import Path
+
+    from reshard.commands.convert import convert_part, default_output, run
+    from reshard.request import ConversionRequest
+    from reshard.workers import from_torchrun, solo
 
     out = output or str(default_output(model, tp))
-    if worker_slot is not None:
-        index, size = (int(part) for part in worker_slot.split("/"))
-        convert_part(model, out, tp, plan, revision, index, size, replicate_kv, ep, durable=not no_fsync)
-        return
-    manifest = run_convert(
+    request = ConversionRequest(
         model,
-        out,
-        tp=tp,
-        plan=plan,
-        revision=revision,
+        Path(out),
+        tp,
+        plan,
+        revision,
+        replicate_kv=replicate_kv,
+        ep=ep,
         overwrite=overwrite,
         progress=not quiet,
         workers=workers,
-        replicate_kv=replicate_kv,
-        ep=ep,
         durable=not no_fsync,
     )
+    if worker_slot is not None:
+        index, size = (int(part) for part in worker_slot.split("/"))
+        convert_part(request, index, size)
+        return
+    manifest = run(request, from_torchrun() or solo())
     size = sum(f.size for f in manifest.files if f.rank is not None)
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")
     if push_to and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one worker publishes
-        from reshard.publish import publish
+        from reshard.commands.publish import publish
 
         click.echo(f"published {publish(out, push_to, progress=not quiet)}")
 
@@ -184,10 +188,10 @@ def verify(artifact: str, quiet: bool) -> None:
     \b
       reshard verify ./my-checkpoint-tp4
     """
-    from reshard.errors import IntegrityError
+    from reshard.commands.verify import total_bytes, verify_artifact
     from reshard.manifests import read_manifest
-    from reshard.progress import progress_bar
-    from reshard.verify import total_bytes, verify_artifact
+    from reshard.manifests.errors import IntegrityError
+    from reshard.manifests.progress import progress_bar
 
     manifest = read_manifest(artifact)
     with progress_bar(total=total_bytes(manifest), desc="verify", enabled=not quiet) as bar:
@@ -208,7 +212,7 @@ def inspect(artifact: str, as_json: bool) -> None:
     \b
       reshard inspect ./my-checkpoint-tp4 [--json]
     """
-    from reshard.inspect import render_text, summarize
+    from reshard.commands.inspect import render_text, summarize
     from reshard.manifests import read_manifest
 
     manifest = read_manifest(artifact)
@@ -230,9 +234,9 @@ def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, rep
       reshard check --tp 8 HuggingFaceTB/SmolLM2-1.7B
       reshard check --tp 2 --tp 3 --tp 4 ./ckpt
     """
-    from reshard.plan import load_plan
-    from reshard.preflight import check_shardability
-    from reshard.source import read_model_config
+    from reshard.planning.tp_plan import load_plan
+    from reshard.source.checkpoint import read_model_config
+    from reshard.source.preflight import check_shardability
 
     config = read_model_config(model, revision)
     resolved = load_plan(plan, config)
@@ -264,7 +268,7 @@ def consolidate(artifact: str, output: str, max_shard_size: str, overwrite: bool
     \b
       reshard consolidate ./SmolLM2-1.7B-tp8 -o ./SmolLM2-1.7B
     """
-    from reshard.consolidate import consolidate as run_consolidate
+    from reshard.commands.consolidate import consolidate as run_consolidate
 
     run_consolidate(
         artifact, output, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, progress=not quiet
@@ -290,7 +294,7 @@ def publish(artifact: str, destination: str, token: str | None, quiet: bool) -> 
       reshard publish ./SmolLM2-1.7B-tp8 s3://bucket/models/SmolLM2-1.7B-tp8
       reshard publish ./SmolLM2-1.7B-tp8 /mnt/shared/models/
     """
-    from reshard.publish import publish as run_publish
+    from reshard.commands.publish import publish as run_publish
 
     click.echo(f"published {run_publish(artifact, destination, progress=not quiet, token=token)}")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reshard.experts import SUPPORTED_OPERATIONS  # noqa: E402
-from reshard.layout import STYLES  # noqa: E402
+from reshard.manifests.layout import STYLES  # noqa: E402
+from reshard.transforms.experts import SUPPORTED_OPERATIONS  # noqa: E402
 from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, RUNTIME_PARITY_FAMILIES  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "architectures.md"

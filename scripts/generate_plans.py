@@ -18,41 +18,16 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from reshard.manifests.plans import BuiltinPlan, ConverterRecord
 
 PLANS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "plans"
 INDEX_NAME = "INDEX.json"
 
 
-@dataclass(frozen=True)
-class BuiltPlan:
-    """The resolved plans of one model type."""
-
-    model_type: str
-    architecture: str
-    transformers_version: str
-    tp_plan: dict[str, str]
-    ep_plan: dict[str, str]
-    key_renames: list[list[str]]
-    key_converters: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the JSON document written to ``<model_type>.json``."""
-        return {
-            "model_type": self.model_type,
-            "architecture": self.architecture,
-            "transformers_version": self.transformers_version,
-            "tp_plan": dict(self.tp_plan),
-            "ep_plan": dict(self.ep_plan),
-            "styles": sorted(set(self.tp_plan.values())),
-            "key_renames": self.key_renames,
-            "key_converters": self.key_converters,
-        }
-
-
-def build_plan(model_type: str) -> BuiltPlan:
+def build_plan(model_type: str) -> BuiltinPlan:
     """Build the causal LM of ``model_type`` on the meta device and return its resolved TP/EP plans."""
     import torch
     import transformers
@@ -67,13 +42,13 @@ def build_plan(model_type: str) -> BuiltPlan:
         if bad:
             raise TypeError(f"non-string {name} entries: {bad}")
     renames, converters = _key_conversions(model)
-    return BuiltPlan(
+    return BuiltinPlan(
         model_type,
         type(model).__name__,
         transformers.__version__,
         **plans,
-        key_renames=renames,
-        key_converters=converters,
+        key_renames=tuple((a, b) for a, b in renames),
+        key_converters=tuple(ConverterRecord.from_json(c) for c in converters),
     )
 
 

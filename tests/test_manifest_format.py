@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import reshard
-from reshard.errors import ManifestError
 from reshard.manifests import Manifest, read_manifest
+from reshard.manifests.errors import ManifestError
 from tests.helpers.checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

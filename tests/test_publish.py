@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 
 from reshard.cli import main
-from reshard.errors import IntegrityError, ManifestError, StorageError
+from reshard.commands.publish import publish
+from reshard.commands.verify import verify_artifact
 from reshard.loaders.fetch import fetch_artifact, is_remote
-from reshard.loaders.integrity import hash_bytes
 from reshard.manifests import MANIFEST_NAME, read_manifest
-from reshard.publish import publish
-from reshard.verify import verify_artifact
+from reshard.manifests.errors import IntegrityError, ManifestError, StorageError
+from reshard.manifests.hashing import hash_bytes
 from tests.helpers.distributed import run_torchrun
 from tests.helpers.s3_server import RecordingMotoServer
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reshard
-from reshard.errors import ShardabilityError
 from reshard.manifests import read_manifest
+from reshard.manifests.errors import ShardabilityError
 from tests.helpers.checkpoints import make_checkpoint
 
 
@@ -47,8 +47,8 @@ def test_replicated_kv_model_computes_the_original_logits(tmp_path: Path):
     source = make_checkpoint("llama_gqa8", tmp_path / "src", num_key_value_heads=2, dtype="float32")
     manifest = reshard.convert(source, tmp_path / "art", tp=4, replicate_kv=True, progress=False)
     config = json.loads((tmp_path / "art" / "config.json").read_text())
-    assert config["num_key_value_heads"] == 4 and manifest.options["replicate_kv"]["original_kv_heads"] == 2
-    k_proj = manifest.tensor("model.layers.0.self_attn.k_proj.weight")
+    assert config["num_key_value_heads"] == 4 and manifest.options.replicate_kv.original == 2
+    k_proj = next(t for t in manifest.tensors if t.name == "model.layers.0.self_attn.k_proj.weight")
     assert [s.shape[0] for s in k_proj.slices] == [8, 8, 8, 8]  # one whole head (head_dim 64 / 8) per rank
 
     original = AutoModelForCausalLM.from_pretrained(source).eval()
@@ -101,7 +101,7 @@ def test_replicated_artifact_reshards_and_consolidates(tmp_path: Path, new_tp: i
         if path.name != "manifest.json":
             assert path.read_bytes() == (tmp_path / "new" / path.name).read_bytes(), path.name
 
-    from reshard.consolidate import consolidate
+    from reshard.commands.consolidate import consolidate
 
     consolidate(tmp_path / "tp4", tmp_path / "back", progress=False)
     original = {k: v for f in source.glob("*.safetensors") for k, v in load_file(f).items()}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import reshard
-from reshard.errors import ShardabilityError
 from reshard.manifests import read_manifest
+from reshard.manifests.errors import ShardabilityError
 from tests.helpers.checkpoints import make_checkpoint
 
 
@@ -51,7 +51,7 @@ def test_reshard_equals_direct_conversion(source: Path, tmp_path: Path, monkeypa
 def test_reshard_with_small_buffers(source: Path, tmp_path: Path, monkeypatch, buffer_bytes: int):
     reshard.convert(source, tmp_path / "tp4", tp=4, progress=False)
     reshard.convert(source, tmp_path / "direct", tp=3, progress=False)
-    monkeypatch.setattr("reshard.write.DEFAULT_BUFFER_BYTES", buffer_bytes)
+    monkeypatch.setattr("reshard.write.rank_files.DEFAULT_BUFFER_BYTES", buffer_bytes)
     reshard.convert(tmp_path / "tp4", tmp_path / "tp3", tp=3, progress=False)
     for path in (tmp_path / "direct").glob("rank-*"):
         assert path.read_bytes() == (tmp_path / "tp3" / path.name).read_bytes()
@@ -80,7 +80,7 @@ def test_reshard_when_an_old_rank_holds_no_columns(tmp_path: Path):
     the rowwise down_proj gathers columns from every old rank file; the empty one must add nothing."""
     source = make_checkpoint("llama_h24", tmp_path / "src", intermediate_size=42)
     reshard.convert(source, tmp_path / "tp8", tp=8, progress=False)
-    down = read_manifest(tmp_path / "tp8").tensor("model.layers.0.mlp.down_proj.weight")
+    down = next(t for t in read_manifest(tmp_path / "tp8").tensors if t.name == "model.layers.0.mlp.down_proj.weight")
     assert down.slices[7].shape[1] == 0
     reshard.convert(source, tmp_path / "direct", tp=3, progress=False)
     reshard.convert(tmp_path / "tp8", tmp_path / "tp3", tp=3, progress=False)

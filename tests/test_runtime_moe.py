@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 import reshard
-from reshard.loaders.safetensors_file import read_header
 from reshard.manifests import read_manifest
+from reshard.manifests.safetensors import read_header
 from tests.test_runtime_tp import check_identical_to_transformers, check_state_dict, run, strip_to_rank
 
 pytest.importorskip("transformers")

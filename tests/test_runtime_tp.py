@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reshard.loaders.safetensors_file import read_header
 from reshard.manifests import MANIFEST_NAME, read_manifest
+from reshard.manifests.safetensors import read_header
 from tests.helpers.distributed import run_torchrun
 
 pytest.importorskip("transformers")

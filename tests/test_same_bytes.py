@@ -36,22 +36,30 @@ CASES: dict[str, tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = {
     "aria_text-tp2": ("family_aria_text", {}, [("convert", 2, {})]),
     "qwen3_moe-ep2": ("family_qwen3_moe", {}, [("convert", 2, {"ep": 2})]),
     "llama_gqa8-kv2-tp4-replicated": (
-        "llama_gqa8", {"num_key_value_heads": 2}, [("convert", 4, {"replicate_kv": True})]
+        "llama_gqa8",
+        {"num_key_value_heads": 2},
+        [("convert", 4, {"replicate_kv": True})],
     ),
     "llama_gqa8-kv2-tp8-to-tp4": (
-        "llama_gqa8", {"num_key_value_heads": 2}, [("convert", 8, {"replicate_kv": True}), ("reshard", 4, {})]
+        "llama_gqa8",
+        {"num_key_value_heads": 2},
+        [("convert", 8, {"replicate_kv": True}), ("reshard", 4, {})],
     ),
     "llama_h24-tp3-to-tp4": ("llama_h24", {}, [("convert", 3, {}), ("reshard", 4, {})]),
     "llama_h24-tp4-to-tp6": ("llama_h24", {}, [("convert", 4, {}), ("reshard", 6, {})]),
     "qwen3_moe-tp4-to-tp2": ("family_qwen3_moe", {"num_key_value_heads": 4}, [("convert", 4, {}), ("reshard", 2, {})]),
     "aria_text-tp2-to-tp1": ("family_aria_text", {}, [("convert", 2, {}), ("reshard", 1, {})]),
     "qwen3_moe-ep2-to-ep4": (
-        "family_qwen3_moe", {"num_key_value_heads": 4}, [("convert", 2, {"ep": 2}), ("reshard", 4, {"ep": 4})]
+        "family_qwen3_moe",
+        {"num_key_value_heads": 4},
+        [("convert", 2, {"ep": 2}), ("reshard", 4, {"ep": 4})],
     ),
     "mixtral-tp2-consolidated": ("family_mixtral", {}, [("convert", 2, {}), ("consolidate",)]),
     "gpt_neox-tp2-consolidated": ("family_gpt_neox", {}, [("convert", 2, {}), ("consolidate",)]),
     "llama_gqa8-kv2-tp4-replicated-consolidated": (
-        "llama_gqa8", {"num_key_value_heads": 2}, [("convert", 4, {"replicate_kv": True}), ("consolidate",)]
+        "llama_gqa8",
+        {"num_key_value_heads": 2},
+        [("convert", 4, {"replicate_kv": True}), ("consolidate",)],
     ),
 }
 
@@ -67,7 +75,7 @@ def run_case(name: str, root: Path) -> dict[str, list[str]]:
     for index, step in enumerate(steps):
         out = root / f"step{index}"
         if step[0] == "consolidate":
-            from reshard.consolidate import consolidate
+            from reshard.commands.consolidate import consolidate
 
             consolidate(current, out, progress=False, max_shard_bytes=60_000)
         else:

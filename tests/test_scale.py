@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import reshard
+import reshard.planning.job
+from reshard.request import ConversionRequest
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.distributed import free_port
 
@@ -66,12 +68,12 @@ SLOW_WORKER = """
 import sys
 if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1] == "1/2":
     import time
-    import reshard.write as write
-    original = write._Streamer.copy
+    import reshard.write.engine as write
+    original = write.Streamer.copy
     def slow(*args, **kwargs):
         time.sleep(0.2)
         return original(*args, **kwargs)
-    write._Streamer.copy = slow
+    write.Streamer.copy = slow
 """
 
 
@@ -105,10 +107,10 @@ def test_killed_conversion_resumes_with_finished_files(source: Path, reference: 
 def test_corrupted_finished_file_is_redone(source: Path, reference: Path, tmp_path: Path):
     out = tmp_path / "art"
     partial = tmp_path / ".art.partial"
-    job = reshard.conversion._build_job(str(source), TP, "auto", None)
-    job_id = job.fingerprint(TP)
-    reshard.staging.prepare_staging(out, job_id)
-    reshard.conversion.write_part(job, partial, [0, 1], job_id, progress=False)
+    job = reshard.planning.job.build_job(ConversionRequest(str(source), out, TP))
+    job_id = job.fingerprint()
+    reshard.write.staging.prepare_staging(out, job_id)
+    reshard.commands.convert.write_part(job, partial, [0, 1], job_id, progress=False)
     damaged = partial / "rank-00001-of-00004.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF

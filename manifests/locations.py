@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reshard.errors import StorageError
-from reshard.manifests.format import check_relative_path
+from reshard.manifests.errors import StorageError
+from reshard.manifests.manifest import check_relative_path
 
 HUB_SCHEME = "hf://"
 S3_SCHEME = "s3://"

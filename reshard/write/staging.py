@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from reshard.errors import OutputExistsError
-from reshard.loaders.integrity import hash_file
 from reshard.manifests import FileEntry
+from reshard.manifests.errors import OutputExistsError
+from reshard.manifests.hashing import hash_file
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reshard.errors import ManifestError
+from reshard.manifests.errors import ManifestError
+from reshard.manifests.transforms import Transforms
 
 FORMAT_NAME = "reshard-tp"
 FORMAT_VERSION = 1
@@ -141,7 +142,7 @@ class Manifest:
     source: SourceInfo
     tensors: list[TensorEntry]
     files: list[FileEntry]
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Transforms = field(default_factory=Transforms)
     lineage: dict[str, Any] | None = None
     expert_mesh: dict[str, int] | None = None
     ep_plan: dict[str, str] = field(default_factory=dict)
@@ -165,12 +166,6 @@ class Manifest:
                 return entry
         raise ManifestError(f"manifest has no file for rank {rank} (world size {self.world_size})")
 
-    def tensor(self, name: str) -> TensorEntry:
-        for entry in self.tensors:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
-
     def to_json(self) -> str:
         """Serialise deterministically (sorted plan, fixed key order), ending with a newline.
 
@@ -186,7 +181,7 @@ class Manifest:
             "plan": dict(sorted(self.plan.items())),
             "expert_mesh": self.expert_mesh,
             "ep_plan": dict(sorted(self.ep_plan.items())),
-            "options": self.options,
+            "options": self.options.to_json(),
             "lineage": self.lineage,
             "source": asdict(self.source),
             "files": [asdict(f) for f in self.files],
@@ -219,7 +214,7 @@ class Manifest:
                 source=_source_from_json(data["source"]),
                 tensors=[_tensor_from_json(t) for t in data["tensors"]],
                 files=[FileEntry(**f) for f in data["files"]],
-                options=dict(data.get("options") or {}),
+                options=Transforms.from_json(data.get("options"), origin),
                 lineage=data.get("lineage"),
                 expert_mesh=data.get("expert_mesh"),
                 ep_plan=dict(data.get("ep_plan") or {}),

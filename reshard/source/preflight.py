@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from reshard.errors import ShardabilityError
+from reshard.manifests.errors import ShardabilityError
 
 # Projections whose output holds attention heads; sharding them colwise splits heads across ranks.
 _QUERY_PROJECTIONS = ("q_proj", "query", "qkv_proj", "query_key_value", "c_attn", "Wqkv")

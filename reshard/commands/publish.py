@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from reshard.errors import IntegrityError, StorageError
-from reshard.loaders.integrity import CHUNK_BYTES, hash_file
-from reshard.loaders.remote import HubLocation, S3Location, parse_location, s3_filesystem
+from reshard.commands.model_card import model_card
 from reshard.manifests import MANIFEST_NAME, FileEntry, Manifest, read_manifest, resolve_in
-from reshard.model_card import model_card
-from reshard.progress import progress_bar
-from reshard.staging import fsync_dir
+from reshard.manifests.errors import IntegrityError, StorageError
+from reshard.manifests.hashing import CHUNK_BYTES, hash_file
+from reshard.manifests.locations import HubLocation, S3Location, parse_location, s3_filesystem
+from reshard.manifests.progress import progress_bar
+from reshard.write.staging import fsync_dir
 
 S3_PART_BYTES = 64 * 1024 * 1024  # multipart size: up to 640 GB per file within S3's 10,000 parts
 XXH3_METADATA = "xxh3"  # stored as x-amz-meta-xxh3 on every object but the manifest

@@ -1,5 +1,5 @@
-"""Progress bars that cost nothing when turned off: tqdm (and the asyncio it pulls in, 60 ms of start-up) is only
-imported when a bar is shown."""
+"""Progress bars and byte sizes as people read them, for both halves. A bar costs nothing when turned off: tqdm
+(and the asyncio it pulls in, a noticeable part of start-up) is only imported when a bar is shown."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def progress_bar(*, total: float, desc: str, unit: str = "B", enabled: bool = Tr
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc)
+
+
+def format_size(size: float) -> str:
+    """Bytes in decimal units, as the Hub shows them: ``512 B``, ``1.5 MB``, ``3.4 GB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from reshard.errors import PlanError
-from reshard.manifests import Placement
+from reshard.manifests.errors import PlanError
+from reshard.manifests.manifest import Placement
+from reshard.manifests.safetensors import ITEMSIZES
 
 PLAIN = Placement("plain")
 REPLICATE = Placement("replicate")
@@ -166,3 +167,20 @@ def file_order(layouts: list[TensorLayout], itemsize: dict[str, int]) -> list[Te
     safetensors forbids gaps between tensors, so alignment comes from ordering, as safetensors' own writer does.
     """
     return sorted(layouts, key=lambda t: (-itemsize[t.dtype], t.name))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A tensor seen as ``[outer, length, row]`` around its placement dim: ``row`` is bytes per index of the dim."""
+
+    outer: int
+    length: int
+    row: int
+
+    @classmethod
+    def of(cls, layout: TensorLayout) -> Geometry:
+        dim = layout.placement.dim if layout.placement.is_sharded else 0
+        shape = layout.shape or (1,)  # a scalar is one row of one element
+        assert dim is not None
+        row = math.prod(shape[dim + 1 :]) * ITEMSIZES[layout.dtype]
+        return cls(math.prod(shape[:dim]), shape[dim], row)

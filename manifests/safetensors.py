@@ -1,28 +1,23 @@
-"""The safetensors container, read and written without copying tensor bytes.
+"""The safetensors container: headers parsed, checked and encoded; tensor bytes are never copied here.
 
 Shared by the offline stage (reading sources, writing rank files) and the runtime (mapping a rank file), so the
-format's rules live in one place. A file is ``u64 little-endian header length | JSON header | data``; every tensor
-in the header names its dtype, shape and ``[begin, end)`` byte range relative to the start of the data.
+format's rules live in one place. No torch: the runtime's ``loaders/tensors.py`` makes tensors of the bytes.
+A file is ``u64 little-endian header length | JSON header | data``; every tensor in the header names its dtype,
+shape and ``[begin, end)`` byte range relative to the start of the data.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 
-from reshard.errors import FileFormatError
+from reshard.manifests.errors import FileFormatError
 
-if TYPE_CHECKING:
-    import torch
-
-# safetensors dtype name -> bytes per element. torch is imported only where tensors are made, so the offline
-# stage, which moves bytes and never builds a tensor, starts without it.
+# safetensors dtype name -> bytes per element (the runtime's loaders/tensors.py maps them to torch dtypes).
 ITEMSIZES: dict[str, int] = {
     "F64": 8,
     "F32": 4,
@@ -37,35 +32,6 @@ ITEMSIZES: dict[str, int] = {
     "F8_E4M3": 1,
     "F8_E5M2": 1,
 }
-_TORCH_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
-    import torch
-
-    return getattr(torch, _TORCH_NAMES[dtype])
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype."""
-    for name, torch_name in _TORCH_NAMES.items():
-        if str(dtype) == f"torch.{torch_name}":
-            return name
-    raise KeyError(f"{dtype} has no safetensors name")
 
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
@@ -183,43 +149,3 @@ def encode_header(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % align)  # for align=8 this is -len(raw) % 8, as before
     return struct.pack("<Q", len(raw)) + raw
-
-
-def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Map a whole file read-only as a flat uint8 tensor; slices of it are views of the page cache, not copies.
-
-    ``shared=False`` maps the file private: nothing written to a view can reach the file on disk.
-    """
-    import torch
-
-    size = os.path.getsize(path)
-    if size == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
-    return torch.empty(0, dtype=torch.uint8).set_(cast(torch.UntypedStorage, storage))  # typed as _StorageBase
-
-
-def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
-    """The tensor ``entry`` describes, as a zero-copy view of the mapped file ``flat``."""
-    import torch
-
-    dtype = torch_dtype(entry.dtype)
-    raw = flat[entry.offset : entry.offset + entry.nbytes]
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
-    if entry.offset % itemsize(entry.dtype):
-        raw = raw.clone()  # an unaligned tensor cannot be viewed in place; copy just this one
-    return raw.view(dtype).view(entry.shape)
-
-
-def tensor_memoryview(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a zero-copy memoryview (no numpy needed).
-
-    The view borrows the tensor's memory: keep the tensor alive while the view is used.
-    """
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        raise ValueError("tensor_memoryview needs a contiguous CPU tensor")
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import xxhash
 
-from reshard.errors import ReshardError
-from reshard.loaders.integrity import hash_file, mapped_windows
-from reshard.loaders.safetensors_file import SafetensorsHeader, read_header
 from reshard.manifests import Manifest, TensorEntry, read_manifest, resolve_in
+from reshard.manifests.errors import ReshardError
+from reshard.manifests.hashing import hash_file, mapped_windows
+from reshard.manifests.safetensors import SafetensorsHeader, read_header
 
 
 def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reshard.manifests import Manifest
+from reshard.manifests.progress import format_size
 
 
 def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) -> str:
@@ -37,7 +38,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
         f"| source | {origin} |",
         f"| mesh | {mesh} |",
         f"| tensors | {len(manifest.tensors)} |",
-        f"| rank files | {manifest.world_size} x ~{_size(rank_bytes / manifest.world_size)} |",
+        f"| rank files | {manifest.world_size} x ~{format_size(rank_bytes / manifest.world_size)} |",
         f"| format | {manifest.format} v{manifest.format_version}, reshard {manifest.tool_version} |",
         "",
         "## Use",
@@ -54,7 +55,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
         "| file | rank | size | xxh3-128 |",
         "|---|---|---|---|",
         *(
-            f"| `{f.path}` | {'' if f.rank is None else f.rank} | {_size(f.size)} | `{f.xxh3}` |"
+            f"| `{f.path}` | {'' if f.rank is None else f.rank} | {format_size(f.size)} | `{f.xxh3}` |"
             for f in manifest.files
         ),
         "",
@@ -66,11 +67,3 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
         "",
     ]
     return "\n".join(lines)
-
-
-def _size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"

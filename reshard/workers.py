@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from reshard.errors import ReshardError
+from reshard.manifests.errors import ReshardError
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,6 @@ def run_workers(commands: list[list[str]]) -> None:
         raise ReshardError("; ".join(failures))
 
 
-def worker_command(argv: list[str], index: int, size: int) -> list[str]:
-    """The command line of local worker ``index``: the same conversion, restricted to its share of the ranks."""
-    return [sys.executable, "-m", "reshard", "convert", *argv, "--worker", f"{index}/{size}", "--quiet"]
+def worker_command(argv: list[str]) -> list[str]:
+    """The process command line running ``reshard`` with ``argv`` (``ConversionRequest.worker_argv``)."""
+    return [sys.executable, "-m", "reshard", *argv]

@@ -8,15 +8,14 @@ transformers by ``scripts/generate_plans.py`` so that the offline stage needs no
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from reshard.errors import PlanError
-from reshard.layout import STYLES
+from reshard.manifests.errors import PlanError
+from reshard.manifests.layout import STYLES
+from reshard.manifests.plans import builtin_plan, expert_rule_matcher, plan_for_config
 
 _LAYER_NUMBER = re.compile(r"\.\d+(\.|$)")
 
@@ -35,30 +34,8 @@ def style_of(tensor_name: str, plan: dict[str, str]) -> str | None:
     return plan.get(module) if module else None
 
 
-@functools.cache
-def builtin_plan_names() -> list[str]:
-    """The model types that have a built-in plan."""
-    folder = resources.files("reshard.manifests") / "plans"
-    return sorted(
-        p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and p.name != "INDEX.json"
-    )
-
-
-@functools.cache
-def builtin_plan(model_type: str) -> dict[str, Any]:
-    """The built-in plan record for ``model_type`` (``tp_plan``, ``ep_plan``, ``architecture``, ...); read once per
-    process. Callers copy what they change."""
-    path = resources.files("reshard.manifests") / "plans" / f"{model_type}.json"
-    if not path.is_file():
-        raise PlanError(
-            f"no built-in tensor-parallel plan for model_type {model_type!r} (transformers has none, or it is "
-            f"not a causal LM); pass --plan PLAN.json. Known: {', '.join(builtin_plan_names())}"
-        )
-    return json.loads(path.read_text())
-
-
 def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, str]:
-    """Resolve ``"auto"``, a path to a JSON plan, or a dict into a validated ``{rule: style}`` plan."""
+    """Resolve ``"auto"``, a path to a JSON plan, inline JSON or a dict into a validated ``{rule: style}`` plan."""
     if isinstance(plan, dict):
         resolved = dict(plan)
         origin = "plan"
@@ -66,10 +43,16 @@ def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, s
         model_type = config.get("model_type")
         if not model_type:
             raise PlanError("config.json has no model_type, so --plan auto cannot pick a plan; pass --plan PLAN.json")
-        resolved = dict(builtin_plan(model_type)["tp_plan"])
+        resolved = dict(builtin_plan(model_type).tp_plan)
         origin = f"built-in plan for {model_type}"
         if not resolved:
             raise PlanError(f"{model_type} has no tensor-parallel plan in transformers (only expert parallel)")
+    elif plan.lstrip().startswith("{"):  # an inline JSON plan (how local workers receive a plan dict)
+        origin = "plan"
+        try:
+            resolved = json.loads(plan)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan: not valid JSON ({exc})") from exc
     else:
         origin = str(plan)
         try:
@@ -86,30 +69,6 @@ def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, s
         if style not in STYLES:
             raise PlanError(f"{origin}: rule {rule!r} has unknown style {style!r}; known styles: {sorted(STYLES)}")
     return resolved
-
-
-def key_renames(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """The checkpoint-key renames transformers applies when loading this architecture (e.g. gpt_neox's
-    ``embed_out.`` → ``lm_head.``), so rank files hold the names of the model's parameters."""
-    model_type = config.get("model_type")
-    if not model_type or model_type not in builtin_plan_names():
-        return []
-    return [(pattern, target) for pattern, target in builtin_plan(model_type).get("key_renames", [])]
-
-
-def key_converters(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """transformers' load-time weight converters for this architecture (fused experts), as recorded data."""
-    model_type = config.get("model_type")
-    if not model_type or model_type not in builtin_plan_names():
-        return []
-    return list(builtin_plan(model_type).get("key_converters", []))
-
-
-def model_key(checkpoint_key: str, renames: list[tuple[str, str]]) -> str:
-    """The model parameter name of a checkpoint key, after transformers' renames."""
-    for pattern, target in renames:
-        checkpoint_key = re.sub(pattern, target, checkpoint_key)
-    return checkpoint_key
 
 
 def assign_styles(
@@ -133,9 +92,10 @@ def assign_styles(
 def split_expert_parallel(config: dict[str, Any], tp_plan: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """transformers' EP resolution: the built-in ``ep_plan``, and ``tp_plan`` without rules on EP modules or their
     children (EP rules take precedence, as in ``_resolve_parallel_plans``)."""
-    model_type = config.get("model_type") or ""
-    ep_plan = dict(builtin_plan(model_type).get("ep_plan", {})) if model_type in builtin_plan_names() else {}
+    builtin = plan_for_config(config)
+    ep_plan = dict(builtin.ep_plan) if builtin else {}
     if not ep_plan:
-        raise PlanError(f"{model_type or 'this model'} has no expert-parallel plan in transformers; drop --ep")
-    is_expert = re.compile(rf"(?:{'|'.join(map(re.escape, ep_plan))})(?:\..+)?").fullmatch
+        model_type = config.get("model_type") or "this model"
+        raise PlanError(f"{model_type} has no expert-parallel plan in transformers; drop --ep")
+    is_expert = expert_rule_matcher(ep_plan)
     return {rule: style for rule, style in tp_plan.items() if not is_expert(rule)}, ep_plan

@@ -2,7 +2,8 @@
 
 The artifact is built in a hidden ``.NAME.partial`` folder next to the output and renamed into place only once
 every file is written, fsynced and hashed and the manifest is in it, so an interrupted run never leaves a folder
-that looks complete, and rerunning simply starts over.
+that looks complete. Running the same command again resumes: rank files a run of the same job finished are kept
+(after re-hashing them) and only the rest are written.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ import os
 from pathlib import Path
 
 import reshard
-from reshard.errors import OutputExistsError, ReshardError
-from reshard.jobs import ConversionJob, architecture, job_from_artifact, job_from_checkpoint
-from reshard.layout import TensorLayout
-from reshard.loaders.integrity import hash_bytes, hash_file
 from reshard.manifests import (
     MANIFEST_NAME,
     FileEntry,
@@ -25,11 +22,17 @@ from reshard.manifests import (
     rank_file_name,
     read_manifest,
 )
-from reshard.parallel import WorkerGroup, from_torchrun, run_workers, solo, worker_command
-from reshard.progress import progress_bar
-from reshard.readers import OpenFiles
-from reshard.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
-from reshard.write import WrittenFile, rank_bytes, write_rank_files
+from reshard.manifests.errors import OutputExistsError, ReshardError
+from reshard.manifests.hashing import hash_bytes, hash_file
+from reshard.manifests.layout import Geometry, TensorLayout
+from reshard.manifests.progress import progress_bar
+from reshard.planning.job import ConversionJob, architecture, build_job, source_files
+from reshard.request import ConversionRequest
+from reshard.source.checkpoint import SourceHashes
+from reshard.workers import WorkerGroup, from_torchrun, run_workers, solo, worker_command
+from reshard.write.rank_files import WrittenFile, rank_bytes, write_rank_files
+from reshard.write.reader import ChunkReader, OpenFiles
+from reshard.write.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
 
 
 def default_output(model: str, tp: int) -> Path:
@@ -78,67 +81,56 @@ def convert(
     Example:
         >>> reshard.convert("./SmolLM2-1.7B", "./SmolLM2-1.7B-tp8", tp=8)  # doctest: +SKIP
     """
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise ReshardError(f"tp must be a positive integer, got {tp!r}")
     model = os.fspath(source)
-    out_path = Path(out) if out is not None else default_output(model, tp)
-    group = group or from_torchrun() or solo()
-    if out_path.exists() and not overwrite and group.index == 0:
+    request = ConversionRequest(
+        model,
+        Path(out) if out is not None else default_output(model, tp),
+        tp,
+        plan,
+        revision,
+        replicate_kv=replicate_kv,
+        ep=ep,
+        overwrite=overwrite,
+        progress=progress,
+        workers=workers,
+        durable=durable,
+    )
+    return run(request, group or from_torchrun() or solo())
+
+
+def run(request: ConversionRequest, group: WorkerGroup) -> Manifest:
+    """Execute a request in this process's place of ``group``: plan, write this worker's rank files, and (the
+    leader) the manifest last."""
+    out_path = request.out
+    if out_path.exists() and not request.overwrite and group.index == 0:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    job = _build_job(model, tp, plan, revision, replicate_kv, ep)
-    job_id = job.fingerprint(tp)
+    job = build_job(request)
+    job_id = job.fingerprint()
+    hashes = SourceHashes(job.weight_files)
     if group.is_leader:
         prepare_staging(out_path, job_id)
-        if job.source_hashes is not None:  # the source's hashes for the manifest, while the rank files are written
-            job.source_hashes.start()
-    if workers > 1 and group.size == 1 and not isinstance(plan, str):
-        raise ReshardError("workers > 1 needs the plan as 'auto' or a JSON file path")
+        hashes.start()  # the source's hashes for the manifest, while the rank files are written
     staging = staging_path(out_path)
     group.barrier()
-    if workers > 1 and group.size == 1:
-        argv = [model, "--tp", str(tp), "-o", str(out_path), "--plan", str(plan)]
-        argv += ["--revision", revision] if revision else []
-        argv += ["--replicate-kv"] if replicate_kv else []
-        argv += ["--ep", str(ep)] if ep > 1 else []
-        argv += [] if durable else ["--no-fsync"]
-        run_workers([worker_command(argv, index, workers) for index in range(workers)])
+    if request.workers > 1 and group.size == 1:
+        run_workers([worker_command(request.worker_argv(index, request.workers)) for index in range(request.workers)])
     else:
-        write_part(job, staging, group.ranks(tp), job_id, progress=progress, durable=durable)
+        write_part(job, staging, group.ranks(job.tp), job_id, progress=request.progress, durable=request.durable)
     group.barrier()
-    manifest = _finish(job, staging, out_path, tp, job_id, overwrite, progress) if group.is_leader else None
+    manifest = _finish(job, staging, request, job_id, hashes) if group.is_leader else None
     group.barrier()
     return manifest if manifest is not None else read_manifest(out_path)
 
 
-def convert_part(
-    source: str,
-    out: str | os.PathLike[str],
-    tp: int,
-    plan: str,
-    revision: str | None,
-    index: int,
-    size: int,
-    replicate_kv: bool = False,
-    ep: int = 1,
-    *,
-    durable: bool = True,
-) -> None:
-    """One local worker's share of ``convert(..., workers=size)``: its rank files only, into the staging folder
-    the parent prepared (the parent writes the manifest)."""
-    job = _build_job(source, tp, plan, revision, replicate_kv, ep)
-    staging = staging_path(Path(out))
+def convert_part(request: ConversionRequest, index: int, size: int) -> None:
+    """One local worker's share of a request run with ``workers=size``: its rank files only, into the staging
+    folder the parent prepared (the parent writes the manifest)."""
+    job = build_job(request)
+    staging = staging_path(request.out)
     if not staging.is_dir():
         raise ReshardError(f"{staging}: no staging folder; --worker is for the processes `--workers` starts")
-    ranks = WorkerGroup(index, size, lambda: None).ranks(tp)
-    write_part(job, staging, ranks, job.fingerprint(tp), progress=False, durable=durable)
-
-
-def _build_job(
-    model: str, tp: int, plan: str | dict[str, str], revision: str | None, replicate_kv: bool = False, ep: int = 1
-) -> ConversionJob:
-    if (Path(model) / MANIFEST_NAME).is_file():
-        return job_from_artifact(Path(model), tp, plan, replicate_kv, ep)
-    return job_from_checkpoint(model, revision, tp, plan, replicate_kv, ep)
+    ranks = WorkerGroup(index, size, lambda: None).ranks(job.tp)
+    write_part(job, staging, ranks, job.fingerprint(), progress=False, durable=request.durable)
 
 
 def write_part(
@@ -154,7 +146,7 @@ def write_part(
         return
     files = OpenFiles()
     try:
-        readers = job.open_readers(files)
+        readers = {t.name: ChunkReader(files, job.tensors[t.name], Geometry.of(t)) for t in job.layouts}
         desc = f"write {len(todo)} of {job.tp} rank files"
         total = rank_bytes(job.layouts, list(todo))
         with progress_bar(total=total, desc=desc, enabled=progress) as bar:
@@ -197,12 +189,12 @@ def _finished(path: Path, job_id: str, rehash: bool = True) -> WrittenFile | Non
 
 
 def _finish(
-    job: ConversionJob, staging: Path, out: Path, tp: int, job_id: str, overwrite: bool, progress: bool
+    job: ConversionJob, staging: Path, request: ConversionRequest, job_id: str, hashes: SourceHashes
 ) -> Manifest:
     """Collect every rank file's record, copy the small files, write the manifest last and rename into place."""
     written = []
-    for rank in range(tp):
-        path = staging / rank_file_name(rank, tp)
+    for rank in range(job.tp):
+        path = staging / rank_file_name(rank, job.tp)
         record = _finished(path, job_id, rehash=False)  # reused files were re-hashed when write_part reused them
         if record is None:
             raise ReshardError(f"{path}: rank {rank} was not written completely; run the same command again")
@@ -219,18 +211,18 @@ def _finish(
         tool_version=reshard.__version__,
         model_type=job.config.get("model_type"),
         architecture=architecture(job.config),
-        mesh={"tp": tp},
-        options=job.options,
+        mesh={"tp": job.tp},
+        options=job.transforms,
         lineage=job.lineage,
         plan=job.plan,
         expert_mesh={"ep": job.ep} if job.ep > 1 else None,
         ep_plan=job.ep_plan,
-        source=job.source_info(progress),
+        source=source_files(job, hashes.digest, request.progress),
         tensors=_tensor_entries(job.layouts, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
     )
     write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
-    promote_staging(staging, out, overwrite)
+    promote_staging(staging, request.out, request.overwrite)
     return manifest
 
 

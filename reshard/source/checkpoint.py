@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reshard.errors import SourceError
-from reshard.loaders.safetensors_file import HeaderEntry, read_header
+from reshard.manifests.chunks import StoredTensor, contiguous
+from reshard.manifests.errors import SourceError
+from reshard.manifests.hashing import hash_file
+from reshard.manifests.safetensors import HeaderEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -39,6 +42,11 @@ class SourceTensor:
     name: str
     file: Path
     entry: HeaderEntry
+
+    def stored(self) -> StoredTensor:
+        """The tensor as the transforms and readers see it: one contiguous chunk of its file."""
+        entry = self.entry
+        return StoredTensor(self.name, entry.dtype, entry.shape, contiguous(self.file, entry.offset, entry.nbytes))
 
 
 @dataclass
@@ -174,3 +182,40 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
     except HfHubHTTPError as exc:
         raise SourceError(f"{model}: cannot fetch config.json ({exc})") from exc
     return _read_config(Path(config_path).parent)
+
+
+class SourceHashes:
+    """xxh3-128 of whole source files, computed on a background thread while the rank files are written.
+
+    The thread reads each file once, in order, from a read-only mapping (no copy out of the page cache), so on
+    a cold cache it also reads the checkpoint ahead of the writers. ``digest`` waits for a file's hash, or
+    hashes the file itself if the thread was never started (a worker that only writes some of the ranks).
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._files = list(files)
+        self._digests: dict[Path, tuple[int, str]] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reshard-source-hashes", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for path in self._files:
+                self._digests[path] = hash_file(path)
+        except BaseException as exc:  # raised again by digest(), in the caller's thread
+            self._error = exc
+
+    def digest(self, path: Path) -> tuple[int, str]:
+        """Size and xxh3-128 of ``path``."""
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        if path not in self._digests:
+            self._digests[path] = hash_file(path)
+        return self._digests[path]

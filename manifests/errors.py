@@ -1,7 +1,8 @@
-"""Exceptions raised by reshard, offline and at runtime.
+"""Exceptions raised by reshard, offline and at runtime, each with the exit code the CLI gives it.
 
-Every error names the file and, where there is one, the tensor it is about, so that the CLI can print it as one
-line. This module imports nothing, so the runtime (``reshard.loaders``) can share it with the offline stage.
+Every error names the file and, where there is one, the tensor or field it is about, so that the CLI can print it
+as one line. Errors that wrap an operating-system failure (``OutputError``, ``StorageError``) are also ``OSError``s,
+as huggingface_hub's are, so ``except OSError`` still catches them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ class ReshardError(Exception):
 
 
 class SourceError(ReshardError):
-    """The source checkpoint is missing, truncated or inconsistent (a bad header, an index naming a missing tensor)."""
+    """The source checkpoint is missing or inconsistent (no such folder or repo, an index naming a missing tensor)."""
 
     exit_code = 3
 
@@ -49,7 +50,7 @@ class OutputExistsError(ReshardError):
     exit_code = 8
 
 
-class OutputError(ReshardError):
+class OutputError(ReshardError, OSError):
     """An output file could not be written: no space left, a read-only file system, no permission, an I/O error."""
 
     exit_code = 11
@@ -62,12 +63,13 @@ class MeshError(ReshardError):
 
 
 class FileFormatError(ReshardError):
-    """A safetensors file is truncated, its header is not valid JSON, or the header lies about sizes or offsets."""
+    """A file is damaged: a safetensors file truncated, its header not valid JSON, or lying about sizes or offsets
+    (distinct from ``SourceError``: the file is there, its bytes are wrong)."""
 
-    exit_code = 3
+    exit_code = 12
 
 
-class StorageError(ReshardError):
+class StorageError(ReshardError, OSError):
     """A destination or remote artifact cannot be read or written: unknown scheme, missing object or bucket,
     access denied, a network failure, or the client library for the scheme is not installed."""
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from reshard.manifests import Manifest
+from reshard.manifests.progress import format_size
 
 
 def summarize(manifest: Manifest) -> dict[str, Any]:
@@ -18,7 +19,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "tool_version": manifest.tool_version,
         "source": {"repo_id": manifest.source.repo_id, "revision": manifest.source.revision},
         "plan": manifest.plan,
-        "options": manifest.options,
+        "options": manifest.options.to_json(),
         "lineage": manifest.lineage,
         "rank_files": [{"rank": f.rank, "path": f.path, "bytes": f.size} for f in manifest.files if f.rank is not None],
         "other_files": [{"path": f.path, "bytes": f.size} for f in manifest.files if f.rank is None],
@@ -40,7 +41,7 @@ def render_text(manifest: Manifest) -> str:
         "plan",
         *(f"  {rule:<48} {style}" for rule, style in sorted(manifest.plan.items())),
         "rank files",
-        *(f"  {f['path']:<40} {_human(f['bytes']):>10}" for f in summary["rank_files"]),
+        *(f"  {f['path']:<40} {format_size(f['bytes']):>10}" for f in summary["rank_files"]),
         f"tensors ({len(manifest.tensors)})",
         f"  {'name':<52} {'dtype':<5} {'global shape':<16} {'placement':<18} rank 0 shape",
     ]
@@ -51,11 +52,3 @@ def render_text(manifest: Manifest) -> str:
             f"{json.dumps(list(tensor.slices[0].shape))}"
         )
     return "\n".join(lines)
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"

@@ -1,0 +1,132 @@
+"""The built-in tensor-parallel plans: transformers' own resolved plans per model type, as typed records.
+
+``manifests/plans/<model_type>.json`` is generated from the installed transformers by
+``scripts/generate_plans.py`` (which writes these same records), so neither the offline stage nor the runtime
+needs transformers to know a plan. A plan maps module names, with ``*`` standing for a layer number, to style
+names, exactly like transformers' ``model._tp_plan``.
+
+Example:
+    >>> builtin_plan("llama").tp_plan["model.layers.*.self_attn.o_proj"]
+    'rowwise'
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from reshard.manifests.errors import PlanError
+
+
+@dataclass(frozen=True)
+class ConverterRecord:
+    """One of transformers' load-time weight converters (``WeightConverter``), as data reshard can replay:
+    checkpoint ``sources`` patterns (``*`` an expert index) merged by ``operations`` into ``targets``."""
+
+    kind: str
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    operations: tuple[tuple[str, dict[str, Any]], ...]
+
+    @property
+    def operation_names(self) -> frozenset[str]:
+        return frozenset(name for name, _ in self.operations)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "sources": list(self.sources),
+            "targets": list(self.targets),
+            "operations": [[name, dict(args)] for name, args in self.operations],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConverterRecord:
+        return cls(
+            str(data["kind"]),
+            tuple(data["sources"]),
+            tuple(data["targets"]),
+            tuple((str(name), dict(args)) for name, args in data["operations"]),
+        )
+
+
+@dataclass(frozen=True)
+class BuiltinPlan:
+    """The resolved plans of one model type: ``tp_plan`` and ``ep_plan`` as ``model._tp_plan`` / ``_ep_plan``,
+    the checkpoint-key renames (regex, replacement) and weight converters transformers applies at load."""
+
+    model_type: str
+    architecture: str
+    transformers_version: str
+    tp_plan: dict[str, str]
+    ep_plan: dict[str, str] = field(default_factory=dict)
+    key_renames: tuple[tuple[str, str], ...] = ()
+    key_converters: tuple[ConverterRecord, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document of ``<model_type>.json``."""
+        return {
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "transformers_version": self.transformers_version,
+            "tp_plan": dict(self.tp_plan),
+            "ep_plan": dict(self.ep_plan),
+            "styles": sorted(set(self.tp_plan.values())),
+            "key_renames": [list(r) for r in self.key_renames],
+            "key_converters": [c.to_json() for c in self.key_converters],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuiltinPlan:
+        return cls(
+            model_type=str(data["model_type"]),
+            architecture=str(data["architecture"]),
+            transformers_version=str(data["transformers_version"]),
+            tp_plan=dict(data["tp_plan"]),
+            ep_plan=dict(data.get("ep_plan") or {}),
+            key_renames=tuple((str(a), str(b)) for a, b in data.get("key_renames") or []),
+            key_converters=tuple(ConverterRecord.from_json(c) for c in data.get("key_converters") or []),
+        )
+
+
+@functools.cache
+def builtin_plan_names() -> list[str]:
+    """The model types that have a built-in plan."""
+    folder = resources.files("reshard.manifests") / "plans"
+    return sorted(
+        p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and p.name != "INDEX.json"
+    )
+
+
+@functools.cache
+def builtin_plan(model_type: str) -> BuiltinPlan:
+    """The built-in plan of ``model_type`` (read once per process; callers copy the dicts they change)."""
+    if model_type not in builtin_plan_names():
+        raise PlanError(
+            f"no built-in tensor-parallel plan for model_type {model_type!r} (transformers has none, or it is "
+            f"not a causal LM); pass --plan PLAN.json. Known: {', '.join(builtin_plan_names())}"
+        )
+    path = resources.files("reshard.manifests") / "plans" / f"{model_type}.json"
+    return BuiltinPlan.from_json(json.loads(path.read_text()))
+
+
+def plan_for_config(config: dict[str, Any]) -> BuiltinPlan | None:
+    """The built-in plan of a config's ``model_type``, or ``None`` when there is none."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in builtin_plan_names():
+        return None
+    return builtin_plan(model_type)
+
+
+def expert_rule_matcher(ep_plan: dict[str, str]) -> Callable[[str], bool]:
+    """Whether a plan rule names an expert-parallel module or one of its children (EP rules take precedence over
+    TP rules there, as in transformers' ``_resolve_parallel_plans``)."""
+    if not ep_plan:
+        return lambda rule: False
+    pattern = re.compile(rf"(?:{'|'.join(map(re.escape, ep_plan))})(?:\..+)?")
+    return lambda rule: pattern.fullmatch(rule) is not None

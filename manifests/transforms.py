@@ -1,0 +1,117 @@
+"""The manifest's record of what was done to the checkpoint's tensors (its ``options``), as typed records.
+
+Each record is written by the forward half of a transform (``reshard/transforms/``) and read by its reverse half
+(consolidate, re-shard) and by the runtime: ``key_renames`` (transformers' load-time renames, e.g. gpt_neox's
+``embed_out`` → ``lm_head``), ``fused`` (per-expert checkpoint tensors stacked into fused ones) and
+``replicate_kv`` (KV heads duplicated so that every rank holds whole heads).
+
+Example:
+    >>> Transforms.from_json({"replicate_kv": {"original_kv_heads": 2, "replicated_kv_heads": 4, "head_dim": 16}})
+    Transforms(key_renames=(), fused=None, replicate_kv=KvReplication(original=2, replicated=4, head_dim=16))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from reshard.manifests.errors import ManifestError
+
+
+@dataclass(frozen=True)
+class KvReplication:
+    """KV heads go from ``original`` to ``replicated`` heads of ``head_dim`` rows each (``replicated`` a multiple)."""
+
+    original: int
+    replicated: int
+    head_dim: int
+
+    @property
+    def factor(self) -> int:
+        return self.replicated // self.original
+
+    def to_json(self) -> dict[str, int]:
+        return {"original_kv_heads": self.original, "replicated_kv_heads": self.replicated, "head_dim": self.head_dim}
+
+    @classmethod
+    def from_json(cls, data: Any, origin: str) -> KvReplication:
+        fields = ("original_kv_heads", "replicated_kv_heads", "head_dim")
+        if not isinstance(data, dict) or set(data) != set(fields):
+            raise ManifestError(f"{origin}: options.replicate_kv must be an object with exactly {list(fields)}")
+        values = [data[name] for name in fields]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**20 for v in values):
+            raise ManifestError(f"{origin}: options.replicate_kv holds a value that is not a positive integer")
+        original, replicated, head_dim = values
+        if replicated % original:
+            raise ManifestError(f"{origin}: options.replicate_kv: {replicated} heads are not copies of {original}")
+        return cls(original, replicated, head_dim)
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """One fused tensor: the checkpoint tensors it was made of, in fused order, with each one's size in bytes."""
+
+    parts: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """Everything a conversion did to the checkpoint's tensors besides slicing them (empty: nothing)."""
+
+    key_renames: tuple[tuple[str, str], ...] = ()
+    fused: dict[str, FusedTensor] | None = None
+    replicate_kv: KvReplication | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.key_renames:
+            out["key_renames"] = [list(rule) for rule in self.key_renames]
+        if self.fused:
+            out["fused"] = {
+                name: [[key, nbytes] for key, nbytes in fused.parts] for name, fused in sorted(self.fused.items())
+            }
+        if self.replicate_kv:
+            out["replicate_kv"] = self.replicate_kv.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, origin: str = "manifest.json") -> Transforms:
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ManifestError(f"{origin}: options must be an object")
+        if unknown := sorted(set(data) - {"key_renames", "fused", "replicate_kv"}):
+            raise ManifestError(f"{origin}: options.{unknown[0]} is not a transform this reshard knows")
+        renames = data.get("key_renames") or []
+        if not isinstance(renames, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(s, str) for s in r) for r in renames
+        ):
+            raise ManifestError(f"{origin}: options.key_renames must be a list of [pattern, replacement] strings")
+        fused = data.get("fused")
+        if fused is not None and not _is_fused_record(fused):
+            raise ManifestError(f"{origin}: options.fused must map tensor names to [[checkpoint name, bytes], ...]")
+        replicate = data.get("replicate_kv")
+        return cls(
+            key_renames=tuple((a, b) for a, b in renames),
+            fused={n: FusedTensor(tuple((k, b) for k, b in p)) for n, p in fused.items()} if fused else None,
+            replicate_kv=KvReplication.from_json(replicate, origin) if replicate is not None else None,
+        )
+
+
+def _is_fused_record(data: Any) -> bool:
+    """``{fused name: [[checkpoint name, positive byte count], ...]}``."""
+    return isinstance(data, dict) and all(
+        isinstance(name, str)
+        and isinstance(parts, list)
+        and parts
+        and all(
+            isinstance(p, list)
+            and len(p) == 2
+            and isinstance(p[0], str)
+            and isinstance(p[1], int)
+            and not isinstance(p[1], bool)
+            and p[1] > 0
+            for p in parts
+        )
+        for name, parts in data.items()
+    )

@@ -1,0 +1,1 @@
+"""What goes where, decided before a byte moves: the tensor-parallel plan, each tensor's layout and chunks."""

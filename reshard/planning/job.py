@@ -1,0 +1,202 @@
+"""What a conversion will do, decided before a byte is written: the plan, each tensor's layout and chunks, the records.
+
+Two sources make a job: a Hugging Face checkpoint (``job_from_checkpoint``) or another reshard artifact
+(``job_from_artifact``, re-sharding from its rank files alone). Both build a tensor table, apply the transforms'
+forward halves (an artifact's are first reversed), assign styles and lay every tensor out; the job is plain data
+that ``reshard.commands.convert`` executes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import reshard
+from reshard.manifests import FileEntry, SourceInfo, resolve_in
+from reshard.manifests.chunks import StoredTensor
+from reshard.manifests.errors import PlanError
+from reshard.manifests.hashing import hash_bytes
+from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
+from reshard.manifests.plans import plan_for_config
+from reshard.manifests.safetensors import ITEMSIZES
+from reshard.manifests.transforms import Transforms
+from reshard.planning.tp_plan import assign_styles, load_plan, split_expert_parallel
+from reshard.request import ConversionRequest
+from reshard.source.artifact import artifact_tensors, manifest_and_digest
+from reshard.source.checkpoint import INDEX_NAME, open_checkpoint, read_model_config
+from reshard.source.preflight import require_expert_parallel, require_shardable, text_config
+from reshard.transforms import Table, experts, kv_heads, renames
+
+
+@dataclass(frozen=True)
+class ConversionJob:
+    """Everything decided before a byte is written: what goes where, where it comes from, what is recorded.
+
+    ``tensors`` holds where each output tensor's bytes are (chunks of source files), ``layouts`` where they go.
+    ``source`` is what the manifest records of the source; for a checkpoint its ``files`` are filled in by hashing
+    ``hashed_files`` (the weights, ``weight_files``, on a background thread while the rank files are written).
+    """
+
+    tp: int
+    ep: int
+    config: dict[str, Any]
+    plan: dict[str, str]
+    ep_plan: dict[str, str]
+    layouts: list[TensorLayout]
+    tensors: Table
+    transforms: Transforms
+    extra_files: list[Path]
+    source: SourceInfo
+    identity: dict[str, Any]
+    weight_files: list[Path]
+    hashed_files: list[Path]
+    config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
+    lineage: dict[str, Any] | None = None
+
+    def fingerprint(self) -> str:
+        """Identifies the job (inputs, plan, layout, tool version): finished files of a run with the same
+        fingerprint can be reused by a resumed run."""
+        document = {
+            "tool": reshard.__version__,
+            "tp": self.tp,
+            "plan": self.plan,
+            "ep_plan": self.ep_plan,
+            "identity": self.identity,
+            "layouts": [[t.name, t.dtype, list(t.shape), t.style] for t in self.layouts],
+        }
+        return hash_bytes(json.dumps(document, sort_keys=True).encode())
+
+
+def build_job(request: ConversionRequest) -> ConversionJob:
+    """The job for a request: re-sharding if the source is an artifact, else converting a checkpoint."""
+    from reshard.manifests import MANIFEST_NAME
+
+    if (Path(request.source) / MANIFEST_NAME).is_file():
+        return job_from_artifact(request)
+    return job_from_checkpoint(request)
+
+
+def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
+    # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
+    tp, model = request.tp, request.source
+    config = read_model_config(model, request.revision)
+    plan = load_plan(request.plan, config)
+    ep_plan: dict[str, str] = {}
+    if request.ep > 1:
+        require_expert_parallel(config, tp, request.ep, model)
+        plan, ep_plan = split_expert_parallel(config, plan)
+    require_shardable(config, plan, tp, model, request.replicate_kv)
+    checkpoint = open_checkpoint(model, request.revision)
+    builtin = plan_for_config(config)
+    rules = builtin.key_renames if builtin else ()
+    table = renames.forward({name: t.stored() for name, t in checkpoint.tensors.items()}, rules)
+    table, fused = experts.forward(table, builtin.key_converters if builtin else ())
+    replication = kv_heads.needed(config, tp) if request.replicate_kv else None
+    if replication:
+        table = kv_heads.forward(table, replication, plan)
+    tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
+    styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, strict=request.custom_plan)
+    index = checkpoint.root / INDEX_NAME
+    new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
+    return ConversionJob(
+        tp=tp,
+        ep=request.ep,
+        config=config,
+        plan=plan,
+        ep_plan=ep_plan,
+        layouts=_layouts(table, styles, tp),
+        tensors=table,
+        transforms=Transforms(rules, fused or None, replication),
+        extra_files=checkpoint.extra_files,
+        source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit),
+        identity={
+            "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoint.weight_files],
+            "repo": [checkpoint.repo_id, checkpoint.commit],
+        },
+        weight_files=checkpoint.weight_files,
+        hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *([index] if index.exists() else [])]),
+        config_bytes=kv_heads.config_json(new_config) if new_config else None,
+    )
+
+
+def job_from_artifact(request: ConversionRequest) -> ConversionJob:
+    """Re-shard an artifact: same plan and tensors, new tp, bytes read from the old rank files only.
+
+    Replicated KV heads are folded back to the original heads and replicated again as the new tp needs.
+    """
+    root, tp = Path(request.source), request.tp
+    old, manifest_digest = manifest_and_digest(root)
+    config = read_model_config(str(root))
+    if request.custom_plan and load_plan(request.plan, config) != old.plan:
+        raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to change it")
+    stored = old.options.replicate_kv
+    if stored:
+        config = kv_heads.with_kv_heads(config, stored.original)
+    replicate_kv = request.replicate_kv or stored is not None
+    require_shardable(config, old.plan, tp, str(root), replicate_kv)
+    ep = 1
+    if old.ep_plan or request.ep > 1:  # an expert-parallel artifact stays one, on the new ranks
+        ep = tp
+        require_expert_parallel(config, tp, ep, str(root))
+        if not old.ep_plan:
+            raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to add --ep")
+    table = artifact_tensors(root, old)
+    if stored:
+        table = kv_heads.reverse(table, stored, old.plan)
+    replication = kv_heads.needed(config, tp) if replicate_kv else None
+    if replication:
+        table = kv_heads.forward(table, replication, old.plan)
+    styles = {t.name: t.style for t in old.tensors}
+    rewrite_config = stored is not None or replication is not None
+    new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else config
+    return ConversionJob(
+        tp=tp,
+        ep=ep,
+        config=config,
+        plan=old.plan,
+        ep_plan=old.ep_plan,
+        layouts=_layouts(table, styles, tp),
+        tensors=table,
+        transforms=Transforms(old.options.key_renames, old.options.fused, replication),
+        extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
+        source=old.source,
+        identity={"artifact": manifest_digest},
+        weight_files=[],
+        hashed_files=[],
+        config_bytes=kv_heads.config_json(new_config) if rewrite_config else None,
+        lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
+    )
+
+
+def _layouts(table: Table, styles: dict[str, str | None], tp: int) -> list[TensorLayout]:
+    """Every tensor laid out at ``tp``, in file order."""
+    return file_order([_layout(t, styles[t.name], tp) for t in table.values()], ITEMSIZES)
+
+
+def _layout(tensor: StoredTensor, style: str | None, tp: int) -> TensorLayout:
+    return tensor_layout(tensor.name, tensor.dtype, tensor.shape, style, tp)
+
+
+def source_files(job: ConversionJob, digest: Any, progress: bool) -> SourceInfo:
+    """The manifest's source record: the job's, with size and xxh3-128 of every hashed source file."""
+    from reshard.manifests.progress import progress_bar
+
+    entries = []
+    with progress_bar(total=len(job.hashed_files), unit="file", desc="hash source", enabled=progress) as bar:
+        for path in job.hashed_files:
+            size, xxh3 = digest(path)
+            entries.append(FileEntry(path.name, size, xxh3))
+            bar.update()
+    if not job.hashed_files:
+        return job.source
+    return SourceInfo(job.source.repo_id, job.source.revision, job.source.commit, entries)
+
+
+def architecture(config: dict[str, object]) -> str | None:
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        return str(architectures[0])
+    builtin = plan_for_config(config)
+    return builtin.architecture if builtin else None

@@ -1,0 +1,55 @@
+"""Read a reshard artifact as a source: every global tensor's chunks in the old rank files.
+
+Lets ``reshard --tp 4 ./model-tp8`` (re-shard) and ``reshard consolidate`` read the rank files alone, streaming with
+the same bounded buffers as a conversion from a checkpoint, without the original checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
+from reshard.manifests.chunks import StoredTensor, contiguous, row_major_chunks
+from reshard.manifests.errors import FileFormatError
+from reshard.manifests.hashing import hash_file
+from reshard.manifests.safetensors import ITEMSIZES, HeaderEntry, SafetensorsHeader, read_header
+from reshard.transforms import Table
+
+
+def manifest_and_digest(root: Path) -> tuple[Manifest, str]:
+    """The artifact's manifest and the xxh3-128 of ``manifest.json`` (the new artifact's lineage points at it)."""
+    manifest = read_manifest(root)
+    _, digest = hash_file(root / MANIFEST_NAME)
+    return manifest, digest
+
+
+def artifact_tensors(root: Path, manifest: Manifest) -> Table:
+    """Every tensor of the artifact with its chunks in the rank files; each rank file's header is checked against
+    the manifest first. A tensor held whole by every rank is read from rank 0."""
+    headers = {f.rank: read_header(resolve_in(root, f.path)) for f in manifest.files if f.rank is not None}
+    table: Table = {}
+    for tensor in manifest.tensors:
+        chunks = []
+        ranks = tensor.slices if tensor.placement.is_sharded else tensor.slices[:1]
+        for piece in ranks:
+            header = headers[piece.rank]
+            entry = _checked_entry(header, tensor, piece.shape)
+            if tensor.placement.is_sharded:
+                assert tensor.placement.dim is not None
+                dim, itemsize = tensor.placement.dim, ITEMSIZES[tensor.dtype]
+                chunks.extend(
+                    row_major_chunks(header.path, entry.offset, tensor.shape, itemsize, dim, piece.ranges, tensor.name)
+                )
+            else:
+                chunks.extend(contiguous(header.path, entry.offset, entry.nbytes, tensor.name))
+        table[tensor.name] = StoredTensor(tensor.name, tensor.dtype, tensor.shape, tuple(chunks))
+    return table
+
+
+def _checked_entry(header: SafetensorsHeader, tensor: TensorEntry, shape: tuple[int, ...]) -> HeaderEntry:
+    entry = header.tensors.get(tensor.name)
+    if entry is None:
+        raise FileFormatError(f"{header.path}: tensor {tensor.name!r} is missing from this rank file")
+    if entry.dtype != tensor.dtype or tuple(entry.shape) != tuple(shape):
+        raise FileFormatError(f"{header.path}: tensor {tensor.name!r} does not match the manifest's dtype/shape")
+    return entry

@@ -1,0 +1,77 @@
+"""KV-head replication: when tp exceeds the KV heads, duplicate them so every rank holds whole heads.
+
+transformers shards ``k_proj``/``v_proj`` colwise regardless and crashes in the first forward when
+``num_key_value_heads % tp != 0`` (upstream #48307). Forward: KV head ``h`` is copied ``tp / kv`` times (new head
+``j`` is old head ``j // factor``), and the artifact's config says ``num_key_value_heads = tp``; each query group
+still attends to the same keys and values, so the model computes what the original computes. Reverse: the first
+copy of each head is kept (folded back), and the config gets its own number of KV heads again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from reshard.manifests.chunks import remapped
+from reshard.manifests.safetensors import ITEMSIZES
+from reshard.manifests.transforms import KvReplication
+from reshard.planning.tp_plan import generic_name
+from reshard.source.preflight import text_config
+from reshard.transforms import Table
+
+KV_PROJECTIONS = ("k_proj", "v_proj")
+
+
+def needed(config: dict[str, Any], tp: int) -> KvReplication | None:
+    """The replication a tp needs, or None if the KV heads already divide by tp (or tp does not divide by them)."""
+    cfg = text_config(config)
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    if not heads or not kv or kv % tp == 0 or tp % kv:
+        return None
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return KvReplication(kv, tp, head_dim)
+
+
+def is_kv_tensor(name: str, plan: dict[str, str]) -> bool:
+    """A k_proj/v_proj weight or bias that the plan shards colwise (its rows are whole heads)."""
+    module = generic_name(name).rpartition(".")[0]
+    return module.rpartition(".")[2] in KV_PROJECTIONS and plan.get(module) in ("colwise", "colwise_rep")
+
+
+def forward(table: Table, record: KvReplication, plan: dict[str, str]) -> Table:
+    """Every KV tensor with its heads duplicated ``record.factor`` times."""
+    return _mapped(table, plan, record, [j // record.factor for j in range(record.replicated)])
+
+
+def reverse(table: Table, record: KvReplication, plan: dict[str, str]) -> Table:
+    """Every KV tensor folded back to the original heads (the first copy of each)."""
+    return _mapped(table, plan, record, [h * record.factor for h in range(record.original)])
+
+
+def _mapped(table: Table, plan: dict[str, str], record: KvReplication, source_heads: list[int]) -> Table:
+    """KV tensors whose head ``j`` is head ``source_heads[j]`` of the stored tensor (dim 0 is heads x head_dim)."""
+    out = dict(table)
+    for name, tensor in table.items():
+        if not is_kv_tensor(name, plan):
+            continue
+        head_bytes = record.head_dim * math.prod(tensor.shape[1:]) * ITEMSIZES[tensor.dtype]
+        moves = [(j * head_bytes, h * head_bytes, head_bytes) for j, h in enumerate(source_heads)]
+        shape = (len(source_heads) * record.head_dim, *tensor.shape[1:])
+        out[name] = dataclasses.replace(tensor, shape=shape, chunks=remapped(tensor.chunks, moves))
+    return out
+
+
+def with_kv_heads(config: dict[str, Any], kv_heads: int) -> dict[str, Any]:
+    """A copy of ``config`` with ``num_key_value_heads`` set (in ``text_config`` for multimodal configs)."""
+    updated = json.loads(json.dumps(config))
+    target = updated["text_config"] if isinstance(updated.get("text_config"), dict) else updated
+    target["num_key_value_heads"] = kv_heads
+    return updated
+
+
+def config_json(config: dict[str, Any]) -> bytes:
+    """A config as transformers' ``save_pretrained`` writes it (2-space indent, sorted keys, newline)."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

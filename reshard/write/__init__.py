@@ -1,0 +1,1 @@
+"""Executing a job: reading chunks, the copy engine, rank files and their OS calls, staging and atomic promotion."""
