@@ -121,6 +121,8 @@ class SourceInfo:
     revision: str | None
     commit: str | None
     files: list[FileEntry] = field(default_factory=list)
+    # Source files deliberately left out of the artifact, each "NAME: REASON": what a reviewer should know is missing.
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -280,6 +282,7 @@ def _source_from_json(data: dict[str, Any]) -> SourceInfo:
         revision=data.get("revision"),
         commit=data.get("commit"),
         files=[FileEntry(**f) for f in data.get("files", [])],
+        skipped=[str(entry) for entry in data.get("skipped") or []],
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +68,21 @@ def itemsize(dtype: str) -> int:
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse and validate the header of ``path``; raise ``FileFormatError`` naming the file (and tensor) if it lies.
 
-    Checks what a reader relies on: the header fits in the file, is a JSON object, every dtype is known, every
-    byte range matches its shape and lies inside the file. A truncated file fails here, before any byte is mapped.
+    Checks what a reader relies on: the file is a regular file (a FIFO would block forever), the header fits in it,
+    is a JSON object with string metadata, every dtype is known, every byte range matches its shape, and the ranges
+    cover the data section exactly, without overlap or gap, as the safetensors library requires. A truncated file
+    fails here, before any byte is mapped.
     """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as handle:
+        # Opened non-blocking so that a FIFO cannot hang us before fstat tells what it is.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise FileFormatError(f"{path}: not a regular file (a FIFO, device or folder), cannot be safetensors")
+            os.set_blocking(fd, True)
+            file_size = info.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise FileFormatError(f"{path}: {file_size} bytes is too short to be a safetensors file")
@@ -94,12 +103,39 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise FileFormatError(f"{path}: header is not a JSON object")
     data_start = 8 + header_len
     data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise FileFormatError(f"{path}: __metadata__ must be an object of strings, got a {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise FileFormatError(f"{path}: __metadata__ {key!r} must be a string, got a {type(value).__name__}")
     entries: dict[str, HeaderEntry] = {}
-    for name, info in header.items():
-        entries[name] = _parse_entry(path, name, info, data_start, data_size)
-    ordered = dict(sorted(entries.items(), key=lambda item: item[1].offset))
+    for name, entry in header.items():
+        entries[name] = _parse_entry(path, name, entry, data_start, data_size)
+    ordered = dict(sorted(entries.items(), key=lambda item: (item[1].offset, item[1].nbytes)))
+    _check_coverage(path, ordered, data_start, data_size)
     return SafetensorsHeader(path, ordered, dict(metadata), data_start, file_size)
+
+
+def _check_coverage(path: Path, ordered: dict[str, HeaderEntry], data_start: int, data_size: int) -> None:
+    """Tensors in data order must tile the data section: each starts where the previous ended, the last ends at the
+    end of the file. safetensors refuses anything else; an overlap would let two tensors alias the same bytes."""
+    end, previous = 0, None
+    for entry in ordered.values():
+        begin = entry.offset - data_start
+        if begin != end:
+            where = f"overlaps {previous!r}" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+            raise FileFormatError(
+                f"{path}: tensor {entry.name!r} starts at data byte {begin} but the previous tensor ends at {end} "
+                f"(it {where})"
+            )
+        end, previous = begin + entry.nbytes, entry.name
+    if end != data_size:
+        raise FileFormatError(
+            f"{path}: {data_size - end} bytes after the last tensor (the data section is not fully covered)"
+        )
 
 
 def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> HeaderEntry:

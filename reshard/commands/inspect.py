@@ -1,4 +1,8 @@
-"""``reshard inspect``: what an artifact holds, from its manifest alone (no tensor bytes are read)."""
+"""``reshard inspect``: what an artifact holds, from its manifest alone (no tensor bytes are read).
+
+It also lists the source files the conversion left behind (pickles, symlinks leading out, files off the allowlist)
+so that a reviewer sees what the artifact deliberately lacks.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,11 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "mesh": manifest.mesh,
         "format_version": manifest.format_version,
         "tool_version": manifest.tool_version,
-        "source": {"repo_id": manifest.source.repo_id, "revision": manifest.source.revision},
+        "source": {
+            "repo_id": manifest.source.repo_id,
+            "revision": manifest.source.revision,
+            "skipped": manifest.source.skipped,
+        },
         "plan": manifest.plan,
         "options": manifest.options.to_json(),
         "lineage": manifest.lineage,
@@ -37,6 +45,7 @@ def render_text(manifest: Manifest) -> str:
         f"mesh         {' x '.join(f'{k}={v}' for k, v in manifest.mesh.items())}",
         f"source       {summary['source']['repo_id'] or '(local folder)'}"
         + (f" @ {summary['source']['revision']}" if summary["source"]["revision"] else ""),
+        *(f"  skipped    {entry}" for entry in manifest.source.skipped),
         f"format       v{manifest.format_version}, written by reshard {manifest.tool_version}",
         "plan",
         *(f"  {rule:<48} {style}" for rule, style in sorted(manifest.plan.items())),

@@ -110,7 +110,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         tensors=table,
         transforms=Transforms(rules, fused or None, replication),
         extra_files=checkpoint.extra_files,
-        source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit),
+        source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),
         identity={
             "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoint.weight_files],
             "repo": [checkpoint.repo_id, checkpoint.commit],
@@ -191,7 +191,7 @@ def source_files(job: ConversionJob, digest: Any, progress: bool) -> SourceInfo:
             bar.update()
     if not job.hashed_files:
         return job.source
-    return SourceInfo(job.source.repo_id, job.source.revision, job.source.commit, entries)
+    return SourceInfo(job.source.repo_id, job.source.revision, job.source.commit, entries, job.source.skipped)
 
 
 def architecture(config: dict[str, object]) -> str | None:

@@ -3,14 +3,21 @@
 Only headers are read here; tensor bytes are streamed later by the writer. Hub repos are fetched with
 huggingface_hub's ``snapshot_download`` (its cache, token and ``HF_HUB_OFFLINE`` apply), weights and the files a
 model needs to run only.
+
+Nothing in the folder is trusted: weights, index and config must be regular files (a FIFO would hang the reader),
+and only an allowlist of config, tokenizer and documentation files is carried into the artifact, never a pickle,
+never through a symlink leading out of the folder (or, for a Hub snapshot, out of its repo's ``blobs``). What is
+left behind is recorded with the reason, for the manifest and ``reshard inspect``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,7 @@ from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.errors import SourceError
 from reshard.manifests.hashing import hash_file
 from reshard.manifests.safetensors import HeaderEntry, read_header
+from reshard.source.preflight import validate_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,9 +37,38 @@ HUB_PATTERNS = [
     "*.model",
     "*.tiktoken",
     "*.txt",
-    "*.py",
+    "*.jinja",
     "tokenizer*",
+    "README*",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY*",
 ]
+# The files from_pretrained and a tokenizer read, besides weights; everything else stays behind.
+EXTRA_NAMES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "README.md",
+    }
+)
+EXTRA_SUFFIXES = (".tiktoken",)
+DOC_PREFIXES = ("LICENSE", "NOTICE", "USE_POLICY")
+# Loading a pickle runs code; other weight formats are not what the conversion read.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".npy", ".tflite", ".ot"})
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[\w.\-]+$")
 
 
@@ -61,6 +98,7 @@ class Checkpoint:
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    skipped: list[str] = field(default_factory=list)  # "NAME: REASON" of each file not carried along
 
 
 def resolve_source(model: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
@@ -100,10 +138,10 @@ def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
     root, repo_id, commit = resolve_source(model, revision)
     config = _read_config(root)
     index_path = root / INDEX_NAME
-    if index_path.exists():
+    if _regular_file(index_path, "the index"):
         weight_map = _read_index(index_path)
         files = sorted({root / f for f in weight_map.values()})
-    elif (root / SINGLE_NAME).exists():
+    elif _regular_file(root / SINGLE_NAME, "a weights file"):
         weight_map = None
         files = [root / SINGLE_NAME]
     else:
@@ -111,7 +149,7 @@ def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
 
     tensors: dict[str, SourceTensor] = {}
     for file in files:
-        if not file.exists():
+        if not _regular_file(file, "a weights file"):
             missing = sorted(n for n, f in (weight_map or {}).items() if root / f == file)
             raise SourceError(
                 f"{file}: missing, but {INDEX_NAME} maps {len(missing)} tensors to it, e.g. {missing[0]!r}"
@@ -130,30 +168,110 @@ def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
                     f"{root / file_name}: {INDEX_NAME} names tensor {name!r} but the file does not hold it"
                 )
 
-    weights = set(files) | {index_path}
-    extra = sorted(p for p in root.iterdir() if p.is_file() and p not in weights and not p.name.startswith("."))
-    extra = [p for p in extra if not p.name.endswith(".safetensors")]
-    return Checkpoint(root, config, dict(sorted(tensors.items())), files, extra, repo_id, revision, commit)
+    extra, skipped = extra_files(root, set(files) | {index_path})
+    tensors = dict(sorted(tensors.items()))
+    return Checkpoint(root, config, tensors, files, extra, repo_id, revision, commit, skipped)
+
+
+def extra_files(root: Path, weights: set[Path]) -> tuple[list[Path], list[str]]:
+    """The files to copy into the artifact, and ``"NAME: REASON"`` for every other non-hidden entry of ``root``.
+
+    An allowlist, not a blocklist: a checkpoint folder may hold anything (pickled optimizer state, a symlink to a
+    secret), and whatever is copied ends up published with the artifact.
+    """
+    allowed = allowed_roots(root)
+    extra: list[Path] = []
+    skipped: list[str] = []
+    for path in sorted(root.iterdir()):
+        name = path.name
+        if name.startswith(".") or path in weights:
+            continue
+        reason = _skip_reason(path, allowed)
+        if reason is None:
+            extra.append(path)
+        else:
+            skipped.append(f"{name}: {reason}")
+    return extra, skipped
+
+
+def _skip_reason(path: Path, allowed: list[Path]) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return "pickle (loading it runs code)"
+    if suffix in WEIGHT_SUFFIXES:
+        return "weights not read by this conversion"
+    if path.is_symlink() and not _inside(path, allowed):
+        return "symlink leading outside the source folder"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        return "folder" if stat.S_ISDIR(mode) else "not a regular file"
+    if not _allowlisted(path.name):
+        return "not a config, tokenizer or documentation file"
+    return None
+
+
+def _allowlisted(name: str) -> bool:
+    return name in EXTRA_NAMES or name.endswith(EXTRA_SUFFIXES) or name.upper().startswith(DOC_PREFIXES)
+
+
+def allowed_roots(root: Path) -> list[Path]:
+    """Where a symlink in ``root`` may lead: the folder itself and, for a Hub cache snapshot
+    (``.../models--ORG--NAME/snapshots/COMMIT``), the repo's ``blobs`` folder its files link to."""
+    real = root.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    target = path.resolve()
+    return any(target == r or r in target.parents for r in roots)
+
+
+def _regular_file(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; raise ``SourceError`` if it is there but not a regular file (a FIFO or device
+    would block or stream forever, a folder fails obscurely), before anything opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise SourceError(f"{path}: {what} must be a regular file, but this is {kind}")
+    return True
 
 
 def _read_config(root: Path) -> dict[str, Any]:
     path = root / "config.json"
+    if not _regular_file(path, "config.json"):
+        raise SourceError(f"{path}: missing (a checkpoint needs its config.json)")
+    if path.is_symlink() and not _inside(path, allowed_roots(root)):
+        raise SourceError(f"{path}: a symlink leading outside the source folder (to {path.resolve()})")
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise SourceError(f"{path}: missing (a checkpoint needs its config.json)") from exc
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not isinstance(config, dict):
-        raise SourceError(f"{path}: not a JSON object")
+        raise SourceError(f"{path}: not a JSON object (a {type(config).__name__})")
+    validate_config(config, str(path))
     return config
 
 
 def _read_index(path: Path) -> dict[str, str]:
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_bytes())
         weight_map = index["weight_map"]
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from exc
     except (KeyError, TypeError) as exc:
         raise SourceError(f"{path}: has no weight_map") from exc

@@ -6,10 +6,11 @@ forward (``shape '[2, 16, -1, 32]' is invalid``, upstream #48307). reshard refus
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from reshard.manifests.errors import ShardabilityError
+from reshard.manifests.errors import ShardabilityError, SourceError
 
 # Projections whose output holds attention heads; sharding them colwise splits heads across ranks.
 _QUERY_PROJECTIONS = ("q_proj", "query", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
@@ -27,6 +28,58 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+# Fields every later step reads, by what they must hold. Counts that build the model must be positive; a null
+# KV-head count means "as many as the heads" (transformers' default), a null size means "not given".
+_POSITIVE = ("num_attention_heads", "n_head", "num_hidden_layers", "hidden_size", "vocab_size")
+_POSITIVE_OR_NULL = ("num_key_value_heads", "head_dim")
+_COUNT_OR_NULL = ("intermediate_size", "num_experts", "num_local_experts", "n_routed_experts")
+
+
+def validate_config(config: dict[str, Any], origin: str) -> None:
+    """Check the type of every config field reshard reads, so a bad config.json ends in one line naming the field.
+
+    Wrong types (``"4"`` for a count, a list for ``text_config``) raise ``SourceError``; counts that cannot make a
+    model (zero or negative heads, layers, sizes) raise ``ShardabilityError``, both before any weight is read.
+    """
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise SourceError(f"{origin}: model_type must be a string, got {_shown(config['model_type'])}")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise SourceError(f"{origin}: architectures must be a list of strings, got {_shown(architectures)}")
+    nested = config.get("text_config")
+    if nested is not None and not isinstance(nested, dict):
+        raise SourceError(f"{origin}: text_config must be an object, got {_shown(nested)}")
+    _check_flag(config, "tie_word_embeddings", origin, "")
+    if isinstance(nested, dict):
+        _check_flag(nested, "tie_word_embeddings", origin, "text_config.")
+    cfg, prefix = (nested, "text_config.") if isinstance(nested, dict) else (config, "")
+    for key in (*_POSITIVE, *_POSITIVE_OR_NULL, *_COUNT_OR_NULL):
+        if key not in cfg or (cfg[key] is None and key not in _POSITIVE):
+            continue
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SourceError(f"{origin}: {prefix}{key} must be an integer, got {_shown(value)}")
+        least = 0 if key in _COUNT_OR_NULL else 1
+        if value < least:
+            raise ShardabilityError(f"{origin}: {prefix}{key}={value} cannot make a model (must be at least {least})")
+
+
+def _check_flag(cfg: dict[str, Any], key: str, origin: str, prefix: str) -> None:
+    if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+        raise SourceError(f"{origin}: {prefix}{key} must be true or false, got {_shown(cfg[key])}")
+
+
+def _shown(value: object) -> str:
+    """A value as JSON, with its JSON type, cut short: the message stays one line."""
+    if value is None:
+        return "null"
+    kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}.get(type(value), "a number")
+    text = json.dumps(value)
+    return f"{text if len(text) <= 40 else text[:37] + '...'} ({kind})"
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +151,7 @@ def require_shardable(
     config: dict[str, Any], plan: dict[str, str], tp: int, model: str, replicate_kv: bool = False
 ) -> Verdict:
     """Raise ``ShardabilityError`` with the reasons and the tp sizes that would work."""
+    validate_config(config, f"{model}: config.json")
     verdict = check_shardability(config, plan, tp, replicate_kv)
     if not verdict.ok:
         sizes = ", ".join(str(t) for t in valid_tp_sizes(config, plan, 16, replicate_kv))
