@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from reshard.manifests import errors
-from reshard.manifests.errors import ReshardError
+from reshard.manifests.errors import ManifestError, ReshardError
 
 # (global rank, exception class name, message) of each rank that failed
 Failure = tuple[int, str, str]
+T = TypeVar("T", bound=tuple[Any, ...])
 
 
 @contextmanager
@@ -46,14 +48,32 @@ def agreed(mesh: DeviceMesh | None) -> Iterator[None]:
     raise _combined(failed, mesh.size()) from own
 
 
-def _gather(mesh: DeviceMesh, failed: list[Failure]) -> list[Failure]:
-    """Every rank's failures on every rank: all-gather along each mesh dimension in turn (their product is the mesh)."""
+def same_on_every_rank(mesh: DeviceMesh | None, value: str, what: str, origin: str) -> None:
+    """Raise the same ``ManifestError`` on every rank of ``mesh`` unless all of them hold the same ``value``.
+
+    A collective: call it outside ``agreed`` blocks, on every rank. Used for the manifest's digest, so that ranks
+    reading different copies of an artifact (a node with a stale ``manifest.json``) fail together before any tensor
+    is returned instead of computing with mismatched shards.
+    """
+    if mesh is None or mesh.size() == 1:
+        return
+    held = _gather(mesh, [(dist.get_rank(), value)])
+    ranks: dict[str, list[int]] = {}
+    for rank, item in held:
+        ranks.setdefault(item, []).append(rank)
+    if len(ranks) > 1:
+        groups = "; ".join(f"ranks {sorted(r)}: {item}" for item, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+        raise ManifestError(f"{origin}: the ranks read different manifests ({what} differs: {groups})")
+
+
+def _gather(mesh: DeviceMesh, items: list[T]) -> list[T]:
+    """Every rank's items on every rank: all-gather along each mesh dimension in turn (their product is the mesh)."""
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     for dim in range(mesh.ndim):
         group = mesh.get_group(dim)
-        payloads = _all_gather_bytes(json.dumps(failed).encode(), group, device)
-        failed = [tuple(failure) for payload in payloads for failure in json.loads(payload)]  # type: ignore[misc]
-    return sorted(failed)
+        payloads = _all_gather_bytes(json.dumps(items).encode(), group, device)
+        items = [tuple(item) for payload in payloads for item in json.loads(payload)]  # type: ignore[misc]
+    return sorted(items)  # type: ignore[type-var]
 
 
 def _all_gather_bytes(payload: bytes, group: dist.ProcessGroup, device: torch.device | None) -> list[bytes]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from reshard.manifests import Manifest, resolve_in
 from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.safetensors import SafetensorsHeader, read_header
+from reshard.manifests.validate import rank_header_problems
 
 
 def map_rank_file(
@@ -29,9 +31,10 @@ def map_rank_file(
 ) -> dict[str, torch.Tensor]:
     """This rank's local tensors, by name, on ``device``; raise ``IntegrityError`` naming the file if it lies.
 
-    Checks before mapping: the file exists, has the size the manifest records, and its header lists exactly the
-    manifest's tensors with the local shapes and dtypes recorded for ``rank``. With ``verify`` every tensor's
-    xxh3-128 is compared with the manifest's as it is mapped.
+    Checks before mapping, always: the file exists, has the size the manifest records, carries the manifest's
+    artifact id, and its header lists exactly the manifest's tensors with the local shapes and dtypes recorded for
+    ``rank``, contiguous in the manifest's order (so no view can overlap another or reach past the file). With
+    ``verify`` every tensor's xxh3-128 is compared with the manifest's as it is mapped.
     """
     entry = manifest.rank_file(rank)
     path = resolve_in(root, entry.path)
@@ -42,7 +45,7 @@ def map_rank_file(
         raise IntegrityError(
             f"{path}: {size} bytes, but the manifest records {entry.size} (truncated, or from another conversion)"
         )
-    header = read_header(path)
+    header = _read_header(path)
     _check_header(header, manifest, rank)
     flat = map_file(path)
     if verify:
@@ -57,21 +60,21 @@ def map_rank_file(
 
 
 def _check_header(header: SafetensorsHeader, manifest: Manifest, rank: int) -> None:
-    """The file must hold exactly the manifest's tensors, each with the local shape and dtype recorded for ``rank``."""
-    expected = {tensor.name: tensor for tensor in manifest.tensors}
-    if missing := sorted(expected.keys() - header.tensors.keys()):
-        count = f" ({len(missing)} tensors missing)" if len(missing) > 1 else ""
-        raise IntegrityError(f"{header.path}: lacks tensor {missing[0]!r} that the manifest lists{count}")
-    if extra := sorted(header.tensors.keys() - expected.keys()):
-        raise IntegrityError(f"{header.path}: holds tensor {extra[0]!r} that the manifest does not list")
-    for name, item in header.tensors.items():
-        tensor = expected[name]
-        shape = tensor.slice_for(rank).shape
-        if item.dtype != tensor.dtype or item.shape != shape:
-            raise IntegrityError(
-                f"{header.path}: tensor {name!r} is {item.dtype}{list(item.shape)}, but the manifest records "
-                f"{tensor.dtype}{list(shape)} for rank {rank}"
-            )
+    """The file must be this manifest's (its artifact id) and hold exactly the manifest's tensors, each with the
+    dtype and local shape recorded for ``rank``, back to back at the offsets the manifest's order gives."""
+    if problems := rank_header_problems(header, manifest, rank):
+        raise IntegrityError(f"{header.path}: {problems[0]}")
+
+
+def _read_header(path: Path) -> SafetensorsHeader:
+    """``read_header``, with a header whose ``__metadata__`` is not a string map refused like any other lie."""
+    try:
+        header = read_header(path)
+    except (TypeError, ValueError) as exc:  # dict() of a malformed __metadata__
+        raise IntegrityError(f"{path}: header __metadata__ is not an object of strings ({exc})") from exc
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.metadata.items()):
+        raise IntegrityError(f"{path}: header __metadata__ is not an object of strings")
+    return header
 
 
 def _verify(flat: torch.Tensor, header: SafetensorsHeader, manifest: Manifest, rank: int) -> None:

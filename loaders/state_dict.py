@@ -20,13 +20,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from reshard.loaders.consensus import agreed
+from reshard.loaders.consensus import agreed, same_on_every_rank
 from reshard.loaders.fetch import fetch_artifact
 from reshard.loaders.mesh import EP, as_device, check_mesh, default_device, ep_submesh, resolve_mesh, tp_submesh
 from reshard.loaders.rank_file import map_rank_file
 from reshard.loaders.tensors import torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
 from reshard.manifests.errors import ManifestError, ReshardError
+from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.safetensors import ITEMSIZES
 
 DtypeArg = torch.dtype | str | None
@@ -116,7 +117,15 @@ def open_artifact(
             entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
             for entry in manifest.tensors
         }
+    # every rank must have read the same manifest (it is the only thing ranks do not exchange) before any tensor
+    # is returned: outside the agreed block, since this is a collective
+    same_on_every_rank(mesh, manifest_digest_of(manifest), "manifest_xxh3", str(root / MANIFEST_NAME))
     return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh)
+
+
+def manifest_digest_of(manifest: Manifest) -> str:
+    """The digest of the manifest as this rank parsed it (its canonical JSON, digest field included)."""
+    return hash_bytes(manifest.to_json().encode())
 
 
 def _sharding_mesh(mesh: DeviceMesh | None, manifest: Manifest) -> DeviceMesh | None:

@@ -22,6 +22,7 @@ from reshard.manifests.transforms import Transforms
 FORMAT_NAME = "reshard-tp"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+DIGEST_FIELD = "manifest_xxh3"
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,9 @@ class Manifest:
     names with ``*`` for layer numbers → style names), applied unchanged by the runtime. With expert parallelism,
     ``expert_mesh`` is ``{"ep": M}`` over the same ranks (M == tp: reshard does not shard experts with FSDP) and
     ``ep_plan`` holds transformers' expert-parallel rules, which take precedence over ``plan`` for the experts.
+    ``artifact`` identifies the conversion; every rank file's ``__metadata__["reshard.artifact"]`` repeats it, so
+    a rank file from another conversion is refused at load. The JSON also carries ``manifest_xxh3``, the digest of
+    everything else in it (``manifest_digest``), so any edit is refused on read.
     """
 
     tool_version: str
@@ -148,6 +152,7 @@ class Manifest:
     lineage: dict[str, Any] | None = None
     expert_mesh: dict[str, int] | None = None
     ep_plan: dict[str, str] = field(default_factory=dict)
+    artifact: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -173,9 +178,10 @@ class Manifest:
 
         One line per top-level key, per file, per tensor and per plan rule: readable and greppable, and written by
         json's C encoder (an indented dump goes through its pure-Python one: 25 ms for a 218-tensor model)."""
-        data = {
+        data: dict[str, Any] = {
             "format": self.format,
             "format_version": self.format_version,
+            "artifact": self.artifact,
             "tool_version": self.tool_version,
             "model_type": self.model_type,
             "architecture": self.architecture,
@@ -189,55 +195,35 @@ class Manifest:
             "files": [asdict(f) for f in self.files],
             "tensors": [t.to_json() for t in self.tensors],
         }
+        data = {DIGEST_FIELD: manifest_digest(data), **data}
         return _one_item_per_line(data)
 
     @classmethod
-    def from_json(cls, text: str, origin: str = MANIFEST_NAME) -> Manifest:
-        """Parse and validate; raise ``ManifestError`` naming ``origin`` on anything a reader could misread."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{origin}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise ManifestError(f"{origin}: not a reshard manifest (format is not {FORMAT_NAME!r})")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(
-                f"{origin}: manifest format version {version!r}, this reshard reads version {FORMAT_VERSION}; "
-                "convert the checkpoint again or use a matching reshard"
-            )
-        try:
-            manifest = cls(
-                tool_version=data["tool_version"],
-                model_type=data.get("model_type"),
-                architecture=data.get("architecture"),
-                mesh={str(k): int(v) for k, v in data["mesh"].items()},
-                plan=dict(data["plan"]),
-                source=_source_from_json(data["source"]),
-                tensors=[_tensor_from_json(t) for t in data["tensors"]],
-                files=[FileEntry(**f) for f in data["files"]],
-                options=Transforms.from_json(data.get("options"), origin),
-                lineage=data.get("lineage"),
-                expert_mesh=data.get("expert_mesh"),
-                ep_plan=dict(data.get("ep_plan") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"{origin}: malformed manifest ({type(exc).__name__}: {exc})") from exc
-        manifest.validate(origin)
-        return manifest
+    def from_json(
+        cls, text: str | bytes, origin: str = MANIFEST_NAME, root: str | os.PathLike[str] | None = None
+    ) -> Manifest:
+        """Parse and validate (``validate.parse_manifest``); raise ``ManifestError`` naming ``origin`` and the field
+        on anything a reader could misread, and on any edit since it was written. With ``root``, every file path
+        must also stay inside that folder once symlinks are followed, and not name a folder."""
+        from reshard.manifests.validate import parse_manifest  # validate builds on layout, which imports this module
+
+        return parse_manifest(text, origin, root)
 
     def validate(self, origin: str = MANIFEST_NAME) -> None:
-        """Check internal consistency: safe relative paths, one file per rank, one slice per rank per tensor."""
-        if "tp" not in self.mesh or any(size < 1 for size in self.mesh.values()):
-            raise ManifestError(f"{origin}: mesh {self.mesh} has no positive 'tp' dimension")
-        for entry in self.files:
-            check_relative_path(entry.path, origin)
-        ranks = sorted(entry.rank for entry in self.files if entry.rank is not None)
-        if ranks != list(range(self.world_size)):
-            raise ManifestError(f"{origin}: rank files {ranks} do not cover world size {self.world_size}")
-        for tensor in self.tensors:
-            if [s.rank for s in tensor.slices] != list(range(self.world_size)):
-                raise ManifestError(f"{origin}: tensor {tensor.name!r} does not have one slice per rank")
+        """Check internal consistency (``validate.check_manifest``): mesh, files, and every tensor's re-derived
+        placement, ranges and local shapes."""
+        from reshard.manifests.validate import check_manifest
+
+        check_manifest(self, origin)
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """xxh3-128 of a manifest's parsed JSON without its digest field, in canonical form (sorted keys, no spaces):
+    the same for any formatting of the same content, different for any change of it."""
+    from reshard.manifests.hashing import hash_bytes
+
+    content = {key: value for key, value in data.items() if key != DIGEST_FIELD}
+    return hash_bytes(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
 
 
 def check_relative_path(path: str, origin: str = MANIFEST_NAME) -> PurePosixPath:
@@ -254,55 +240,29 @@ def resolve_in(root: str | os.PathLike[str], path: str, origin: str = MANIFEST_N
     target = (root_path / check_relative_path(path, origin)).resolve()
     if root_path != target and root_path not in target.parents:
         raise ManifestError(f"{origin}: file path {path!r} resolves outside the artifact folder")
+    if target.is_dir():
+        raise ManifestError(f"{origin}: file path {path!r} names a folder, not a file")
     return target
 
 
 def read_manifest(root: str | os.PathLike[str]) -> Manifest:
-    """Read ``root/manifest.json``; a folder without one is not a (complete) artifact."""
+    """Read and validate ``root/manifest.json``, and check its file paths against the folder; a folder without one
+    is not a (complete) artifact."""
     path = Path(root) / MANIFEST_NAME
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError as exc:
         raise ManifestError(
             f"{path}: no manifest; {root} is not a reshard artifact, or its conversion did not finish"
         ) from exc
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return Manifest.from_json(text, origin=str(path))
+    return Manifest.from_json(text, origin=str(path), root=root)
 
 
 def rank_file_name(rank: int, world_size: int) -> str:
     """The rank file's name, e.g. ``rank-00003-of-00008.safetensors``."""
     return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
-def _source_from_json(data: dict[str, Any]) -> SourceInfo:
-    return SourceInfo(
-        repo_id=data.get("repo_id"),
-        revision=data.get("revision"),
-        commit=data.get("commit"),
-        files=[FileEntry(**f) for f in data.get("files", [])],
-        skipped=[str(entry) for entry in data.get("skipped") or []],
-    )
-
-
-def _tensor_from_json(data: dict[str, Any]) -> TensorEntry:
-    return TensorEntry(
-        name=data["name"],
-        dtype=data["dtype"],
-        shape=tuple(data["shape"]),
-        style=data.get("style"),
-        placement=Placement.from_json(data["placement"]),
-        slices=[
-            RankSlice(
-                rank=s["rank"],
-                ranges=[(int(a), int(b)) for a, b in s["ranges"]],
-                shape=tuple(s["shape"]),
-                xxh3=s["xxh3"],
-            )
-            for s in data["slices"]
-        ],
-    )
 
 
 def _one_item_per_line(data: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from reshard.manifests.errors import OutputExistsError, ReshardError
 from reshard.manifests.hashing import hash_bytes, hash_file
 from reshard.manifests.layout import Geometry, TensorLayout
 from reshard.manifests.progress import progress_bar
+from reshard.manifests.validate import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
 from reshard.request import ConversionRequest
 from reshard.source.checkpoint import SourceHashes
@@ -154,7 +155,7 @@ def write_part(
                 job.layouts,
                 readers,
                 todo,
-                metadata={"format": "pt", "reshard.tp": str(job.tp)},
+                metadata={"format": "pt", "reshard.tp": str(job.tp), ARTIFACT_KEY: job_id},
                 on_bytes=bar.update,
                 durable=durable,
             )
@@ -191,7 +192,10 @@ def _finished(path: Path, job_id: str, rehash: bool = True) -> WrittenFile | Non
 def _finish(
     job: ConversionJob, staging: Path, request: ConversionRequest, job_id: str, hashes: SourceHashes
 ) -> Manifest:
-    """Collect every rank file's record, copy the small files, write the manifest last and rename into place."""
+    """Collect every rank file's record, copy the small files, write the manifest last and rename into place.
+
+    The manifest's ``artifact`` is the job's fingerprint, which write_part put into every rank file's header, so a
+    rank file can be matched to its manifest; ``to_json`` adds the digest that covers the manifest itself."""
     written = []
     for rank in range(job.tp):
         path = staging / rank_file_name(rank, job.tp)
@@ -220,7 +224,9 @@ def _finish(
         source=source_files(job, hashes.digest, request.progress),
         tensors=_tensor_entries(job.layouts, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
+        artifact=job_id,  # the id every rank file's header repeats (write_part's metadata)
     )
+    manifest.validate(str(staging / MANIFEST_NAME))  # what every reader will check, before it is written
     write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())
     promote_staging(staging, request.out, request.overwrite)
     return manifest

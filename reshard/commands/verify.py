@@ -8,10 +8,11 @@ from pathlib import Path
 
 import xxhash
 
-from reshard.manifests import Manifest, TensorEntry, read_manifest, resolve_in
+from reshard.manifests import Manifest, read_manifest, resolve_in
 from reshard.manifests.errors import ReshardError
 from reshard.manifests.hashing import hash_file, mapped_windows
 from reshard.manifests.safetensors import SafetensorsHeader, read_header
+from reshard.manifests.validate import rank_header_problems
 
 
 def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
@@ -43,10 +44,17 @@ def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None
 def _header_or_problem(path: Path, problems: list[str]) -> SafetensorsHeader | None:
     """The rank file's header, or ``None`` with the reason added to ``problems`` (its hash is still checked)."""
     try:
-        return read_header(path)
+        header = read_header(path)
     except ReshardError as exc:
         problems.append(str(exc))
         return None
+    except (TypeError, ValueError) as exc:  # a __metadata__ that is not an object
+        problems.append(f"{path.name}: header __metadata__ is not an object of strings ({exc})")
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.metadata.items()):
+        problems.append(f"{path.name}: header __metadata__ is not an object of strings")
+        return None
+    return header
 
 
 def _hash_rank_file(
@@ -78,24 +86,14 @@ def total_bytes(manifest: Manifest) -> int:
 def _check_rank_file(
     manifest: Manifest, header: SafetensorsHeader, tensor_hashes: dict[str, str], name: str, rank: int
 ) -> list[str]:
-    """Compare a rank file's header and each tensor's bytes with the manifest, so a problem names its tensor."""
-    problems = []
-    expected: dict[str, TensorEntry] = {t.name: t for t in manifest.tensors}
-    for missing in sorted(expected.keys() - header.tensors.keys()):
-        problems.append(f"{name}: tensor {missing!r} is missing")
-    for extra in sorted(header.tensors.keys() - expected.keys()):
-        problems.append(f"{name}: tensor {extra!r} is not in the manifest")
-    for tensor_name, entry in header.tensors.items():
-        tensor = expected.get(tensor_name)
-        if tensor is None:
-            continue
+    """Compare a rank file's header (artifact id, names, dtypes, shapes, data_offsets: ``rank_header_problems``) and
+    each tensor's bytes with the manifest, so a problem names its tensor and field."""
+    problems = [f"{name}: {problem}" for problem in rank_header_problems(header, manifest, rank)]
+    for tensor in manifest.tensors:
+        item = header.tensors.get(tensor.name)
         piece = tensor.slice_for(rank)
-        if entry.dtype != tensor.dtype or entry.shape != tuple(piece.shape):
-            problems.append(
-                f"{name}: tensor {tensor_name!r} is {entry.dtype}{list(entry.shape)}, "
-                f"manifest records {tensor.dtype}{list(piece.shape)}"
-            )
-            continue
-        if tensor_hashes.get(tensor_name) != piece.xxh3:
-            problems.append(f"{name}: tensor {tensor_name!r} bytes do not match the manifest's xxh3 (corrupted)")
+        if item is None or item.dtype != tensor.dtype or item.shape != tuple(piece.shape):
+            continue  # reported above
+        if tensor_hashes.get(tensor.name) != piece.xxh3:
+            problems.append(f"{name}: tensor {tensor.name!r} bytes do not match the manifest's xxh3 (corrupted)")
     return problems
