@@ -14,7 +14,7 @@ from tests.helpers.checkpoints import make_checkpoint
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz.py"
 
 
-def load_fuzz():  # noqa: ANN201 - a module
+def load_fuzz():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("reshard_fuzz", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
