@@ -27,8 +27,11 @@ from reshard.manifests.plans import expert_rule_matcher
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+    from transformers.core_model_loading import WeightTransform
     from transformers.distributed import DistributedConfig
     from transformers.utils.loading_report import LoadStateDictInfo
+
+    from reshard.manifests import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def _build_model(
         model = cls(config)
         patch_output_recorders(model)
     dtype_plan = model._get_dtype_plan(dtype)
-    model._weight_conversions = []  # type: ignore[assignment]  # the rank files hold the model's own names
+    model._weight_conversions = []  # type: ignore[assignment]  # the rank files hold the model's own names (for now)
 
     if tp_mesh is not None and distributed_config is not None:
         _record_plans(model, artifact, distributed_config)
@@ -138,6 +141,7 @@ def _build_model(
         dtype_plan=dtype_plan,
     )
     PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+    model._weight_conversions = _checkpoint_conversions(model, manifest)  # type: ignore[assignment]
     model.eval()
     model.set_use_kernels(False, None)
     if model.can_generate():
@@ -156,6 +160,23 @@ def _build_model(
             trust_remote_code=None,
         )
     return model
+
+
+def _checkpoint_conversions(model: PreTrainedModel, manifest: Manifest) -> list[WeightTransform]:
+    """The load-time conversions ``from_pretrained`` would have applied to the source checkpoint's own keys, marked
+    used as its loader marks them, so that ``save_pretrained`` writes the checkpoint's format back (per-expert keys,
+    gpt_neox's ``embed_out``) exactly as a model loaded by transformers does."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model, None, None)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    expected = dict.fromkeys(model.state_dict())
+    keys = manifest.options.checkpoint_keys([t.name for t in manifest.tensors])
+    for key in sorted(keys, key=dot_natural_key):
+        rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+    return [conversion for conversion in mapping if conversion.was_used()]
 
 
 def _record_plans(model: PreTrainedModel, artifact: LoadedArtifact, distributed_config: DistributedConfig) -> None:

@@ -12,10 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from reshard.manifests.errors import ManifestError
+from reshard.manifests.errors import ManifestError, ReshardError
+
+RenameRules = tuple[tuple[str, str], ...]
+_LITERAL_PATTERN = re.compile(r"\^?(?:\w|\\\.|\.)+")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,18 @@ class Transforms:
     key_renames: tuple[tuple[str, str], ...] = ()
     fused: dict[str, FusedTensor] | None = None
     replicate_kv: KvReplication | None = None
+
+    def checkpoint_keys(self, names: list[str]) -> list[str]:
+        """The source checkpoint's own keys for the model's tensor ``names``: fused tensors split into their parts,
+        renames undone (what ``from_pretrained`` would have read, and what ``save_pretrained`` writes back)."""
+        keys: list[str] = []
+        for name in names:
+            fused = self.fused.get(name) if self.fused else None
+            if fused is not None:
+                keys.extend(key for key, _ in fused.parts)
+            else:
+                keys.append(checkpoint_key(name, self.key_renames))
+        return keys
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -115,3 +131,21 @@ def _is_fused_record(data: Any) -> bool:
         )
         for name, parts in data.items()
     )
+
+
+def model_key(checkpoint_key: str, rules: RenameRules) -> str:
+    """The model parameter name of a checkpoint key, after transformers' renames (regex, replacement) in order."""
+    for pattern, target in rules:
+        checkpoint_key = re.sub(pattern, target, checkpoint_key)
+    return checkpoint_key
+
+
+def checkpoint_key(model_key: str, rules: RenameRules) -> str:
+    """Undo the renames, last first; only literal patterns (``^embed_out\\.``) can be undone."""
+    for pattern, target in reversed(rules):
+        if not _LITERAL_PATTERN.fullmatch(pattern):
+            raise ReshardError(f"cannot undo the key rename {pattern!r} -> {target!r} (not a literal pattern)")
+        anchored = pattern.startswith("^")
+        literal = pattern.removeprefix("^").replace("\\.", ".")
+        model_key = re.sub(("^" if anchored else "") + re.escape(target), literal.replace("\\", "\\\\"), model_key)
+    return model_key

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from reshard.manifests.chunks import remapped
+from reshard.manifests.errors import ShardabilityError
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import KvReplication
 from reshard.planning.tp_plan import generic_name
@@ -31,7 +32,9 @@ def needed(config: dict[str, Any], tp: int) -> KvReplication | None:
     kv = cfg.get("num_key_value_heads") or heads
     if not heads or not kv or kv % tp == 0 or tp % kv:
         return None
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size") or 0) // heads
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ShardabilityError("config.json: --replicate-kv needs head_dim (or hidden_size and num_attention_heads)")
     return KvReplication(kv, tp, head_dim)
 
 

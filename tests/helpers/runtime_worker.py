@@ -50,12 +50,25 @@ def main() -> None:
     results: dict[str, Any] = {}
     for case in spec:
         runners = {"compare": compare, "mesh2d": mesh2d, "error": error, "raise": raise_}
-        runners |= {"caller_ep_mesh": caller_ep_mesh, "unsharded": unsharded}
+        runners |= {"caller_ep_mesh": caller_ep_mesh, "unsharded": unsharded, "save": save}
         runner = runners[case["kind"]]
         results[case["name"]] = runner(case, out, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    # gloo's worker thread may still be releasing the last collective's work, which takes the GIL; during interpreter
+    # finalization CPython ends that thread inside a noexcept destructor -> std::terminate, a rare SIGABRT after all
+    # was done (torch + gloo + CPython, with or without reshard: pytorch/pytorch#190489). Skip finalization.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def save(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
+    """``load_model(artifact).save_pretrained(out/NAME-rankR)`` on every rank (saving gathers the DTensors)."""
+    model = load_model(case["artifact"])
+    model.save_pretrained(out / f"{case['name']}-rank{rank}")
+    return {"saved": True}
 
 
 def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
