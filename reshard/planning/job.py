@@ -25,7 +25,8 @@ from reshard.manifests.transforms import Transforms
 from reshard.planning.tp_plan import assign_styles, load_plan, split_expert_parallel
 from reshard.request import ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
-from reshard.source.checkpoint import INDEX_NAME, open_checkpoint, read_model_config
+from reshard.source.checkpoint import INDEX_NAME, read_model_config
+from reshard.source.distributed_checkpoint import checkpoint_table
 from reshard.source.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.transforms import Table, experts, kv_heads, renames
 
@@ -88,10 +89,10 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         require_expert_parallel(config, tp, request.ep, model)
         plan, ep_plan = split_expert_parallel(config, plan)
     require_shardable(config, plan, tp, model, request.replicate_kv)
-    checkpoint = open_checkpoint(model, request.revision)
+    checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
     rules = builtin.key_renames if builtin else ()
-    table = renames.forward({name: t.stored() for name, t in checkpoint.tensors.items()}, rules)
+    table = renames.forward(stored, rules)
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
