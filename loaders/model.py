@@ -194,7 +194,10 @@ def _record_plans(model: PreTrainedModel, artifact: LoadedArtifact, distributed_
             model._ep_plan = dict(manifest.ep_plan)
         is_expert = expert_rule_matcher(manifest.ep_plan)
         own_tp_plan = {name: style for name, style in own_tp_plan.items() if not is_expert(name)}
-    if dict(manifest.plan) != own_tp_plan:  # a custom plan
+    if manifest.plan_overrides is not None:  # a custom plan: what the user gave, merged as transformers merges it
+        distributed_config.tp_plan = dict(manifest.plan_overrides)
+        model._tp_plan = dict(manifest.plan)
+    elif dict(manifest.plan) != own_tp_plan:  # a plan other than the model's own (an artifact of another version)
         distributed_config.tp_plan = dict(manifest.plan)
         model._tp_plan = dict(manifest.plan)
 

@@ -22,8 +22,8 @@ from reshard.loaders.transfer import copy_to_device
 from reshard.manifests import Manifest, resolve_in
 from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_bytes
+from reshard.manifests.rank_header import rank_header_problems
 from reshard.manifests.safetensors import SafetensorsHeader, read_header
-from reshard.manifests.validate import rank_header_problems
 
 
 def map_rank_file(

@@ -74,3 +74,14 @@ class StorageError(ReshardError, OSError):
     access denied, a network failure, or the client library for the scheme is not installed."""
 
     exit_code = 10
+
+
+def shown(value: object) -> str:
+    """A JSON rendering of a (possibly huge) value for an error message, cut to stay on one line."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -135,6 +135,8 @@ class Manifest:
     names with ``*`` for layer numbers → style names), applied unchanged by the runtime. With expert parallelism,
     ``expert_mesh`` is ``{"ep": M}`` over the same ranks (M == tp: reshard does not shard experts with FSDP) and
     ``ep_plan`` holds transformers' expert-parallel rules, which take precedence over ``plan`` for the experts.
+    ``plan_overrides`` are the rules of a custom plan as the user gave them (``None``: the model's own plan);
+    ``plan`` is them merged into the model's own, as ``DistributedConfig(tp_plan=...)`` merges them.
     ``artifact`` identifies the conversion; every rank file's ``__metadata__["reshard.artifact"]`` repeats it, so
     a rank file from another conversion is refused at load. The JSON also carries ``manifest_xxh3``, the digest of
     everything else in it (``manifest_digest``), so any edit is refused on read.
@@ -153,6 +155,7 @@ class Manifest:
     expert_mesh: dict[str, int] | None = None
     ep_plan: dict[str, str] = field(default_factory=dict)
     artifact: str = ""
+    plan_overrides: dict[str, str] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -189,6 +192,7 @@ class Manifest:
             "plan": dict(sorted(self.plan.items())),
             "expert_mesh": self.expert_mesh,
             "ep_plan": dict(sorted(self.ep_plan.items())),
+            "plan_overrides": dict(sorted(self.plan_overrides.items())) if self.plan_overrides is not None else None,
             "options": self.options.to_json(),
             "lineage": self.lineage,
             "source": asdict(self.source),

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from reshard.manifests.errors import ManifestError, PlanError
+from reshard.manifests.errors import ManifestError, PlanError, shown
 from reshard.manifests.layout import STYLES, tensor_layout
 from reshard.manifests.manifest import (
     DIGEST_FIELD,
@@ -34,10 +34,9 @@ from reshard.manifests.manifest import (
     manifest_digest,
     resolve_in,
 )
-from reshard.manifests.safetensors import ITEMSIZES, SafetensorsHeader
+from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 
-ARTIFACT_KEY = "reshard.artifact"  # the rank file's __metadata__ key holding its manifest's artifact id
 MAX_RANKS = 65536  # tp (and world size) bound, checked before any per-rank list is built
 MAX_BYTES = 2**62  # any file or tensor size
 MAX_NDIM = 16
@@ -57,7 +56,7 @@ class _Fields:
         raise ManifestError(f"{self.origin}: {path}: {message}")
 
     def expected(self, path: str, what: str, value: Any) -> NoReturn:
-        self.fail(path, f"expected {what}, got {_show(value)}")
+        self.fail(path, f"expected {what}, got {shown(value)}")
 
     def obj(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -87,7 +86,7 @@ class _Fields:
         if not isinstance(value, str):
             self.expected(path, "a string", value)
         if pattern is not None and not pattern.fullmatch(value):
-            self.fail(path, f"{_show(value)} does not match {pattern.pattern}")
+            self.fail(path, f"{shown(value)} does not match {pattern.pattern}")
         return value
 
     def opt(self, value: Any, path: str, check: Callable[[Any, str], T]) -> T | None:
@@ -140,10 +139,13 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
     re-derived from ``layout`` (the single source of truth), in the order the rank files hold them."""
     f = _Fields(origin)
     if set(manifest.mesh) != {"tp"}:
-        f.fail("mesh", f'expected {{"tp": N}}, got {_show(manifest.mesh)}; this reshard reads tp meshes only')
+        f.fail("mesh", f'expected {{"tp": N}}, got {shown(manifest.mesh)}; this reshard reads tp meshes only')
     tp = manifest.tp
     if manifest.expert_mesh is not None and manifest.expert_mesh != {"ep": tp}:
-        f.fail("expert_mesh", f'expected null or {{"ep": {tp}}} (ep equals tp), got {_show(manifest.expert_mesh)}')
+        f.fail("expert_mesh", f'expected null or {{"ep": {tp}}} (ep equals tp), got {shown(manifest.expert_mesh)}')
+    for rule, style in (manifest.plan_overrides or {}).items():
+        if manifest.plan.get(rule) != style and not (manifest.ep_plan and rule not in manifest.plan):
+            f.fail(f"plan_overrides.{rule}", f"{shown(style)}, but the plan gives {shown(manifest.plan.get(rule))}")
     _check_files(f, manifest)
     names: set[str] = set()
     rank_bytes = [0] * tp
@@ -165,58 +167,6 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
                 f"files[{manifest.files.index(entry)}].size",
                 f"{entry.size} bytes cannot hold rank {entry.rank}'s {rank_bytes[entry.rank]} bytes of tensors",
             )
-
-
-def data_offsets(manifest: Manifest, rank: int) -> dict[str, tuple[int, int]]:
-    """Each tensor's ``[begin, end)`` in rank ``rank``'s data section: back to back in the manifest's order, as
-    the writer lays them out (``layout.file_order``)."""
-    out, offset = {}, 0
-    for tensor in manifest.tensors:
-        nbytes = math.prod(tensor.slices[rank].shape) * ITEMSIZES[tensor.dtype]
-        out[tensor.name] = (offset, offset + nbytes)
-        offset += nbytes
-    return out
-
-
-def rank_header_problems(header: SafetensorsHeader, manifest: Manifest, rank: int) -> list[str]:
-    """Where rank ``rank``'s file header disagrees with the manifest, one line per problem naming the tensor and the
-    header field: its artifact id, the tensor names, each dtype, shape and ``data_offsets`` (which must be the
-    manifest's tensors back to back, in its order, up to the end of the file)."""
-    problems = []
-    found = header.metadata.get(ARTIFACT_KEY)
-    if found != manifest.artifact:
-        problems.append(
-            f"rank file belongs to another artifact: __metadata__.{ARTIFACT_KEY} is {_show(found)}, "
-            f"the manifest's artifact is {_show(manifest.artifact)}"
-        )
-    expected = {tensor.name: tensor for tensor in manifest.tensors}
-    if missing := [name for name in expected if name not in header.tensors]:
-        count = f" ({len(missing)} tensors missing)" if len(missing) > 1 else ""
-        problems.append(f"lacks tensor {missing[0]!r} that the manifest lists{count}")
-    if extra := sorted(header.tensors.keys() - expected.keys()):
-        problems.append(f"holds tensor {extra[0]!r} that the manifest does not list")
-    offsets = data_offsets(manifest, rank)
-    for name, item in header.tensors.items():
-        tensor = expected.get(name)
-        if tensor is None:
-            continue
-        shape = tensor.slices[rank].shape
-        if item.dtype != tensor.dtype or item.shape != shape:
-            problems.append(
-                f"tensor {name!r} is {item.dtype}{list(item.shape)}, but the manifest records "
-                f"{tensor.dtype}{list(shape)} for rank {rank}"
-            )
-            continue
-        begin = item.offset - header.data_start
-        if (begin, begin + item.nbytes) != offsets[name]:
-            problems.append(
-                f"tensor {name!r}: data_offsets {[begin, begin + item.nbytes]}, but the manifest's order puts it at "
-                f"{list(offsets[name])}"
-            )
-    end = max((stop for _, stop in offsets.values()), default=0)
-    if not problems and header.data_start + end != header.file_size:
-        problems.append(f"data section is {header.file_size - header.data_start} bytes, the tensors fill {end}")
-    return problems
 
 
 def _check_files(f: _Fields, manifest: Manifest) -> None:
@@ -247,7 +197,7 @@ def _check_files(f: _Fields, manifest: Manifest) -> None:
 def _check_path(f: _Fields, value: str, path: str) -> None:
     if not value or value == MANIFEST_NAME or any(part in ("", ".", "..") for part in value.split("/")):
         check_relative_path(value, f.origin)  # the clearer message for paths that leave the folder
-        f.fail(path, f"{_show(value)} is not a file path inside the artifact")
+        f.fail(path, f"{shown(value)} is not a file path inside the artifact")
     check_relative_path(value, f.origin)
 
 
@@ -267,21 +217,21 @@ def _check_tensor(f: _Fields, tensor: TensorEntry, tp: int, path: str) -> None:
     if tensor.placement != layout.placement:
         f.fail(
             f"{path}.placement",
-            f"{_show(tensor.placement.to_json())} but style {tensor.style!r} places a {len(tensor.shape)}-d tensor "
-            f"as {_show(layout.placement.to_json())}",
+            f"{shown(tensor.placement.to_json())} but style {tensor.style!r} places a {len(tensor.shape)}-d tensor "
+            f"as {shown(layout.placement.to_json())}",
         )
     for rank, piece in enumerate(tensor.slices):
         ranges = [tuple(r) for r in piece.ranges]
         if ranges != list(layout.ranges[rank]):
             f.fail(
                 f"{path}.slices[{rank}].ranges",
-                f"{_show(piece.ranges)}, but {tensor.name!r} {list(tensor.shape)} at tp={tp} gives rank {rank} "
-                f"{_show(layout.ranges[rank])}",
+                f"{shown(piece.ranges)}, but {tensor.name!r} {list(tensor.shape)} at tp={tp} gives rank {rank} "
+                f"{shown(layout.ranges[rank])}",
             )
         if tuple(piece.shape) != layout.local_shapes[rank]:
             f.fail(
                 f"{path}.slices[{rank}].shape",
-                f"{_show(piece.shape)}, but the layout gives {_show(layout.local_shapes[rank])}",
+                f"{shown(piece.shape)}, but the layout gives {shown(layout.local_shapes[rank])}",
             )
 
 
@@ -315,6 +265,7 @@ def _manifest(f: _Fields, data: dict[str, Any]) -> Manifest:
         lineage=f.obj(lineage, "lineage") if lineage is not None else None,
         expert_mesh=expert_mesh,
         ep_plan=f.str_map(data.get("ep_plan") or {}, "ep_plan"),
+        plan_overrides=f.opt(data.get("plan_overrides"), "plan_overrides", f.str_map),
         artifact=f.string(f.req(data, "artifact", ""), "artifact", _ARTIFACT_ID),
     )
 
@@ -408,12 +359,3 @@ def _slice(f: _Fields, value: Any, path: str) -> RankSlice:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _show(value: Any) -> str:
-    """A JSON rendering of a (possibly huge) value, cut to stay on one line."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -137,9 +137,22 @@ def test_custom_plan(checkpoints: dict[str, Path], tmp_path: Path):
         json.dumps({"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.mlp.down_proj": "rowwise"})
     )
     manifest = reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, plan=str(plan), progress=False)
+    # transformers merges a plan dict into the model's own (DistributedConfig(tp_plan=...)): other rules are kept
+    from reshard.manifests.plans import builtin_plan
+
+    assert manifest.plan == {**builtin_plan("llama").tp_plan, **json.loads(plan.read_text())}
     sharded = sorted({t.name.split(".")[-2] for t in manifest.tensors if t.placement.is_sharded})
-    assert sharded == ["down_proj", "q_proj"]
-    assert manifest.plan == json.loads(plan.read_text())
+    assert sharded == [
+        "down_proj",
+        "embed_tokens",
+        "gate_proj",
+        "k_proj",
+        "lm_head",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -147,6 +160,7 @@ def test_custom_plan(checkpoints: dict[str, Path], tmp_path: Path):
     [
         ({"model.layers.*.self_attn.q_proj": "diagonal"}, "unknown style 'diagonal'"),
         ({"model.layers.*.self_attn.nope_proj": "colwise"}, "matches no tensor"),
+        ({}, "the plan is empty"),  # transformers applies no rule, then refuses tp > 1
     ],
 )
 def test_bad_custom_plans(checkpoints, tmp_path, plan, message):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from reshard.loaders import load_state_dict
 from reshard.manifests import read_manifest
 from reshard.manifests.errors import IntegrityError, ManifestError, MeshError, ReshardError
+from reshard.manifests.manifest import manifest_digest
 from reshard.manifests.safetensors import read_header
 from tests.helpers.memory import mapped_file
 
@@ -148,9 +149,15 @@ def test_verify_names_the_tensor_and_file_of_a_flipped_byte(tiny, tmp_path: Path
 
 def test_header_disagreeing_with_the_manifest(tiny, tmp_path: Path) -> None:
     artifact = copy_artifact(tiny.artifact("qwen2", tp=1, **QWEN), tmp_path / "art")
-    data = json.loads((artifact / "manifest.json").read_text())
-    data["tensors"][0]["slices"][0]["shape"][0] += 1
-    (artifact / "manifest.json").write_text(json.dumps(data))
+    rank_file = artifact / read_manifest(artifact).rank_file(0).path
+    data = rank_file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
+    header[name]["shape"] = [header[name]["shape"][0] * header[name]["shape"][1]]  # same bytes, another shape
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-(8 + len(encoded)) % 8)
+    rank_file.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + length :])
     with pytest.raises(IntegrityError, match="but the manifest records"):
         load_state_dict(artifact)
 
@@ -186,6 +193,7 @@ def test_expert_parallel_artifact_is_refused_clearly(tiny, tmp_path: Path) -> No
     artifact = copy_artifact(tiny.artifact("qwen2", tp=1, **QWEN), tmp_path / "art")
     data = json.loads((artifact / "manifest.json").read_text())
     data["expert_mesh"] = {"ep": 1}
+    data["manifest_xxh3"] = manifest_digest(data)  # sealed again: the content is a manifest this reshard can read
     (artifact / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(MeshError, match="tensor-parallel artifacts only"):
         load_state_dict(artifact)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import reshard
 from reshard.manifests import MANIFEST_NAME, read_manifest
 from reshard.manifests.safetensors import read_header
 from tests.helpers.distributed import run_torchrun
@@ -76,6 +77,35 @@ def compare_cases(tiny, tp: int, root: Path) -> list[dict[str, Any]]:
     return cases
 
 
+# Custom plans users copy: the CLI's --help example and transformers' documented 7-rule plan. transformers merges a
+# plan dict into the model's own (embed_tokens and lm_head keep their rules); reshard must give the same model.
+CUSTOM_PLANS = {
+    "help_example": {"model.layers.*.self_attn.q_proj": "colwise"},
+    "seven_rules": {
+        **{f"model.layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"},
+        "model.layers.*.self_attn.o_proj": "rowwise",
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+    },
+}
+
+
+def custom_plan_cases(tiny, root: Path) -> list[dict[str, Any]]:
+    kind, overrides = MODELS["llama"]
+    source = tiny.checkpoint(kind, **overrides)
+    cases = []
+    for name, plan in CUSTOM_PLANS.items():
+        artifact = root / f"plan-{name}"
+        reshard.convert(source, artifact, tp=2, plan=plan, progress=False)
+        stripped = [str(strip_to_rank(artifact, rank, root / f"plan-{name}-only{rank}")) for rank in range(2)]
+        cases.append(
+            {"name": f"plan_{name}", "kind": "compare", "source": str(source), "artifact": str(artifact),
+             "stripped": stripped, "tp_plan": plan}
+        )  # fmt: skip
+    return cases
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path, Path]:
     root = tmp_path_factory.mktemp("tp2")
@@ -87,6 +117,7 @@ def two_ranks(tiny, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict
         {"name": "corrupt_verified", "kind": "error", "artifact": str(corrupt), "kwargs": {"verify": True}},
         {"name": "corrupt_unverified", "kind": "error", "artifact": str(corrupt)},
         *compare_cases(tiny, 2, root),
+        *custom_plan_cases(tiny, root),
     ]
     return run(spec, 2, root / "out"), root / "out", corrupt
 
@@ -134,6 +165,14 @@ def test_two_ranks_identical_to_transformers(two_ranks, model: str) -> None:
         check_identical_to_transformers(result)
         check_state_dict(result, tied=model == "llama_tied")
         assert result["tied"] == [model == "llama_tied"] * 2
+
+
+@pytest.mark.parametrize("plan", sorted(CUSTOM_PLANS))
+def test_custom_plan_loads_as_transformers_merges_it(two_ranks, plan: str) -> None:
+    """reshard --plan with a dict gives the model of DistributedConfig(tp_size=2, tp_plan=dict): merged rules."""
+    results, _, _ = two_ranks
+    for result in (r[f"plan_{plan}"] for r in results):
+        check_identical_to_transformers(result)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

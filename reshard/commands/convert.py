@@ -26,7 +26,7 @@ from reshard.manifests.errors import OutputExistsError, ReshardError
 from reshard.manifests.hashing import hash_bytes, hash_file
 from reshard.manifests.layout import Geometry, TensorLayout
 from reshard.manifests.progress import progress_bar
-from reshard.manifests.validate import ARTIFACT_KEY
+from reshard.manifests.rank_header import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
 from reshard.request import ConversionRequest
 from reshard.source.checkpoint import SourceHashes
@@ -221,6 +221,7 @@ def _finish(
         plan=job.plan,
         expert_mesh={"ep": job.ep} if job.ep > 1 else None,
         ep_plan=job.ep_plan,
+        plan_overrides=job.plan_overrides,
         source=source_files(job, hashes.digest, request.progress),
         tensors=_tensor_entries(job.layouts, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,

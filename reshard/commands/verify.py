@@ -11,8 +11,8 @@ import xxhash
 from reshard.manifests import Manifest, read_manifest, resolve_in
 from reshard.manifests.errors import ReshardError
 from reshard.manifests.hashing import hash_file, mapped_windows
+from reshard.manifests.rank_header import rank_header_problems
 from reshard.manifests.safetensors import SafetensorsHeader, read_header
-from reshard.manifests.validate import rank_header_problems
 
 
 def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:

@@ -22,7 +22,7 @@ from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests.plans import plan_for_config
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
-from reshard.planning.tp_plan import assign_styles, load_plan, split_expert_parallel
+from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel
 from reshard.request import ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
@@ -45,6 +45,7 @@ class ConversionJob:
     config: dict[str, Any]
     plan: dict[str, str]
     ep_plan: dict[str, str]
+    plan_overrides: dict[str, str] | None
     layouts: list[TensorLayout]
     tensors: Table
     transforms: Transforms
@@ -83,7 +84,13 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
     tp, model = request.tp, request.source
     config = read_model_config(model, request.revision)
-    plan = load_plan(request.plan, config)
+    rules = load_plan(request.plan, config)
+    plan = merged_plan(rules, config) if request.custom_plan else rules
+    if tp > 1 and not plan:
+        raise PlanError(
+            f"{model}: tp_size={tp} was requested, but the plan is empty: it applies no tensor-parallel rule, and "
+            "transformers refuses such a load ('has no tp_plan'); give rules, or --plan auto"
+        )
     ep_plan: dict[str, str] = {}
     if request.ep > 1:
         require_expert_parallel(config, tp, request.ep, model)
@@ -91,14 +98,16 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
-    rules = builtin.key_renames if builtin else ()
-    table = renames.forward(stored, rules)
+    rename_rules = builtin.key_renames if builtin else ()
+    table = renames.forward(stored, rename_rules)
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
     tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
-    styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, strict=request.custom_plan)
+    own = set(builtin.tp_plan) if builtin else set()
+    checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
+    styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
     index = checkpoint.root / INDEX_NAME
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     return ConversionJob(
@@ -107,9 +116,10 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         config=config,
         plan=plan,
         ep_plan=ep_plan,
+        plan_overrides=rules if request.custom_plan else None,
         layouts=_layouts(table, styles, tp),
         tensors=table,
-        transforms=Transforms(rules, fused or None, replication),
+        transforms=Transforms(rename_rules, fused or None, replication),
         extra_files=checkpoint.extra_files,
         source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),
         identity={
@@ -130,7 +140,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     root, tp = Path(request.source), request.tp
     old, manifest_digest = manifest_and_digest(root)
     config = read_model_config(str(root))
-    if request.custom_plan and load_plan(request.plan, config) != old.plan:
+    if request.custom_plan and merged_plan(load_plan(request.plan, config), config) != old.plan:
         raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to change it")
     stored = old.options.replicate_kv
     if stored:
@@ -158,6 +168,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         config=config,
         plan=old.plan,
         ep_plan=old.ep_plan,
+        plan_overrides=old.plan_overrides,
         layouts=_layouts(table, styles, tp),
         tensors=table,
         transforms=Transforms(old.options.key_renames, old.options.fused, replication),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +72,28 @@ def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, s
     return resolved
 
 
+def merged_plan(rules: dict[str, str], config: dict[str, Any]) -> dict[str, str]:
+    """A custom plan as transformers applies ``DistributedConfig(tp_plan=rules)``: the rules override the model's
+    own plan rule by rule and the other rules are kept; an empty dict applies no rule at all."""
+    if not rules:
+        return {}
+    builtin = plan_for_config(config)
+    return {**(builtin.tp_plan if builtin else {}), **rules}
+
+
 def assign_styles(
-    tensor_names: list[str], plan: dict[str, str], *, tied_embeddings: bool, strict: bool
+    tensor_names: list[str], plan: dict[str, str], *, tied_embeddings: bool, checked: Iterable[str] = ()
 ) -> dict[str, str | None]:
     """Give every tensor its style (None: unplanned, kept whole on every rank).
 
-    With ``strict`` (custom plans) a rule that names no module or tensor of the checkpoint is an error; the
-    head's rule is allowed to match nothing when the embeddings are tied (its weight is the embedding's).
+    A rule in ``checked`` (a custom plan's own rules) that names no module or tensor of the checkpoint is an error,
+    as transformers refuses it; the head's rule may match nothing when the embeddings are tied (its weight is the
+    embedding's). The model's own rules may match nothing (transformers then only warns).
     """
     styles = {name: style_of(name, plan) for name in tensor_names}  # load_plan has checked every style
-    if strict:
+    if checked:
         generic = {generic_name(n) for n in tensor_names}
-        for rule in plan:
+        for rule in checked:
             matched = any(g == rule or g.startswith(rule + ".") for g in generic)
             if not matched and not (tied_embeddings and rule.rpartition(".")[2] in ("lm_head", "embed_out")):
                 raise PlanError(f"plan rule {rule!r} matches no tensor of the checkpoint")

@@ -7,7 +7,8 @@ argv: ``SPEC.json``, a list of cases, each ``{"name", "kind", ...}``:
   dtype and ``requires_grad``; buffers; tying; the TP attributes; logits and greedy ``generate``. Then
   ``load_state_dict`` of the same folder against the model's tensors, and where each local tensor lives (the
   mapped rank file, or a copy). Optional: ``experts_implementation`` (both sides); ``ep`` (an expert-parallel
-  artifact, against ``from_pretrained(source, distributed_config=DistributedConfig(tp_size=N, ep_size=N))``).
+  artifact, against ``from_pretrained(source, distributed_config=DistributedConfig(tp_size=N, ep_size=N))``);
+  ``tp_plan`` (an artifact converted with that custom plan, against ``DistributedConfig(tp_size=N, tp_plan=...)``).
 - ``caller_ep_mesh``: an expert-parallel artifact loaded on a caller's ``(dp, tp)`` mesh whose ``tp`` dimension is
   also flattened into ``ep``: which mesh and process group every DTensor lives on; logits saved for the test.
 - ``unsharded``: ``load_model(artifact)`` (e.g. with replicated KV heads, which transformers cannot shard) against
@@ -76,9 +77,11 @@ def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     from transformers.distributed import DistributedConfig
 
     extra = {"experts_implementation": case["experts_implementation"]} if "experts_implementation" in case else {}
+    size = int(os.environ["WORLD_SIZE"])  # the group does not exist yet: from_pretrained starts it
     if case.get("ep"):
-        size = int(os.environ["WORLD_SIZE"])  # the group does not exist yet: from_pretrained starts it
         parallel: dict[str, Any] = {"distributed_config": DistributedConfig(tp_size=size, ep_size=size)}
+    elif "tp_plan" in case:  # a custom plan: transformers merges it into the model's own
+        parallel = {"distributed_config": DistributedConfig(tp_size=size, tp_plan=case["tp_plan"])}
     else:
         parallel = {"tp_plan": "auto"}
     theirs = AutoModelForCausalLM.from_pretrained(case["source"], **parallel, **extra)
