@@ -31,6 +31,8 @@ from reshard.manifests.errors import IntegrityError, StorageError
 from reshard.manifests.hashing import hash_bytes, hash_file
 from reshard.manifests.locations import HubLocation, S3Location, parse_location, s3_filesystem
 from reshard.manifests.manifest import MANIFEST_NAME, FileEntry, Manifest, resolve_in
+from reshard.manifests.progress import progress_bar
+from reshard.manifests.storage import VerifiedStream, atomic_file, atomic_write, os_errors
 
 CACHE_ENV = "RESHARD_CACHE"
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -103,14 +105,17 @@ def needed_files(manifest: Manifest, rank: int) -> list[FileEntry]:
 def _fetch_s3(location: S3Location, rank: RankArg, root: Path, progress: bool) -> Path:
     fs = s3_filesystem()
     manifest_uri = location.uri(MANIFEST_NAME)
-    data = _s3_call(manifest_uri, lambda: fs.cat_file(location.key(MANIFEST_NAME)))
+    with os_errors(manifest_uri, StorageError, "cannot read"):
+        data = fs.cat_file(location.key(MANIFEST_NAME))
     manifest = Manifest.from_json(data.decode(errors="replace"), origin=manifest_uri)
     digest = hash_bytes(data)
     folder = root / "s3" / location.bucket / location.prefix / digest
     entries = needed_files(manifest, rank(manifest) if callable(rank) else rank)
     folder.mkdir(parents=True, exist_ok=True)
     missing = sum(e.size for e in entries if not (folder / e.path).is_file())  # for the bar only; checked below
-    with _progress(missing, f"fetch {location.uri()} rank files", progress) as on_bytes:
+    with progress_bar(
+        total=missing, desc=f"fetch {location.uri()} rank files", enabled=progress and missing > 0
+    ) as bar:
         for entry in entries:
             target = resolve_in(folder, entry.path, manifest_uri)
             with _locked(_state(folder, entry.path, ".lock")):
@@ -118,12 +123,12 @@ def _fetch_s3(location: S3Location, rank: RankArg, root: Path, progress: bool) -
                     continue
                 object_uri = location.uri(entry.path)
                 fill = functools.partial(_s3_stream, fs, location.key(entry.path), object_uri)
-                _download(fill, target, entry, object_uri, on_bytes)
+                _download(fill, target, entry, object_uri, bar.update)
                 _write_marker(_marker(folder, entry.path), target, entry)
     manifest_path = folder / MANIFEST_NAME  # last: a cache folder with a manifest has this rank's files
     with _locked(_state(folder, MANIFEST_NAME, ".lock")):
         if not (manifest_path.is_file() and manifest_path.read_bytes() == data):
-            _atomic_write(manifest_path, data)
+            atomic_write(manifest_path, data, durable=False)
     return folder
 
 
@@ -148,15 +153,17 @@ def _fetch_hub(location: HubLocation, rank: RankArg, root: Path, token: str | bo
     for entry in needed_files(manifest, rank(manifest) if callable(rank) else rank):  # paths checked by from_json
         object_uri = location.uri(entry.path, commit)
         with _locked(_state(state, entry.path, ".lock")):
-            local = download(entry.path, commit)
-            blob = local.resolve()  # the snapshot entry is a symlink to a blob (a copy where symlinks are missing)
-            if _is_cached(blob, _marker(state, entry.path), entry):
-                continue
-            local.unlink(missing_ok=True)  # _is_cached removed the blob: drop the now dangling snapshot entry too
-            raise IntegrityError(
-                f"{object_uri}: does not match the manifest's size {entry.size} and xxh3 {entry.xxh3}; "
-                "removed it from the Hub cache"
-            )
+            for _ in range(2):  # a cached copy that fails is evicted and downloaded once more
+                local = download(entry.path, commit)
+                blob = local.resolve()  # the snapshot entry is a symlink to a blob (a copy where symlinks are missing)
+                if _is_cached(blob, _marker(state, entry.path), entry):
+                    break
+                local.unlink(missing_ok=True)  # _is_cached removed the blob: drop the now dangling snapshot entry too
+            else:
+                raise IntegrityError(
+                    f"{object_uri}: does not match the manifest's size {entry.size} and xxh3 {entry.xxh3}; "
+                    "removed it from the Hub cache"
+                )
     return snapshot
 
 
@@ -171,36 +178,18 @@ def _download(
 
     ``fill(sink)`` calls ``sink`` with the object's bytes in order.
     """
-    import xxhash
-
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.*.partial"):  # left by a killed process; we hold the lock
         stale.unlink(missing_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    digest = xxhash.xxh3_128()
-    try:
-        with open(temp, "wb") as out:
+    stream = VerifiedStream(entry, object_uri, on_bytes)
+    with atomic_file(target) as out:  # renamed into place only if the block ends without an error
 
-            def sink(chunk: bytes) -> None:
-                if out.tell() + len(chunk) > entry.size:
-                    raise IntegrityError(f"{object_uri}: longer than the {entry.size} bytes the manifest records")
-                digest.update(chunk)
-                out.write(chunk)
-                on_bytes(len(chunk))
+        def sink(chunk: bytes) -> None:
+            stream.update(chunk)
+            out.write(chunk)
 
-            fill(sink)
-            size = out.tell()
-            out.flush()
-            os.fsync(out.fileno())
-        if size != entry.size:
-            raise IntegrityError(f"{object_uri}: truncated, {size} of the {entry.size} bytes the manifest records")
-        if digest.hexdigest() != entry.xxh3:
-            raise IntegrityError(
-                f"{object_uri}: xxh3 {digest.hexdigest()} does not match the manifest's {entry.xxh3} (corrupt object)"
-            )
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+        fill(sink)
+        stream.check()
 
 
 def _s3_stream(fs: Any, key: str, object_uri: str, sink: Callable[[bytes], None]) -> None:
@@ -215,16 +204,8 @@ def _s3_stream(fs: Any, key: str, object_uri: str, sink: Callable[[bytes], None]
         finally:
             await handle.close()
 
-    _s3_call(object_uri, lambda: sync(fs.loop, stream))
-
-
-def _s3_call(uri: str, call: Callable[[], Any]) -> Any:
-    try:
-        return call()
-    except FileNotFoundError as exc:
-        raise StorageError(f"{uri}: no such object") from exc
-    except OSError as exc:  # s3fs turns client errors (access denied, network) into OSError subclasses
-        raise StorageError(f"{uri}: cannot read ({exc})") from exc
+    with os_errors(object_uri, StorageError, "cannot read"):
+        sync(fs.loop, stream)
 
 
 def _is_cached(path: Path, marker: Path, entry: FileEntry) -> bool:
@@ -254,7 +235,7 @@ def _marker_record(path: Path, entry: FileEntry) -> dict[str, Any]:
 
 
 def _write_marker(marker: Path, path: Path, entry: FileEntry) -> None:
-    _atomic_write(marker, json.dumps(_marker_record(path, entry)).encode())
+    atomic_write(marker, json.dumps(_marker_record(path, entry)).encode(), durable=False)
 
 
 def _state(folder: Path, path: str, suffix: str) -> Path:
@@ -277,27 +258,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    if not enabled or total == 0:
-        yield lambda n: None
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
-        yield bar.update
 
 
 __all__ = ["CACHE_ENV", "default_cache_dir", "fetch_artifact", "is_remote", "needed_files"]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
 import click
 
-from reshard.manifests.errors import ReshardError, ShardabilityError
+from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
 
@@ -312,10 +313,16 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point: run the CLI, turning ReshardError into a one-line message and its exit code."""
+    """Entry point: run the CLI, turning ReshardError into a one-line message and its exit code.
+
+    Any other ``OSError`` (a read-only file system, no space, no permission while writing the output) is one line
+    with ``OutputError``'s exit code, never a traceback. SIGTERM is an interruption like Ctrl-C: a conversion keeps
+    its staging folder, and the message says the same command resumes.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    previous = _terminate_as_interrupt()
     try:
         return cli.main(args=args, prog_name="reshard", standalone_mode=False)
     except ReshardError as exc:
@@ -323,12 +330,41 @@ def main(argv: list[str] | None = None) -> Any:
             raise
         click.echo(f"reshard: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("reshard: aborted", err=True)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"reshard: error: {where}cannot write ({exc.strerror or exc})", err=True)
+        sys.exit(OutputError.exit_code)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C (and SIGTERM, see below) into Abort
+        interrupt = exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else None
+        _interrupted(interrupt) if interrupt is not None else click.echo("reshard: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("reshard: interrupted; no artifact was left behind", err=True)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """One line: what an interruption kept (a conversion notes its staging folder and that it resumes)."""
+    notes = getattr(exc, "__notes__", None)
+    click.echo(f"reshard: interrupted; {'; '.join(notes) if notes else 'no output was left behind'}", err=True)
+
+
+def _terminate_as_interrupt() -> Any:
+    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread (so cleanup and the message run); returns the
+    previous handler, or None where it cannot be set (not the main thread)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None

@@ -17,7 +17,7 @@ from reshard.manifests.errors import OutputExistsError
 from reshard.manifests.layout import Geometry, TensorLayout, file_order, tensor_layout
 from reshard.manifests.progress import progress_bar
 from reshard.manifests.safetensors import ITEMSIZES
-from reshard.source.artifact import artifact_tensors, manifest_and_digest
+from reshard.source.artifact import InputCheck, artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME
 from reshard.transforms import experts, kv_heads, renames
 from reshard.write.rank_files import write_rank_files
@@ -37,6 +37,9 @@ def consolidate(
 ) -> Path:
     """Write ``out`` as a Hugging Face checkpoint holding every tensor of ``artifact`` whole.
 
+    Every file of ``artifact`` is hashed while it is read and compared with its manifest before ``out`` appears:
+    a damaged artifact raises ``IntegrityError`` and leaves nothing behind.
+
     Example:
         >>> consolidate("./SmolLM2-1.7B-tp8", "./SmolLM2-1.7B")  # doctest: +SKIP
     """
@@ -44,6 +47,7 @@ def consolidate(
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
     manifest, _ = manifest_and_digest(root)
+    inputs = InputCheck(root, manifest)  # every input byte checked against the manifest before promotion
     files = OpenFiles()
     total = sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in manifest.tensors)
     try:
@@ -53,6 +57,7 @@ def consolidate(
             staging_folder(out_path, overwrite) as staging,
             progress_bar(total=total, desc="consolidate", enabled=progress) as bar,
         ):
+            inputs.start()
             weight_map: dict[str, str] = {}
             for index, shard in enumerate(shards):
                 name = (
@@ -78,6 +83,7 @@ def consolidate(
                 write_durably(
                     staging / "config.json", kv_heads.config_json(kv_heads.with_kv_heads(config, stored.original))
                 )
+            inputs.check()  # a damaged artifact is refused here: staging_folder removes what was written
     finally:
         files.close()
     return out_path

@@ -101,24 +101,61 @@ def convert(
 
 def run(request: ConversionRequest, group: WorkerGroup) -> Manifest:
     """Execute a request in this process's place of ``group``: plan, write this worker's rank files, and (the
-    leader) the manifest last."""
+    leader) the manifest last.
+
+    The leader holds the output's lock throughout (a second run to the same output fails at once). Re-sharding
+    hashes every file of the old artifact while the engine reads it and refuses to promote an output built from
+    bytes that are not the manifest's. A run that fails on its input removes its staging folder; an interrupted
+    one (or one the output side failed) keeps it, so that the same command resumes.
+    """
+    import contextlib
+
+    from reshard.manifests.errors import IntegrityError, OutputError
+    from reshard.manifests.storage import os_errors
+    from reshard.source.artifact import InputCheck, manifest_and_digest
+    from reshard.write.staging import output_lock, remove_staging
+
     out_path = request.out
     if out_path.exists() and not request.overwrite and group.index == 0:
         raise OutputExistsError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    job = build_job(request)
-    job_id = job.fingerprint()
-    hashes = SourceHashes(job.weight_files)
-    if group.is_leader:
-        prepare_staging(out_path, job_id)
-        hashes.start()  # the source's hashes for the manifest, while the rank files are written
-    staging = staging_path(out_path)
-    group.barrier()
-    if request.workers > 1 and group.size == 1:
-        run_workers([worker_command(request.worker_argv(index, request.workers)) for index in range(request.workers)])
-    else:
-        write_part(job, staging, group.ranks(job.tp), job_id, progress=request.progress, durable=request.durable)
-    group.barrier()
-    manifest = _finish(job, staging, request, job_id, hashes) if group.is_leader else None
+    with output_lock(out_path) if group.is_leader else contextlib.nullcontext():
+        try:
+            job = build_job(request)
+            job_id = job.fingerprint()
+            hashes = SourceHashes(job.weight_files)
+            inputs = None
+            if group.is_leader and "artifact" in job.identity:  # re-sharding: the old artifact's every byte
+                old, digest = manifest_and_digest(Path(request.source))
+                if digest != job.identity["artifact"]:
+                    raise IntegrityError(f"{request.source}: manifest.json changed while re-sharding; run again")
+                inputs = InputCheck(Path(request.source), old)
+            if group.is_leader:
+                with os_errors(out_path, OutputError, "cannot write", missing=False):
+                    prepare_staging(out_path, job_id)
+                hashes.start()  # the source's hashes for the manifest, while the rank files are written
+                if inputs is not None:
+                    inputs.start()
+            staging = staging_path(out_path)
+            group.barrier()
+            if request.workers > 1 and group.size == 1:
+                argvs = [request.worker_argv(index, request.workers) for index in range(request.workers)]
+                run_workers([worker_command(argv) for argv in argvs])
+            else:
+                write_part(
+                    job, staging, group.ranks(job.tp), job_id, progress=request.progress, durable=request.durable
+                )
+            group.barrier()
+            if inputs is not None:
+                inputs.check()  # before _finish promotes anything
+            manifest = _finish(job, staging, request, job_id, hashes) if group.is_leader else None
+        except KeyboardInterrupt as exc:
+            if group.is_leader:
+                exc.add_note(f"finished rank files are kept in {staging_path(out_path)}; the same command resumes")
+            raise
+        except ReshardError as exc:
+            if group.is_leader and not isinstance(exc, OSError):  # bad input: nothing of this run is worth keeping
+                remove_staging(out_path)
+            raise
     group.barrier()
     return manifest if manifest is not None else read_manifest(out_path)
 

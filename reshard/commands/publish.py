@@ -17,8 +17,10 @@ writes ``/mnt/models/m-tp8``; without the slash the destination is the artifact'
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +31,7 @@ from reshard.manifests.errors import IntegrityError, StorageError
 from reshard.manifests.hashing import CHUNK_BYTES, hash_file
 from reshard.manifests.locations import HubLocation, S3Location, parse_location, s3_filesystem
 from reshard.manifests.progress import progress_bar
-from reshard.write.staging import fsync_dir
+from reshard.manifests.storage import atomic_file, file_chunks, fsync_dir, os_errors, verified_copy
 
 S3_PART_BYTES = 64 * 1024 * 1024  # multipart size: up to 640 GB per file within S3's 10,000 parts
 XXH3_METADATA = "xxh3"  # stored as x-amz-meta-xxh3 on every object but the manifest
@@ -139,20 +141,15 @@ def _publish_to_store(local: LocalArtifact, store: _Store, progress: bool) -> st
     return store.uri
 
 
-def _read_verified(
+def _send_verified(
     source: Path, entry: FileEntry, sink: Callable[[bytes], Any], on_bytes: Callable[[int], None]
-) -> bool:
-    """Feed ``source`` to ``sink`` in chunks while hashing it; True if it is exactly what the manifest records."""
-    import xxhash
-
-    digest, size = xxhash.xxh3_128(), 0
-    with open(source, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-            sink(chunk)
-            on_bytes(len(chunk))
-    return size == entry.size and digest.hexdigest() == entry.xxh3
+) -> None:
+    """Feed ``source`` to ``sink`` while hashing the same bytes; ``IntegrityError`` if they are not the manifest's
+    (the caller then discards what it sent)."""
+    try:
+        verified_copy(file_chunks(source, CHUNK_BYTES), sink, entry, str(source), on_bytes)
+    except IntegrityError as exc:
+        raise _changed(source) from exc
 
 
 def _changed(source: Path) -> IntegrityError:
@@ -179,86 +176,93 @@ class _FolderStore:
         return target.is_file() and target.stat().st_size == entry.size and hash_file(target)[1] == entry.xxh3
 
     def put(self, source: Path, entry: FileEntry, on_bytes: Callable[[int], None]) -> None:
-        if not self._write(entry.path, lambda out: _read_verified(source, entry, out.write, on_bytes)):
-            raise _changed(source)
+        target = resolve_in(self.root, entry.path)
+        with os_errors(target, StorageError, "cannot write", missing=False), atomic_file(target) as out:
+            _send_verified(source, entry, out.write, on_bytes)  # a raise discards the temporary file
 
     def put_bytes(self, path: str, data: bytes) -> None:
-        self._write(path, lambda out: out.write(data))
-
-    def _write(self, path: str, fill: Callable[[Any], Any]) -> bool:
-        """Fill a hidden temporary file and rename it into place, unless ``fill`` returns False (then discard it)."""
         target = resolve_in(self.root, path)
-        temp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as out:
-                if fill(out) is False:
-                    return False
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, target)
-            fsync_dir(target.parent)
-            return True
-        except OSError as exc:
-            raise StorageError(f"{target}: cannot write ({exc.strerror or exc})") from exc
-        finally:
-            temp.unlink(missing_ok=True)
+        with os_errors(target, StorageError, "cannot write", missing=False), atomic_file(target) as out:
+            out.write(data)
 
 
 class _S3Store:
-    """An S3 prefix through s3fs: multipart uploads committed only once the bytes sent match the manifest."""
+    """An S3 prefix through s3fs: multipart uploads committed only once the bytes sent match the manifest.
+
+    An upload that fails is aborted (its parts would otherwise be stored, and billed, until a lifecycle rule
+    removes them); uploads a killed publish left for this artifact's keys are aborted before a retry sends them.
+    """
 
     def __init__(self, location: S3Location) -> None:
         self.location = location
         self.uri = location.uri()
         self.fs = s3_filesystem()
-        if not self._call(location.uri(), lambda: self.fs.exists(location.bucket)):
-            raise StorageError(f"s3://{location.bucket}: no such bucket (or no access to it); create it first")
-        prefix = location.key("")
-        listing = self._call(self.uri, lambda: self.fs.find(prefix, detail=True))
+        with os_errors(self.uri, StorageError, "cannot list"):
+            if not self.fs.exists(location.bucket):
+                raise StorageError(f"s3://{location.bucket}: no such bucket (or no access to it); create it first")
+            prefix = location.key("")
+            listing = self.fs.find(prefix, detail=True)
         self.sizes = {name[len(prefix) + 1 :]: info["size"] for name, info in listing.items()}  # one LIST
+        self._stale: dict[str, list[str]] | None = None
 
     def read(self, path: str) -> bytes | None:
         if path not in self.sizes:
             return None
-        return self._call(self.location.uri(path), lambda: self.fs.cat_file(self.location.key(path)))
+        with os_errors(self.location.uri(path), StorageError, "cannot read"):
+            return bytes(self.fs.cat_file(self.location.key(path)))
 
     def delete(self, path: str) -> None:
-        self._call(self.location.uri(path), lambda: self.fs.rm_file(self.location.key(path)))
+        with os_errors(self.location.uri(path), StorageError, "cannot delete"):
+            self.fs.rm_file(self.location.key(path))
 
     def has(self, entry: FileEntry) -> bool:
         if self.sizes.get(entry.path) != entry.size:
             return False
         key = self.location.key(entry.path)
-        metadata = self._call(self.location.uri(entry.path), lambda: self.fs.metadata(key, refresh=True))
-        return metadata.get(XXH3_METADATA) == entry.xxh3
+        with os_errors(self.location.uri(entry.path), StorageError, "cannot read"):
+            metadata = self.fs.metadata(key, refresh=True)
+        return bool(metadata.get(XXH3_METADATA) == entry.xxh3)
 
     def put(self, source: Path, entry: FileEntry, on_bytes: Callable[[int], None]) -> None:
         uri = self.location.uri(entry.path)
+        self._abort_stale(entry.path)
         metadata = {"Metadata": {XXH3_METADATA: entry.xxh3}}
         key = self.location.key(entry.path)
-        handle = self._call(
-            uri, lambda: self.fs.open(key, "wb", autocommit=False, block_size=S3_PART_BYTES, **metadata)
-        )
-        try:
-            intact = self._call(uri, lambda: _read_verified(source, entry, handle.write, on_bytes))
-            self._call(uri, handle.close)  # uploads the last part; nothing is visible before commit()
-            if not intact:
-                raise _changed(source)
-            self._call(uri, handle.commit)
-        except BaseException:
-            handle.discard()  # aborts the multipart upload: no partial or unverified object remains
-            raise
+        with os_errors(uri, StorageError, "cannot write"):
+            handle = self.fs.open(key, "wb", autocommit=False, block_size=S3_PART_BYTES, **metadata)
+            try:
+                _send_verified(source, entry, handle.write, on_bytes)
+                handle.close()  # uploads the last part; nothing is visible before commit()
+                handle.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the original error matters more than a failed abort
+                    handle.discard()  # aborts the multipart upload: no partial or unverified object remains
+                raise
 
     def put_bytes(self, path: str, data: bytes) -> None:
-        self._call(self.location.uri(path), lambda: self.fs.pipe_file(self.location.key(path), data))
+        with os_errors(self.location.uri(path), StorageError, "cannot write"):
+            self.fs.pipe_file(self.location.key(path), data)
 
-    @staticmethod
-    def _call(uri: str, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except OSError as exc:  # s3fs maps client errors (403, 404, network) onto OSError subclasses
-            raise StorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+    def _abort_stale(self, path: str) -> None:
+        """Abort multipart uploads of this key that a killed publish left (listed once, on the first put)."""
+        bucket, prefix = self.location.bucket, f"{self.location.prefix}/" if self.location.prefix else ""
+        if self._stale is None:
+            self._stale = {}
+            with os_errors(self.uri, StorageError, "cannot list multipart uploads"):
+                for page in self._paged("list_multipart_uploads", Bucket=bucket, Prefix=prefix):
+                    for upload in page.get("Uploads", []):
+                        self._stale.setdefault(upload["Key"][len(prefix) :], []).append(upload["UploadId"])
+        for upload_id in self._stale.pop(path, []):
+            with os_errors(self.location.uri(path), StorageError, "cannot abort a stale multipart upload"):
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=prefix + path, UploadId=upload_id)
+
+    def _paged(self, method: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        while True:
+            page = self.fs.call_s3(method, **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
 
 
 def _publish_hub(local: LocalArtifact, location: HubLocation, token: str | None, progress: bool) -> str:
@@ -268,7 +272,7 @@ def _publish_hub(local: LocalArtifact, location: HubLocation, token: str | None,
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     api = HfApi(token=token)
-    operations = [CommitOperationAdd(e.path, str(local.path(e))) for e in local.upload_order()]
+    operations = [_hub_operation(local, entry) for entry in local.upload_order()]
     card = model_card(local.manifest, location.repo_id, location.revision)
     operations.append(CommitOperationAdd("README.md", card.encode()))
     operations.append(CommitOperationAdd(MANIFEST_NAME, local.manifest_bytes))
@@ -292,3 +296,46 @@ def _publish_hub(local: LocalArtifact, location: HubLocation, token: str | None,
         if quiet:
             enable_progress_bars()
     return location.uri()
+
+
+def _hub_operation(local: LocalArtifact, entry: FileEntry) -> Any:
+    """A commit addition for one file whose bytes are checked against the manifest, and whose upload is checked
+    against those bytes.
+
+    huggingface_hub uploads files by path (hf_xet reads them itself, so a verifying file object would not be
+    used). So each file is read once here, its xxh3 compared with the manifest and its sha256 taken in the same
+    pass; the upload's own sha256 (hf_xet computes it over the very bytes it sends, the LFS path by reading the
+    file before sending) must then equal it, or ``IntegrityError`` stops ``create_commit`` before the commit is
+    made. The commit names its LFS files by that sha256, i.e. by bytes that matched the manifest.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    source = local.path(entry)
+    sha = hashlib.sha256()
+    _send_verified(source, entry, sha.update, lambda n: None)
+    operation = CommitOperationAdd(entry.path, str(source))
+    operation.upload_info = _checked_upload_info(operation.upload_info, sha.digest(), source)
+    return operation
+
+
+def _checked_upload_info(info: Any, expected: bytes, source: Path) -> Any:
+    """``info`` (huggingface_hub's ``UploadInfo``) refusing any sha256 other than ``expected``, whether computed
+    from the file later or reported by the uploader."""
+    base = type(info)
+
+    class CheckedUploadInfo(base):  # type: ignore[misc, valid-type]
+        @property
+        def sha256(self) -> bytes:
+            value: bytes = base.sha256.fget(self)
+            if value != expected:
+                self._sha256: bytes | None = None
+                raise _changed(source)
+            return value
+
+        @sha256.setter
+        def sha256(self, value: bytes) -> None:
+            if value != expected:
+                raise _changed(source)
+            self._sha256 = value
+
+    return CheckedUploadInfo(size=info.size, sample=info.sample, source_path=str(source))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
 from reshard.manifests.chunks import StoredTensor, contiguous, row_major_chunks
-from reshard.manifests.errors import FileFormatError
+from reshard.manifests.errors import FileFormatError, IntegrityError
 from reshard.manifests.hashing import hash_file
 from reshard.manifests.safetensors import ITEMSIZES, HeaderEntry, SafetensorsHeader, read_header
+from reshard.source.checkpoint import SourceHashes
 from reshard.transforms import Table
 
 
@@ -53,3 +54,35 @@ def _checked_entry(header: SafetensorsHeader, tensor: TensorEntry, shape: tuple[
     if entry.dtype != tensor.dtype or tuple(entry.shape) != tuple(shape):
         raise FileFormatError(f"{header.path}: tensor {tensor.name!r} does not match the manifest's dtype/shape")
     return entry
+
+
+class InputCheck:
+    """Every file of the artifact hashed on a background thread while the engine reads it, compared with the
+    manifest before the output is promoted.
+
+    The chunks trust the rank files' headers and the engine copies bytes without looking at them, so a flipped
+    byte, or two tensors' offsets swapped in a header, would otherwise come out as a new artifact whose manifest
+    vouches for them. Each file's size and xxh3-128 (which cover its header) catch both. The hashing thread reads
+    the files in order from the page cache the engine fills, so it costs little extra I/O.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self._entries = {resolve_in(root, f.path): f for f in manifest.files}
+        self._hashes = SourceHashes(list(self._entries))
+
+    def start(self) -> None:
+        self._hashes.start()
+
+    def check(self) -> None:
+        """Raise ``IntegrityError`` naming the first file whose bytes are not the manifest's."""
+        for path, entry in self._entries.items():
+            try:
+                size, digest = self._hashes.digest(path)
+            except FileNotFoundError as exc:
+                missing = exc.filename or path
+                raise IntegrityError(f"{missing}: missing; the manifest lists it (see reshard verify)") from exc
+            if (size, digest) != (entry.size, entry.xxh3):
+                raise IntegrityError(
+                    f"{path}: {size} bytes with xxh3 {digest}, but the manifest records {entry.size} bytes with "
+                    f"xxh3 {entry.xxh3}; the artifact is damaged (see reshard verify), nothing was written"
+                )

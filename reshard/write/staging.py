@@ -1,4 +1,8 @@
-"""Writing a folder so that it appears complete or not at all: stage beside it, fsync, rename into place."""
+"""Writing a folder so that it appears complete or not at all: stage beside it, fsync, rename into place.
+
+One writer per output at a time: ``output_lock`` holds ``fcntl.flock`` on ``.NAME.lock`` beside it, so a second
+run to the same output fails at once instead of sharing (and deleting) the first one's staging folder.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from reshard.manifests import FileEntry
-from reshard.manifests.errors import OutputExistsError
+from reshard.manifests.errors import OutputError, OutputExistsError
 from reshard.manifests.hashing import hash_file
+from reshard.manifests.storage import atomic_write, fsync_dir, os_errors
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Write and fsync a small file."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write a small file atomically and fsync it (``manifests.storage.atomic_write``)."""
+    atomic_write(path, data)
 
 
 def copy_hashed(paths: list[Path], folder: Path) -> list[FileEntry]:
@@ -42,6 +35,49 @@ def copy_hashed(paths: list[Path], folder: Path) -> list[FileEntry]:
 
 
 JOB_FILE = ".job"
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file beside ``out`` that one writer of it holds."""
+    return out.resolve().parent / f".{out.name}.lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the output's lock for the block, or raise ``OutputError`` at once if another process holds it.
+
+    The kernel drops a ``flock`` when its holder dies, so a killed run never blocks the next one. The lock file is
+    removed on release; a process that locked a file already unlinked (it raced with that release) sees it is no
+    longer the one at the path and fails as busy too.
+    """
+    import fcntl
+
+    path = lock_path(out)
+    with os_errors(out, OutputError, "cannot write", missing=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except (BlockingIOError, FileNotFoundError):
+            same = False
+        if not same:
+            raise OutputError(
+                f"{out}: another reshard is writing this output right now ({path} is locked); "
+                "wait for it to finish or choose another output"
+            )
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def remove_staging(out: Path) -> None:
+    """Remove the staging folder of ``out`` (a run that failed on its input leaves nothing behind)."""
+    shutil.rmtree(staging_path(out), ignore_errors=True)
 
 
 def staging_path(out: Path) -> Path:
@@ -86,11 +122,13 @@ def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     A reader therefore sees either no ``out`` (or the old one) or the complete new one, never a partial one.
     """
     staging = staging_path(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        promote_staging(staging, out, overwrite)
-    except BaseException:
+    with output_lock(out):
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            with os_errors(out, OutputError, "cannot write", missing=False):
+                staging.mkdir(parents=True)
+            yield staging
+            promote_staging(staging, out, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
