@@ -104,11 +104,11 @@ def _build_model(
     tp_mesh, ep_mesh, distributed_config = artifact.tp_mesh, artifact.ep_mesh, None
     if tp_mesh is not None and ep_mesh is not None:
         distributed_config = DistributedConfig(
-            tp_size=manifest.tp, ep_size=ep_mesh.size(), ep_implementation=ep_implementation
+            tp_size=artifact.tp, ep_size=ep_mesh.size(), ep_implementation=ep_implementation
         )
         config.distributed_config = distributed_config
     elif tp_mesh is not None:
-        distributed_config = DistributedConfig(tp_size=manifest.tp, tp_plan="auto")
+        distributed_config = DistributedConfig(tp_size=artifact.tp, tp_plan="auto")
         config.distributed_config = distributed_config
     cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
 
@@ -123,7 +123,7 @@ def _build_model(
         model.config.distributed_config = distributed_config
         model._device_mesh = artifact.mesh
         model._is_distributed_loading_by_transformers = True
-        model._tp_size = manifest.tp
+        model._tp_size = artifact.tp
         model._fsdp_size = 1  # type: ignore[assignment]  # declared None on the class
         tp_plan, ep_plan, _ = model._resolve_parallel_plans(distributed_config)
         apply_tensor_parallelism(model, tp_mesh, tp_plan)

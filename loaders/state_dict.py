@@ -21,12 +21,22 @@ from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from reshard.loaders.consensus import agreed, same_on_every_rank
-from reshard.loaders.fetch import fetch_artifact
-from reshard.loaders.mesh import EP, as_device, check_mesh, default_device, ep_submesh, resolve_mesh, tp_submesh
+from reshard.loaders.fetch import fetch_artifact, is_remote
+from reshard.loaders.mesh import (
+    EP,
+    as_device,
+    check_expert_mesh,
+    check_mesh,
+    default_device,
+    ep_submesh,
+    resolve_mesh,
+    tp_submesh,
+)
 from reshard.loaders.rank_file import map_rank_file
+from reshard.loaders.regrid import regrid_refusal, regrid_tensors
 from reshard.loaders.tensors import torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
-from reshard.manifests.errors import ManifestError, ReshardError
+from reshard.manifests.errors import ManifestError, MeshError, ReshardError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.safetensors import ITEMSIZES
 
@@ -48,11 +58,12 @@ class LoadedArtifact:
     dtype: torch.dtype
     tensors: dict[str, torch.Tensor]
     ep_mesh: DeviceMesh | None = None
+    tp: int = 1  # the tp the tensors are cut for: the manifest's, or the mesh's when loaded at another world size
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
         """The mesh's 1-D ``tp`` part, on which the DTensors live; ``None`` when nothing is sharded (tp=1)."""
-        return _sharding_mesh(self.mesh, self.manifest)
+        return _sharding_mesh(self.mesh, self.tp)
 
 
 def load_state_dict(
@@ -107,11 +118,20 @@ def open_artifact(
         # s3:// and hf:// artifacts: this rank fetches the manifest, small files and its own rank file only
         root = fetch_artifact(path, lambda manifest: check_mesh(manifest, mesh, f"{path}/{MANIFEST_NAME}"))
         manifest = read_manifest(root)
-        rank = check_mesh(manifest, mesh, str(root / MANIFEST_NAME))
-        main_dtype = check_dtype(manifest, dtype, str(root / MANIFEST_NAME))
+        origin = str(root / MANIFEST_NAME)
+        tp = tp_submesh(mesh).size() if mesh is not None else 1
+        main_dtype = check_dtype(manifest, dtype, origin)
         target = wanted or default_device(mesh)
-        local = map_rank_file(root, manifest, rank, device=target, verify=verify)
-        tp_mesh = _sharding_mesh(mesh, manifest)
+        if mesh is not None and tp != manifest.tp and not is_remote(path):  # at another world size: cut anew
+            check_expert_mesh(manifest, origin)
+            if reason := regrid_refusal(root, manifest, tp):
+                raise MeshError(f"{origin}: converted for tp={manifest.tp}, it cannot load at tp={tp}: {reason}")
+            rank = tp_submesh(mesh).get_local_rank()
+            local = regrid_tensors(root, manifest, tp, rank, device=target, verify=verify)
+        else:
+            rank = check_mesh(manifest, mesh, origin)
+            local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+        tp_mesh = _sharding_mesh(mesh, tp)
         ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
         tensors = {
             entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
@@ -120,7 +140,7 @@ def open_artifact(
     # every rank must have read the same manifest (it is the only thing ranks do not exchange) before any tensor
     # is returned: outside the agreed block, since this is a collective
     same_on_every_rank(mesh, manifest_digest_of(manifest), "manifest_xxh3", str(root / MANIFEST_NAME))
-    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh)
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp)
 
 
 def manifest_digest_of(manifest: Manifest) -> str:
@@ -128,9 +148,9 @@ def manifest_digest_of(manifest: Manifest) -> str:
     return hash_bytes(manifest.to_json().encode())
 
 
-def _sharding_mesh(mesh: DeviceMesh | None, manifest: Manifest) -> DeviceMesh | None:
+def _sharding_mesh(mesh: DeviceMesh | None, tp: int) -> DeviceMesh | None:
     """At tp=1 nothing is a DTensor (transformers applies no TP plan then); else the mesh's tp part."""
-    return tp_submesh(mesh) if mesh is not None and manifest.tp > 1 else None
+    return tp_submesh(mesh) if mesh is not None and tp > 1 else None
 
 
 def to_global(local: torch.Tensor, entry: TensorEntry, mesh: DeviceMesh | None) -> torch.Tensor:

@@ -184,3 +184,30 @@ class Geometry:
         assert dim is not None
         row = math.prod(shape[dim + 1 :]) * ITEMSIZES[layout.dtype]
         return cls(math.prod(shape[:dim]), shape[dim], row)
+
+
+def regrid_parts(
+    old_ranges: tuple[tuple[tuple[int, int], ...], ...], new_ranges: tuple[tuple[int, int], ...]
+) -> list[tuple[int, int, int]]:
+    """Where one rank's slice at another tp lies in the old ranks' slices: ``(old rank, start, length)`` along the
+    placement dim, local to that old rank's slice, in the order the new slice concatenates them.
+
+    Example (8 rows over 4 old ranks, new rank 1 of 2 holds rows 4..8):
+        >>> regrid_parts((((0, 2),), ((2, 4),), ((4, 6),), ((6, 8),)), ((4, 8),))
+        [(2, 0, 2), (3, 0, 2)]
+    """
+    held = []  # (global start, global stop, old rank, local start) of every old range
+    for rank, ranges in enumerate(old_ranges):
+        position = 0
+        for start, stop in ranges:
+            if stop > start:
+                held.append((start, stop, rank, position))
+            position += stop - start
+    held.sort()
+    parts = []
+    for a, b in new_ranges:
+        for start, stop, rank, position in held:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                parts.append((rank, position + lo - start, hi - lo))
+    return parts

@@ -237,7 +237,7 @@ def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, rep
     """
     from reshard.planning.tp_plan import load_plan
     from reshard.source.checkpoint import read_model_config
-    from reshard.source.preflight import check_shardability
+    from reshard.manifests.preflight import check_shardability
 
     config = read_model_config(model, revision)
     resolved = load_plan(plan, config)

@@ -106,18 +106,34 @@ def custom_plan_cases(tiny, root: Path) -> list[dict[str, Any]]:
     return cases
 
 
+def other_world_cases(tiny, old_tp: int, new_tp: int) -> list[dict[str, Any]]:
+    """Artifacts converted for ``old_tp``, loaded on ``new_tp`` ranks (every rank sees every rank file)."""
+    cases = []
+    for name, (kind, overrides) in MODELS.items():
+        artifact = str(tiny.artifact(kind, tp=old_tp, **overrides))
+        source = str(tiny.checkpoint(kind, **overrides))
+        case = {"name": f"{name}_tp{old_tp}_on_{new_tp}", "kind": "compare", "source": source, "artifact": artifact}
+        cases.append({**case, "stripped": [artifact] * new_tp})
+    return cases
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path, Path]:
     root = tmp_path_factory.mktemp("tp2")
     kind, overrides = MODELS["llama"]
     corrupt = damaged_copy(tiny.artifact(kind, tp=2, **overrides), 1, root / "corrupt", "flip")
+    replicated = root / "replicated-tp4"  # KV heads 2 -> 4 for tp 4: cannot be cut for tp 2 at load
+    reshard.convert(
+        tiny.checkpoint("llama_gqa8", num_key_value_heads=2), replicated, tp=4, replicate_kv=True, progress=False
+    )
     spec = [
         # failures first: if agreeing on them left a collective pending, everything after would hang or mismatch
-        {"name": "tp4_on_2", "kind": "error", "artifact": str(tiny.artifact(kind, tp=4, **overrides))},
+        {"name": "replicated_on_2", "kind": "error", "artifact": str(replicated)},
         {"name": "corrupt_verified", "kind": "error", "artifact": str(corrupt), "kwargs": {"verify": True}},
         {"name": "corrupt_unverified", "kind": "error", "artifact": str(corrupt)},
         *compare_cases(tiny, 2, root),
         *custom_plan_cases(tiny, root),
+        *other_world_cases(tiny, 4, 2),
     ]
     return run(spec, 2, root / "out"), root / "out", corrupt
 
@@ -133,7 +149,13 @@ def four_ranks(tiny, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dic
         "source": str(tiny.checkpoint(kind, **overrides)),
         "artifact": str(tiny.artifact(kind, tp=2, **overrides)),
     }
-    return run([*compare_cases(tiny, 4, root), mesh2d], 4, root / "out", timeout=300), root / "out"
+    kv2 = {
+        "name": "kv2_tp2_on_4",
+        "kind": "error",
+        "artifact": str(tiny.artifact("llama_gqa8", tp=2, num_key_value_heads=2)),
+    }
+    spec = [kv2, *compare_cases(tiny, 4, root), mesh2d, *other_world_cases(tiny, 2, 4)]
+    return run(spec, 4, root / "out", timeout=300), root / "out"
 
 
 def check_identical_to_transformers(result: dict[str, Any]) -> None:
@@ -202,11 +224,26 @@ def test_dp_tp_mesh_is_honoured(four_ranks, two_ranks) -> None:
     assert torch.equal(logits, load_file(two_out / "llama.logits.safetensors")["logits"])
 
 
-def test_mesh_mismatch_raises_on_every_rank(two_ranks) -> None:
-    results, _, _ = two_ranks
-    for result in results:
-        assert result["tp4_on_2"]["type"] == "MeshError"
-        assert "converted for tp=4" in result["tp4_on_2"]["message"] and "has 2 ranks" in result["tp4_on_2"]["message"]
+def test_what_cannot_be_cut_at_another_world_size_raises_on_every_rank(two_ranks, four_ranks) -> None:
+    """Refused from the manifest and config alone, the same error on every rank: replicated KV heads at another tp,
+    KV heads that the new tp does not divide."""
+    for result in two_ranks[0]:
+        error = result["replicated_on_2"]
+        assert error["type"] == "MeshError" and "converted for tp=4" in error["message"], error
+        assert "KV heads were replicated" in error["message"], error
+    for result in four_ranks[0]:
+        error = result["kv2_tp2_on_4"]
+        assert error["type"] == "MeshError" and "num_key_value_heads=2 is not divisible by tp=4" in error["message"]
+
+
+@pytest.mark.parametrize(("fixture", "case"), [("two_ranks", "tp4_on_2"), ("four_ranks", "tp2_on_4")])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_another_world_size_loads_as_transformers_at_that_size(request, fixture: str, case: str, model: str) -> None:
+    """An artifact converted for tp 4 loaded on 2 ranks, one for tp 2 on 4: the model of from_pretrained at the
+    size it runs at (parameters, placements, logits, generate)."""
+    results = request.getfixturevalue(fixture)[0]
+    for result in (r[f"{model}_{case}"] for r in results):
+        check_identical_to_transformers(result)
 
 
 def test_corrupt_byte_on_one_rank_raises_on_every_rank(two_ranks) -> None:

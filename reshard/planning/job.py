@@ -27,7 +27,7 @@ from reshard.request import ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.source.preflight import require_expert_parallel, require_shardable, text_config
+from reshard.manifests.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.transforms import Table, experts, kv_heads, renames
 
 

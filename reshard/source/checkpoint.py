@@ -25,7 +25,7 @@ from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.errors import SourceError
 from reshard.manifests.hashing import hash_file
 from reshard.manifests.safetensors import HeaderEntry, read_header
-from reshard.source.preflight import validate_config
+from reshard.manifests.preflight import validate_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

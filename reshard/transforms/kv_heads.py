@@ -19,7 +19,7 @@ from reshard.manifests.errors import ShardabilityError
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import KvReplication
 from reshard.planning.tp_plan import generic_name
-from reshard.source.preflight import text_config
+from reshard.manifests.preflight import text_config
 from reshard.transforms import Table
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
