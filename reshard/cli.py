@@ -235,9 +235,9 @@ def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, rep
       reshard check --tp 8 HuggingFaceTB/SmolLM2-1.7B
       reshard check --tp 2 --tp 3 --tp 4 ./ckpt
     """
+    from reshard.manifests.preflight import check_shardability
     from reshard.planning.tp_plan import load_plan
     from reshard.source.checkpoint import read_model_config
-    from reshard.manifests.preflight import check_shardability
 
     config = read_model_config(model, revision)
     resolved = load_plan(plan, config)

@@ -20,6 +20,7 @@ from reshard.manifests.errors import PlanError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests.plans import plan_for_config
+from reshard.manifests.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel
@@ -27,7 +28,6 @@ from reshard.request import ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.manifests.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.transforms import Table, experts, kv_heads, renames
 
 

@@ -24,8 +24,8 @@ from typing import Any
 from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.errors import SourceError
 from reshard.manifests.hashing import hash_file
-from reshard.manifests.safetensors import HeaderEntry, read_header
 from reshard.manifests.preflight import validate_config
+from reshard.manifests.safetensors import HeaderEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

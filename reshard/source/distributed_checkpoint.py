@@ -23,9 +23,9 @@ from pathlib import Path
 
 from reshard.manifests.chunks import Chunk, StoredTensor, contiguous, row_major_chunks
 from reshard.manifests.errors import FileFormatError, SourceError
+from reshard.manifests.preflight import text_config
 from reshard.manifests.safetensors import ITEMSIZES, HeaderEntry, read_header
 from reshard.source.checkpoint import Checkpoint, extra_files, open_checkpoint, read_model_config
-from reshard.manifests.preflight import text_config
 from reshard.transforms import Table
 
 SHARD_FILE = re.compile(r"^shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors$")  # transformers' test

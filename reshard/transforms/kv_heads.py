@@ -16,10 +16,10 @@ from typing import Any
 
 from reshard.manifests.chunks import remapped
 from reshard.manifests.errors import ShardabilityError
+from reshard.manifests.preflight import text_config
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import KvReplication
 from reshard.planning.tp_plan import generic_name
-from reshard.manifests.preflight import text_config
 from reshard.transforms import Table
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
