@@ -114,7 +114,6 @@ def test_only_allowlisted_extras_are_copied_and_the_rest_is_listed(source: Path,
     assert manifest["source"]["skipped"] == summary["source"]["skipped"]
 
 
-@pytest.mark.xfail(reason="write/staging.copy_hashed leaves the copy's mode to the umask (needs os.chmod 0o644)")
 def test_copies_are_0644_whatever_the_umask(source: Path, tmp_path: Path) -> None:
     result = convert(source, tmp_path / "art", umask=0o077)
     assert result.returncode == 0, result.stderr

@@ -24,11 +24,16 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def copy_hashed(paths: list[Path], folder: Path) -> list[FileEntry]:
-    """Copy files verbatim into ``folder`` (config, tokenizer, generation files) and hash the copies."""
+    """Copy files verbatim into ``folder`` (config, tokenizer, generation files) and hash the copies.
+
+    Each copy is made 0644 whatever the umask: ``copyfile`` leaves the mode to it, so a run under ``077`` would
+    give an artifact whose config another (serving) user cannot read.
+    """
     entries = []
     for path in paths:
         target = folder / path.name
         shutil.copyfile(path, target)
+        os.chmod(target, 0o644)
         size, digest = hash_file(target)
         entries.append(FileEntry(path.name, size, digest))
     return entries
