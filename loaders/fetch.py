@@ -88,6 +88,41 @@ def is_remote(path: str | os.PathLike[str]) -> bool:
     return parse_location(os.fspath(path)) is not None
 
 
+def refetch_rank_file(
+    uri: str | os.PathLike[str],
+    folder: Path,
+    manifest: Manifest,
+    rank: int,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """Evict ``rank``'s cached file (and its marker) from ``folder`` if its bytes no longer match ``manifest``, then
+    ``fetch_artifact`` again; return the folder.
+
+    For a file that failed a check after ``fetch_artifact`` returned it: its download was verified, so its bytes
+    changed on disk since (the marker compares size, mtime and inode, not bytes). The file is re-hashed under its
+    lock first, so a copy another process sharing the cache has already replaced is kept rather than evicted twice.
+    """
+    location = parse_location(os.fspath(uri))
+    entry = manifest.rank_file(rank)
+    if isinstance(location, S3Location):
+        state = folder
+    elif isinstance(location, HubLocation):
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        state = root / "hf" / location.repo_id / hash_bytes((folder / MANIFEST_NAME).read_bytes())
+    else:
+        return folder
+    local = folder / entry.path  # checked relative by Manifest.from_json
+    with _locked(_state(state, entry.path, ".lock")):
+        blob = local.resolve()  # a Hub snapshot entry is a symlink to its blob
+        if not (blob.is_file() and hash_file(blob) == (entry.size, entry.xxh3)):
+            blob.unlink(missing_ok=True)
+            local.unlink(missing_ok=True)
+            _marker(state, entry.path).unlink(missing_ok=True)
+    return fetch_artifact(uri, rank, cache_dir=cache_dir, token=token)
+
+
 def default_cache_dir() -> Path:
     """``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.cache/reshard``."""
     if os.environ.get(CACHE_ENV):
@@ -260,4 +295,4 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-__all__ = ["CACHE_ENV", "default_cache_dir", "fetch_artifact", "is_remote", "needed_files"]
+__all__ = ["CACHE_ENV", "default_cache_dir", "fetch_artifact", "is_remote", "needed_files", "refetch_rank_file"]

@@ -21,7 +21,7 @@ from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from reshard.loaders.consensus import agreed, same_on_every_rank
-from reshard.loaders.fetch import fetch_artifact, is_remote
+from reshard.loaders.fetch import fetch_artifact, is_remote, refetch_rank_file
 from reshard.loaders.mesh import (
     EP,
     as_device,
@@ -36,7 +36,7 @@ from reshard.loaders.rank_file import map_rank_file
 from reshard.loaders.regrid import regrid_refusal, regrid_tensors
 from reshard.loaders.tensors import torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
-from reshard.manifests.errors import ManifestError, MeshError, ReshardError
+from reshard.manifests.errors import FileFormatError, IntegrityError, ManifestError, MeshError, ReshardError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.safetensors import ITEMSIZES
 
@@ -130,7 +130,14 @@ def open_artifact(
             local = regrid_tensors(root, manifest, tp, rank, device=target, verify=verify)
         else:
             rank = check_mesh(manifest, mesh, origin)
-            local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+            try:
+                local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+            except (IntegrityError, FileFormatError):
+                if not is_remote(path):
+                    raise
+                # verified when downloaded, so the cached bytes changed since: evicted and fetched once more
+                root = refetch_rank_file(path, root, manifest, rank)
+                local = map_rank_file(root, manifest, rank, device=target, verify=verify)
         tp_mesh = _sharding_mesh(mesh, tp)
         ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
         tensors = {
