@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from reshard.loaders.consensus import agreed
-from reshard.loaders.state_dict import DeviceArg, DtypeArg, LoadedArtifact, open_artifact
+from reshard.loaders.state_dict import DeviceArg, DtypeArg, LoadedArtifact, cast_tensor, open_artifact
 from reshard.manifests.errors import ManifestError
 from reshard.manifests.plans import expert_rule_matcher
 
@@ -272,14 +272,5 @@ def _describe(tensor: torch.Tensor) -> str:
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A copy in ``dtype``; a DTensor is cast locally and keeps its placement (no communication)."""
-    if isinstance(value, DTensor):
-        return DTensor.from_local(
-            value.to_local().to(dtype),
-            value.device_mesh,
-            value.placements,
-            run_check=False,
-            shape=value.shape,
-            stride=value.stride(),
-        )
-    return value.to(dtype)
+    """A copy in ``dtype``, where transformers' loader casts: a DTensor locally, keeping its placements."""
+    return cast_tensor(value, dtype)

@@ -8,6 +8,7 @@ expert-parallel artifact the experts' tensors (placement mesh ``ep``) go on the 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import Counter
@@ -39,6 +40,8 @@ from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, r
 from reshard.manifests.errors import FileFormatError, IntegrityError, ManifestError, MeshError, ReshardError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.safetensors import ITEMSIZES
+
+logger = logging.getLogger(__name__)
 
 DtypeArg = torch.dtype | str | None
 DeviceArg = torch.device | str | int | None
@@ -84,8 +87,9 @@ def load_state_dict(
             experts go on a ``("ep",)`` mesh over the tp group.
         device: where the tensors go (default: the mesh's device, CPU in a plain single process). On CPU they
             stay zero-copy views of the mapped file.
-        dtype: ``"auto"``/``None`` (as stored), or the dtype the artifact must hold; a different one is an error
-            rather than a silent copy.
+        dtype: ``"auto"``/``None`` (as stored), or a floating dtype: floating tensors stored in another one are
+            cast as ``from_pretrained(..., dtype=)`` casts them, and are then copies, not views of the mapped file
+            (logged once; ``reshard --dtype`` stores the artifact in the dtype it will be loaded in).
         verify: check every tensor's xxh3-128 against the manifest while mapping.
 
     Returns:
@@ -100,7 +104,10 @@ def load_state_dict(
         >>> state["model.layers.0.self_attn.q_proj.weight"].placements  # doctest: +SKIP
         (Shard(dim=0),)
     """
-    return open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify).tensors
+    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
+    if dtype is None or dtype == "auto":  # as stored, every tensor a view of the mapped file
+        return artifact.tensors
+    return {name: cast_floating(value, artifact.dtype) for name, value in artifact.tensors.items()}
 
 
 def open_artifact(
@@ -196,10 +203,10 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def check_dtype(manifest: Manifest, dtype: DtypeArg, origin: str) -> torch.dtype:
-    """The artifact's main floating dtype (most bytes); raise if ``dtype`` asks for another one.
+    """The dtype to load in: the artifact's main floating dtype (most bytes) for ``"auto"``, else ``dtype``.
 
-    Casting would copy every tensor and defeat mapping the file, so a mismatch is an error that says what the
-    artifact holds; cast the loaded model afterwards, or convert from a checkpoint in the dtype you want.
+    Another floating dtype than the stored one is cast, as ``from_pretrained`` casts a checkpoint; the tensors are
+    then copies, which defeats mapping the file, so it is said once, with how to keep the load zero-copy.
     """
     sizes: Counter[torch.dtype] = Counter()
     for tensor in manifest.tensors:
@@ -212,11 +219,37 @@ def check_dtype(manifest: Manifest, dtype: DtypeArg, origin: str) -> torch.dtype
     if dtype is None or dtype == "auto":
         return stored
     requested = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(requested, torch.dtype):
-        raise ReshardError(f"dtype must be 'auto', a torch.dtype or its name, got {dtype!r}")
-    if requested != stored:
-        raise ReshardError(
-            f"{origin}: the artifact stores {stored} weights but dtype={requested} was requested; load with "
-            f"dtype='auto' (or {stored}) and cast afterwards, or convert a {requested} checkpoint"
+    if not isinstance(requested, torch.dtype) or requested not in CASTABLE:
+        names = ", ".join(str(d).removeprefix("torch.") for d in CASTABLE)
+        raise ReshardError(f"dtype must be 'auto' or a floating dtype ({names}), got {dtype!r}")
+    if sizes and requested != stored:
+        name = str(requested).removeprefix("torch.")
+        logger.warning(
+            "%s: the artifact stores %s weights and dtype=%s casts them: the tensors are copies, not views of the "
+            "mapped rank file; store the artifact in %s (reshard --dtype %s) to load it without copies",
+            origin, stored, requested, name, name,
+        )  # fmt: skip
+    return requested
+
+
+CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float8 is quantized data: never cast
+
+
+def cast_floating(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype`` if it is a floating tensor stored in another one (a copy), else itself."""
+    return cast_tensor(value, dtype) if value.dtype in CASTABLE and value.dtype != dtype else value
+
+
+def cast_tensor(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy in ``dtype`` (torch's ``.to``, as transformers casts); a DTensor is cast locally and keeps its
+    placements, global shape and stride (no communication)."""
+    if isinstance(value, DTensor):
+        return DTensor.from_local(
+            value.to_local().to(dtype),
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
         )
-    return stored
+    return value.to(dtype)

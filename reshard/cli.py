@@ -26,6 +26,7 @@ CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safet
   reshard --tp 8 ./ckpt --workers 2                 # split the work over 2 processes
   torchrun --nproc-per-node 4 -m reshard --tp 8 ./ckpt -o ./ckpt-tp8
   reshard --tp 8 --replicate-kv ./ckpt               # KV heads < tp: duplicate them
+  reshard --tp 8 --dtype bfloat16 ./ckpt             # stored as the runtime will load it
   reshard --tp 4 --ep 4 ./qwen3-moe                  # expert parallel: whole experts per rank
   reshard --tp 8 ./ckpt --push-to s3://bucket/ckpt-tp8   # then publish it
 
@@ -128,6 +129,14 @@ def cli() -> None:
     "incomplete (`reshard verify` finds it).",
 )
 @click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),  # request.STORED_DTYPES
+    default="auto",
+    show_default=True,
+    help="Store floating tensors in this dtype (cast like torch's .to), the one the runtime will load them in, "
+    "so that loading stays zero-copy. `auto` keeps each tensor's dtype.",
+)
+@click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
 def convert(
@@ -143,6 +152,7 @@ def convert(
     ep: int,
     push_to: str | None,
     no_fsync: bool,
+    dtype: str,
     worker_slot: str | None,
 ) -> None:
     from pathlib import Path
@@ -164,6 +174,7 @@ def convert(
         progress=not quiet,
         workers=workers,
         durable=not no_fsync,
+        dtype=dtype,
     )
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))

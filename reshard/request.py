@@ -9,13 +9,17 @@ from pathlib import Path
 
 from reshard.manifests.errors import ReshardError
 
+# ``--dtype`` choices -> the safetensors dtype floating tensors are stored in ("auto": each as in the source)
+STORED_DTYPES: dict[str, str | None] = {"auto": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
 
 @dataclass(frozen=True)
 class ConversionRequest:
     """One conversion (or re-shard): source, output and options.
 
     ``plan`` is ``"auto"``, a JSON plan file's path, or a plan dict; ``workers`` local processes split the rank
-    files; ``durable=False`` leaves the rank files in the page cache (no fsync).
+    files; ``durable=False`` leaves the rank files in the page cache (no fsync); ``dtype`` (a ``STORED_DTYPES``
+    name) stores floating tensors in the dtype the runtime will use, so that loading them stays zero-copy.
     """
 
     source: str
@@ -29,6 +33,7 @@ class ConversionRequest:
     progress: bool = True
     workers: int = 1
     durable: bool = True
+    dtype: str = "auto"
     custom_plan: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +41,8 @@ class ConversionRequest:
             raise ReshardError(f"tp must be a positive integer, got {self.tp!r}")
         if not isinstance(self.ep, int) or isinstance(self.ep, bool) or self.ep < 1:
             raise ReshardError(f"ep must be a positive integer, got {self.ep!r}")
+        if self.dtype not in STORED_DTYPES:
+            raise ReshardError(f"dtype must be one of {', '.join(STORED_DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "custom_plan", self.plan != "auto")
 
     def worker_argv(self, index: int, size: int) -> list[str]:
@@ -46,4 +53,5 @@ class ConversionRequest:
         argv += ["--revision", self.revision] if self.revision else []
         argv += ["--replicate-kv"] if self.replicate_kv else []
         argv += [] if self.durable else ["--no-fsync"]
+        argv += [] if self.dtype == "auto" else ["--dtype", self.dtype]
         return ["convert", *argv, "--worker", f"{index}/{size}", "--quiet"]

@@ -9,14 +9,15 @@ that ``reshard.commands.convert`` executes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import reshard
 from reshard.manifests import FileEntry, SourceInfo, resolve_in
 from reshard.manifests.chunks import StoredTensor
-from reshard.manifests.errors import PlanError
+from reshard.manifests.errors import PlanError, ReshardError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests.plans import plan_for_config
@@ -24,7 +25,7 @@ from reshard.manifests.preflight import require_expert_parallel, require_shardab
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel
-from reshard.request import ConversionRequest
+from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
@@ -110,6 +111,9 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
     index = checkpoint.root / INDEX_NAME
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
+    dtypes = stored_dtypes(table, config, request.dtype)
+    if dtypes:
+        new_config = with_dtype(new_config or config, request.dtype)
     return ConversionJob(
         tp=tp,
         ep=request.ep,
@@ -117,7 +121,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         plan=plan,
         ep_plan=ep_plan,
         plan_overrides=rules if request.custom_plan else None,
-        layouts=_layouts(table, styles, tp),
+        layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
         transforms=Transforms(rename_rules, fused or None, replication),
         extra_files=checkpoint.extra_files,
@@ -160,8 +164,10 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     if replication:
         table = kv_heads.forward(table, replication, old.plan)
     styles = {t.name: t.style for t in old.tensors}
-    rewrite_config = stored is not None or replication is not None
+    dtypes = stored_dtypes(table, config, request.dtype)  # cast again: the artifact's bytes are its only source
+    rewrite_config = stored is not None or replication is not None or bool(dtypes)
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else config
+    new_config = with_dtype(new_config, request.dtype) if dtypes else new_config
     return ConversionJob(
         tp=tp,
         ep=ep,
@@ -169,7 +175,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         plan=old.plan,
         ep_plan=old.ep_plan,
         plan_overrides=old.plan_overrides,
-        layouts=_layouts(table, styles, tp),
+        layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
         transforms=Transforms(old.options.key_renames, old.options.fused, replication),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
@@ -182,13 +188,77 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     )
 
 
-def _layouts(table: Table, styles: dict[str, str | None], tp: int) -> list[TensorLayout]:
-    """Every tensor laid out at ``tp``, in file order."""
-    return file_order([_layout(t, styles[t.name], tp) for t in table.values()], ITEMSIZES)
+def _layouts(
+    table: Table, styles: dict[str, str | None], tp: int, dtypes: dict[str, str] | None = None
+) -> list[TensorLayout]:
+    """Every tensor laid out at ``tp``, in file order, in its stored dtype (``dtypes``, else the source's)."""
+    dtypes = dtypes or {}
+    return file_order([_layout(t, styles[t.name], tp, dtypes.get(t.name)) for t in table.values()], ITEMSIZES)
 
 
-def _layout(tensor: StoredTensor, style: str | None, tp: int) -> TensorLayout:
-    return tensor_layout(tensor.name, tensor.dtype, tensor.shape, style, tp)
+def _layout(tensor: StoredTensor, style: str | None, tp: int, dtype: str | None = None) -> TensorLayout:
+    return tensor_layout(tensor.name, dtype or tensor.dtype, tensor.shape, style, tp)
+
+
+CASTABLE = ("F64", "F32", "F16", "BF16")  # float8 tensors are quantized data (with scales): never cast
+
+
+def stored_dtypes(table: Table, config: dict[str, Any], dtype: str) -> dict[str, str]:
+    """The tensors ``--dtype`` stores in another dtype than the source's: name -> safetensors dtype.
+
+    The same bits as ``from_pretrained(source, dtype=...)`` makes at load: every floating tensor in that dtype,
+    except those its ``dtype_plan`` keeps in float32 (``_keep_in_fp32_modules`` for float16,
+    ``_keep_in_fp32_modules_strict`` for float16 and bfloat16), matched by transformers' own pattern search.
+    Empty for ``"auto"`` or when nothing changes, so such a conversion is byte for byte today's.
+    """
+    target = STORED_DTYPES[dtype]
+    if target is None:
+        return {}
+    kept = _kept_in_float32(config, dtype)
+    dtypes = {}
+    for name, tensor in table.items():
+        wanted = "F32" if kept is not None and kept.search(name) else target
+        if tensor.dtype in CASTABLE and tensor.dtype != wanted:
+            dtypes[name] = wanted
+    return dtypes
+
+
+def _kept_in_float32(config: dict[str, Any], dtype: str) -> re.Pattern[str] | None:
+    """transformers' pattern of the parameters it keeps in float32 when it loads the model in ``dtype``: the
+    ``dtype_plan`` of the model ``load_model`` builds (on the meta device, where children add their own rules)."""
+    try:
+        import torch
+        from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
+        from transformers.core_model_loading import build_glob_alternation
+        from transformers.utils.generic import ContextManagers
+    except ImportError as exc:
+        raise ReshardError(
+            "--dtype needs transformers (pip install 'reshard[transformers]'): it keeps some modules in float32 "
+            "when it casts, and the stored bytes must be the ones it would make"
+        ) from exc
+    model_type = str(config.get("model_type"))
+    if model_type not in CONFIG_MAPPING:
+        raise ReshardError(f"--dtype: transformers does not know model_type {model_type!r}")
+    model_config = CONFIG_MAPPING[model_type].from_dict(config)
+    try:
+        cls = cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(model_config)])
+    except KeyError:
+        raise ReshardError(f"--dtype: transformers has no causal LM class for model_type {model_type!r}") from None
+    torch_dtype = getattr(torch, dtype)
+    with ContextManagers(cls.get_init_context(torch_dtype, False, False, False)):
+        plan = cls(model_config)._get_dtype_plan(torch_dtype)
+    return build_glob_alternation(list(plan))[0] if plan else None
+
+
+def with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json as ``save_pretrained`` writes it for a model in ``dtype``: ``dtype`` set (transformers 5's key;
+    the older ``torch_dtype`` dropped, ``dtype`` wins over it at load), in the sub-configs that record one too."""
+    new = {key: value for key, value in config.items() if key != "torch_dtype"}
+    new["dtype"] = dtype
+    for key, value in config.items():
+        if isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
+            new[key] = with_dtype(value, dtype)
+    return new
 
 
 def source_files(job: ConversionJob, digest: Any, progress: bool) -> SourceInfo:

@@ -4,8 +4,9 @@ Each tensor is seen as ``[outer, length, row]`` around its placement dim (``Geom
 straight from the mapped source (no copy into this process) and hashed while still in the CPU cache; a rowwise
 tensor's columns are scattered by the kernel (one ``preadv`` per block of rows, its buffer list planned once per
 shape) into a fixed gather buffer; anything else is read into a fixed buffer. Memory stays bounded by the buffers,
-whatever the model's size. Knows nothing of plans or styles: it executes the ``TensorLayout`` values it is given,
-asking a ``ChunkReader`` where each run of bytes lies.
+whatever the model's size. A tensor stored in another dtype than the source's (``--dtype``) is read through a
+``CastReader`` that converts each run; tensors that keep their dtype pay nothing for it. Knows nothing of plans or
+styles: it executes the ``TensorLayout`` values it is given, asking a ``ChunkReader`` where each run of bytes lies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from reshard.manifests.layout import Geometry, TensorLayout
 from reshard.write.os_calls import IOV_MAX
-from reshard.write.reader import ChunkReader, ColumnSpan
+from reshard.write.reader import CastReader, ChunkReader, ColumnSpan
 
 if TYPE_CHECKING:
     from reshard.write.rank_files import RankSink
@@ -51,7 +52,8 @@ class Streamer:
 
     def _buffer(self, purpose: str, size: int | None = None) -> bytearray:
         """``"read"``: bytes of a source that lends no span; ``"gather"``: the ranks' columns of a block;
-        ``"scratch"``: other ranks' columns. Grown, never shrunk (plans keep views of the old ones)."""
+        ``"scratch"``: other ranks' columns; ``"cast"``: a run in the source's dtype, before conversion. Grown,
+        never shrunk (plans keep views of the old ones)."""
         size = size or self.size
         if len(self._buffers.get(purpose, b"")) < size:
             self._buffers[purpose] = bytearray(size)
@@ -68,6 +70,8 @@ class Streamer:
         for sink in self.sinks.values():
             sink.begin_tensor()
         g = Geometry.of(layout)
+        if reader.tensor.dtype != layout.dtype:  # reshard --dtype: every run read and converted, never a view
+            reader = CastReader(reader.files, reader.tensor, g, layout.dtype, lambda n: self._buffer("cast", n))
         block = g.length * g.row
         if block and g.outer:
             if block <= self.size and g.outer > 1:

@@ -5,6 +5,7 @@ placement dim (``Geometry``). The reader turns each request into tensor bytes an
 they lie; where they lie contiguous in one file it lends them as a ``Span`` (a view of the mapped file, or a
 scattering ``preadv``), otherwise it ``pread``s the pieces into the engine's buffer. It computes no file offsets of
 its own, whatever the source: a checkpoint, fused experts, another artifact's rank files, remapped KV heads.
+A ``CastReader`` serves a tensor stored in another dtype than the source's (``reshard --dtype``): read, converted.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reshard.manifests.chunks import StoredTensor, column_runs, locate, merged
 from reshard.manifests.errors import FileFormatError
 from reshard.manifests.layout import Geometry
+from reshard.manifests.safetensors import ITEMSIZES
 
 ColumnSpan = tuple["Span", tuple[tuple[int, int], ...]]  # a span and the global columns each of its rows holds
 
@@ -183,3 +185,46 @@ class ChunkReader:
         return [
             (Span(self.files, Path(r.file), r.label or self.tensor.name, r.offset, r.nbytes), r.columns) for r in runs
         ]
+
+
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class CastReader(ChunkReader):
+    """Rows of a stored tensor converted to ``dtype`` (``reshard --dtype``): ``geometry`` is the written one.
+
+    Each run is read in the source's dtype into ``scratch(nbytes)`` and converted by torch's own cast (what ``.to``
+    does: round to nearest even), so the bytes are the ones transformers makes when it casts at load. Nothing is
+    lent as a span: the engine always reads into its buffer, and the source's pieces are ``read``'s to gather.
+    """
+
+    dtype: str
+    scratch: Callable[[int], bytearray]
+
+    @property
+    def _source(self) -> ChunkReader:
+        g = self.geometry
+        row = g.row // ITEMSIZES[self.dtype] * ITEMSIZES[self.tensor.dtype]
+        return ChunkReader(self.files, self.tensor, replace(g, row=row))
+
+    def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
+        return None
+
+    def column_spans(self, first: int, count: int) -> list[ColumnSpan] | None:
+        return None
+
+    def breaks(self, index: int, lo: int, hi: int) -> list[int]:
+        return []
+
+    def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
+        import torch
+
+        nbytes = len(out) // ITEMSIZES[self.dtype] * ITEMSIZES[self.tensor.dtype]
+        if not nbytes:
+            return
+        with memoryview(self.scratch(nbytes))[:nbytes] as raw:
+            self._source.read(first, count, lo, hi, raw)
+            source = torch.frombuffer(raw, dtype=getattr(torch, _TORCH_NAMES[self.tensor.dtype]))
+            torch.frombuffer(out, dtype=getattr(torch, _TORCH_NAMES[self.dtype])).copy_(source)
+            del source  # releases its export of raw before raw is released
