@@ -123,6 +123,17 @@ def refetch_rank_file(
     return fetch_artifact(uri, rank, cache_dir=cache_dir, token=token)
 
 
+def folder_identity(folder: Path) -> tuple[int, int] | None:
+    """The folder's (device, inode), or ``None`` if it is missing: equal before reading the manifest and after mapping
+    the rank file, every file was read from one folder, not across a ``reshard --overwrite`` that renamed another into
+    place (each folder only ever holds one conversion's files)."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def default_cache_dir() -> Path:
     """``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.cache/reshard``."""
     if os.environ.get(CACHE_ENV):
@@ -295,4 +306,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-__all__ = ["CACHE_ENV", "default_cache_dir", "fetch_artifact", "is_remote", "needed_files", "refetch_rank_file"]
+__all__ = [
+    "CACHE_ENV",
+    "default_cache_dir",
+    "fetch_artifact",
+    "folder_identity",
+    "is_remote",
+    "needed_files",
+    "refetch_rank_file",
+]

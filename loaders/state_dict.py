@@ -22,7 +22,7 @@ from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from reshard.loaders.consensus import agreed, same_on_every_rank
-from reshard.loaders.fetch import fetch_artifact, is_remote, refetch_rank_file
+from reshard.loaders.fetch import fetch_artifact, folder_identity, is_remote, refetch_rank_file
 from reshard.loaders.mesh import (
     EP,
     as_device,
@@ -124,6 +124,7 @@ def open_artifact(
     with agreed(mesh):  # a rank whose manifest or file is bad makes every rank raise; no collective inside
         # s3:// and hf:// artifacts: this rank fetches the manifest, small files and its own rank file only
         root = fetch_artifact(path, lambda manifest: check_mesh(manifest, mesh, f"{path}/{MANIFEST_NAME}"))
+        folder = folder_identity(root)  # checked again once this rank's file is mapped
         manifest = read_manifest(root)
         origin = str(root / MANIFEST_NAME)
         tp = tp_submesh(mesh).size() if mesh is not None else 1
@@ -145,6 +146,8 @@ def open_artifact(
                 # verified when downloaded, so the cached bytes changed since: evicted and fetched once more
                 root = refetch_rank_file(path, root, manifest, rank)
                 local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+        if folder_identity(root) != folder:  # the rank file's header and its bytes could then be two conversions'
+            raise ManifestError(f"{root}: replaced while loading (another process wrote the artifact); load it again")
         tp_mesh = _sharding_mesh(mesh, tp)
         ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
         tensors = {
