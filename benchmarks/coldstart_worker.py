@@ -1,14 +1,19 @@
 """One rank of a ``benchmarks/coldstart.py`` measurement, launched by torchrun; not meant to be run by hand.
 
-    torchrun --nproc-per-node N benchmarks/coldstart_worker.py {reshard,transformers} PATH OUT
+    torchrun --nproc-per-node N benchmarks/coldstart_worker.py {reshard,transformers} PATH OUT [server|process]
 
 ``reshard``: ``from reshard.loaders import load_model`` then ``load_model(PATH)`` (a tp artifact). ``transformers``:
-``from transformers import AutoModelForCausalLM`` then ``from_pretrained(PATH, tp_plan="auto")``. Each library
-initialises the process group itself. Then one forward of an 8-token prompt under ``torch.no_grad()``.
+``from transformers import AutoModelForCausalLM, DistributedConfig`` then
+``from_pretrained(PATH, distributed_config=DistributedConfig(tp_size=WORLD_SIZE))`` (a checkpoint, or a
+distributed checkpoint saved by ``save_pretrained(..., distributed_checkpoint=True)``). Each library initialises
+the process group itself. Then two forwards of an 8-token prompt under ``torch.no_grad()``: the first pays for
+whatever the load left undone (page faults of weights not yet resident), the second is compute only.
 
-Times are seconds since this process started (``/proc/self/stat`` starttime, CLOCK_BOOTTIME, 10 ms ticks), so the
-interpreter's own start-up and every import are counted. Writes ``OUT/{side}.rank{R}.json`` (times, peak RSS) and
-``OUT/{side}.rank{R}.pt`` (the logits).
+``server`` (default): torch, ``torch.distributed.tensor``, transformers, the model's modeling module (and for
+reshard ``reshard.loaders.model``) are imported before the load is timed, as in a server that loads a model into
+a running process; ``process``: nothing is, so the imports count in the load. Either way the times since this
+process started (``/proc/self/stat`` starttime, CLOCK_BOOTTIME, 10 ms ticks) are recorded too. Writes
+``OUT/{side}.rank{R}.json`` (times, peak RSS, faults) and ``OUT/{side}.rank{R}.safetensors`` (the logits).
 """
 
 import time  # first statement: nothing is imported before the clock is read
@@ -48,32 +53,62 @@ def _status_mb(*keys: str) -> dict[str, float]:
     return found
 
 
+def _server_imports(side: str, path: str) -> None:
+    """What a server has imported before it loads a model: torch, DTensor, transformers, the modeling module."""
+    import importlib
+
+    import torch.distributed.tensor  # noqa: F401
+    import transformers
+    from transformers import AutoModelForCausalLM, DistributedConfig  # noqa: F401
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    importlib.import_module(AutoModelForCausalLM._model_mapping[type(config)].__module__)
+    if side == "reshard":
+        import reshard.loaders.model  # noqa: F401
+
+
 def main() -> None:
     start = _process_start()
     since = lambda: time.clock_gettime(time.CLOCK_BOOTTIME) - start  # noqa: E731
     side, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    mode = sys.argv[4] if len(sys.argv) > 4 else "server"
     marks: dict[str, Any] = {"first_line": _FIRST_LINE - start}
+    if mode == "server":
+        _server_imports(side, path)
+    marks["imported"] = since()
+    began, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     if side == "reshard":
         from reshard.loaders import load_model
 
-        marks["imported"] = since()
         model = load_model(path)
     elif side == "transformers":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, DistributedConfig
 
-        marks["imported"] = since()
-        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+        tp = DistributedConfig(tp_size=int(os.environ["WORLD_SIZE"]))  # the model's own ("auto") plan
+        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=tp)
     else:
         raise SystemExit(f"unknown side {side!r}")
+    marks["load"] = time.perf_counter() - began
     marks["ready"] = since()
     marks["ready_cpu"] = _cpu()
     import torch
     import torch.distributed as dist
 
+    prompt = torch.tensor(PROMPT)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     with torch.no_grad():
-        logits = model(torch.tensor(PROMPT)).logits
-    marks["logits"] = since()
-    marks["logits_cpu"] = _cpu()
+        logits = model(prompt).logits
+        marks["first_forward"] = time.perf_counter() - began - marks["load"]
+        marks["logits"] = since()
+        marks["logits_cpu"] = _cpu()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        again = time.perf_counter()
+        model(prompt)
+        marks["second_forward"] = time.perf_counter() - again
+    marks["first_logits"] = marks["load"] + marks["first_forward"]
+    marks["resident"] = marks["first_logits"] - marks["second_forward"]  # load + what the first forward adds
+    marks["load_faults"] = before.ru_minflt + before.ru_majflt - faults.ru_minflt - faults.ru_majflt
+    marks["forward_faults"] = after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt
     usage = resource.getrusage(resource.RUSAGE_SELF)
     marks["peak_rss_mb"] = usage.ru_maxrss * 1024 / 1e6  # kB on Linux; counts touched pages of mapped files too
     marks["major_faults"] = usage.ru_majflt

@@ -64,15 +64,19 @@ def load_model(
         ``_device_mesh`` is the caller's mesh. An expert-parallel artifact gives the model of
         ``from_pretrained(source, distributed_config=DistributedConfig(tp_size=N, ep_size=N))``: experts
         ``Shard(0)`` on the ``ep`` mesh (see ``load_state_dict``), ``_ep_plan`` and transformers' EP dispatch.
-        On CPU its weights are views of the mapped rank file.
+        On CPU its weights are views of the mapped rank file, resident when it returns (paged in by a background
+        thread while the model is built, so the first forward takes no page faults).
 
     Example (``torchrun --nproc-per-node 2 serve.py``):
         >>> model = load_model("./SmolLM2-1.7B-tp2")  # doctest: +SKIP
         >>> model.generate(input_ids, max_new_tokens=20, do_sample=False)  # doctest: +SKIP
     """
     artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
-    with agreed(artifact.mesh):  # building and assigning runs no collective; a failure on one rank stops all
-        return _build_model(artifact, attn_implementation, experts_implementation, model_class, ep_implementation)
+    try:  # the rank file's pages are made resident in the background while the model is built
+        with agreed(artifact.mesh):  # building and assigning runs no collective; a failure on one rank stops all
+            return _build_model(artifact, attn_implementation, experts_implementation, model_class, ep_implementation)
+    finally:
+        artifact.wait_resident()
 
 
 def _build_model(

@@ -1,8 +1,10 @@
 """Open this rank's file of an artifact: check it against the manifest, map it, and view its tensors in place.
 
 Only the one file the manifest names for the rank is touched; the other ranks' files may be absent. On CPU every
-tensor is a zero-copy view of the read-only private mapping (pages come in on first use); on an accelerator the
-mapped bytes are streamed once into a single device buffer and the tensors are views of that.
+tensor is a zero-copy view of the read-only private mapping; ``open_rank_file`` also makes its pages resident in the
+background (``Residency``) while the caller builds the model, ``map_rank_file`` leaves them to come in on first use
+(for readers of a few ranges). On an accelerator the mapped bytes are streamed once into a single device buffer,
+read ahead of the copy, and the tensors are views of that.
 
 A CPU view is as aligned as its offset in the file. CPU kernels can take another code path (and round the last bit
 differently) for data that is not 64-byte aligned, as a fresh allocation is; a writer that starts the data section
@@ -17,13 +19,34 @@ from pathlib import Path
 
 import torch
 
-from reshard.loaders.tensors import map_file, tensor_view
+from reshard.loaders.tensors import Residency, map_file, tensor_view
 from reshard.loaders.transfer import copy_to_device
 from reshard.manifests import Manifest, resolve_in
 from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.rank_header import rank_header_problems
 from reshard.manifests.safetensors import SafetensorsHeader, read_header
+
+
+@dataclasses.dataclass(frozen=True)
+class RankFile:
+    """A rank's local tensors and the making-resident of their mapping, which the caller waits for once built."""
+
+    tensors: dict[str, torch.Tensor]
+    resident: Residency | None = None
+
+    def wait_resident(self) -> None:
+        """Return once the weights' pages are resident (at once if nothing was populated)."""
+        if self.resident is not None:
+            self.resident.wait()
+
+
+def open_rank_file(
+    root: str | os.PathLike[str], manifest: Manifest, rank: int, *, device: torch.device, verify: bool
+) -> RankFile:
+    """``map_rank_file``, with the CPU mapping's pages made resident in the background once the file is checked:
+    the caller builds the model meanwhile and calls ``RankFile.wait_resident()`` before handing the weights out."""
+    return _open(root, manifest, rank, device=device, verify=verify, populate=True)
 
 
 def map_rank_file(
@@ -36,6 +59,12 @@ def map_rank_file(
     ``rank``, contiguous in the manifest's order (so no view can overlap another or reach past the file). With
     ``verify`` every tensor's xxh3-128 is compared with the manifest's as it is mapped.
     """
+    return _open(root, manifest, rank, device=device, verify=verify, populate=False).tensors
+
+
+def _open(
+    root: str | os.PathLike[str], manifest: Manifest, rank: int, *, device: torch.device, verify: bool, populate: bool
+) -> RankFile:
     entry = manifest.rank_file(rank)
     path = resolve_in(root, entry.path)
     if not path.is_file():
@@ -51,12 +80,14 @@ def map_rank_file(
     if verify:
         _verify(flat, header, manifest, rank)
     if device.type == "cpu":
-        return {name: tensor_view(flat, item) for name, item in header.tensors.items()}
+        resident = Residency(flat, header.data_start, header.file_size) if populate else None
+        return RankFile({name: tensor_view(flat, item) for name, item in header.tensors.items()}, resident)
     buffer = copy_to_device(flat, header.data_start, header.file_size, device)
-    return {
+    tensors = {
         name: tensor_view(buffer, dataclasses.replace(item, offset=item.offset - header.data_start))
         for name, item in header.tensors.items()
     }
+    return RankFile(tensors)
 
 
 def _check_header(header: SafetensorsHeader, manifest: Manifest, rank: int) -> None:

@@ -33,7 +33,7 @@ from reshard.loaders.mesh import (
     resolve_mesh,
     tp_submesh,
 )
-from reshard.loaders.rank_file import map_rank_file
+from reshard.loaders.rank_file import RankFile, open_rank_file
 from reshard.loaders.regrid import regrid_refusal, regrid_tensors
 from reshard.loaders.tensors import torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
@@ -62,6 +62,12 @@ class LoadedArtifact:
     tensors: dict[str, torch.Tensor]
     ep_mesh: DeviceMesh | None = None
     tp: int = 1  # the tp the tensors are cut for: the manifest's, or the mesh's when loaded at another world size
+    rank_file: RankFile | None = None  # its pages are made resident in the background: ``wait_resident`` before use
+
+    def wait_resident(self) -> None:
+        """Return once this rank's mapped weights are resident, so that the first forward takes no page faults."""
+        if self.rank_file is not None:
+            self.rank_file.wait_resident()
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -105,6 +111,7 @@ def load_state_dict(
         (Shard(dim=0),)
     """
     artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
+    artifact.wait_resident()
     if dtype is None or dtype == "auto":  # as stored, every tensor a view of the mapped file
         return artifact.tensors
     return {name: cast_floating(value, artifact.dtype) for name, value in artifact.tensors.items()}
@@ -130,6 +137,7 @@ def open_artifact(
         tp = tp_submesh(mesh).size() if mesh is not None else 1
         main_dtype = check_dtype(manifest, dtype, origin)
         target = wanted or default_device(mesh)
+        opened: RankFile | None = None
         if mesh is not None and tp != manifest.tp and not is_remote(path):  # at another world size: cut anew
             check_expert_mesh(manifest, origin)
             if reason := regrid_refusal(root, manifest, tp):
@@ -139,13 +147,14 @@ def open_artifact(
         else:
             rank = check_mesh(manifest, mesh, origin)
             try:
-                local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+                opened = open_rank_file(root, manifest, rank, device=target, verify=verify)
             except (IntegrityError, FileFormatError):
                 if not is_remote(path):
                     raise
                 # verified when downloaded, so the cached bytes changed since: evicted and fetched once more
                 root = refetch_rank_file(path, root, manifest, rank)
-                local = map_rank_file(root, manifest, rank, device=target, verify=verify)
+                opened = open_rank_file(root, manifest, rank, device=target, verify=verify)
+            local = opened.tensors
         if folder_identity(root) != folder:  # the rank file's header and its bytes could then be two conversions'
             raise ManifestError(f"{root}: replaced while loading (another process wrote the artifact); load it again")
         tp_mesh = _sharding_mesh(mesh, tp)
@@ -157,7 +166,7 @@ def open_artifact(
     # every rank must have read the same manifest (it is the only thing ranks do not exchange) before any tensor
     # is returned: outside the agreed block, since this is a collective
     same_on_every_rank(mesh, manifest_digest_of(manifest), "manifest_xxh3", str(root / MANIFEST_NAME))
-    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp)
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened)
 
 
 def manifest_digest_of(manifest: Manifest) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+import threading
 from typing import cast
 
 import torch
@@ -51,3 +54,47 @@ def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
     if entry.offset % itemsize(entry.dtype):
         raw = raw.clone()  # an unaligned tensor cannot be viewed in place; copy just this one
     return raw.view(dtype).view(entry.shape)
+
+
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault every page in and map it, as reading each would
+
+
+class Residency:
+    """Make a mapping's pages resident in a background thread: read from disk if cold, and mapped either way.
+
+    A mapping's pages otherwise come in one fault at a time on first use, so the first forward would pay for
+    reading the weights. ``MADV_POPULATE_READ`` does all of it in one call that releases the GIL (ctypes), so it runs
+    while the caller builds the model; ``wait`` joins it before the weights are handed out. Best effort: where the
+    call is unsupported the kernel is asked to read ahead (``MADV_WILLNEED``), and a failure leaves the pages to come
+    in on first use. The thread holds ``flat`` so the mapping outlives the call.
+    """
+
+    def __init__(self, flat: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
+        self._flat = flat
+        stop = flat.numel() if stop is None else stop
+        self.error: int | None = None  # errno of a failed call, for tests and the curious
+        self._thread: threading.Thread | None = None
+        if stop > start and sys.platform == "linux" and flat.device.type == "cpu":
+            address = flat.data_ptr() + start
+            self._thread = threading.Thread(
+                target=self._populate, args=(address, stop - start), name="reshard-populate", daemon=True
+            )
+            self._thread.start()
+
+    def _populate(self, address: int, length: int) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        aligned = address - address % page
+        length += address - aligned
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(aligned, length, _MADV_POPULATE_READ) != 0:
+            self.error = ctypes.get_errno()
+            libc.madvise(aligned, length, _MADV_WILLNEED)
+
+    def wait(self) -> None:
+        """Return once the pages are resident (or the attempt is over); the mapping stays the caller's."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._flat = torch.empty(0, dtype=torch.uint8)
