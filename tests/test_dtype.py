@@ -287,3 +287,11 @@ def _worker() -> None:
 
 if __name__ == "__main__":
     _worker()
+
+
+def test_python_api_takes_the_dtype(tiny, tmp_path: Path) -> None:
+    import reshard
+
+    manifest = reshard.convert(tiny.checkpoint("qwen2"), tmp_path / "art", tp=2, dtype="bfloat16", progress=False)
+    assert {t.dtype for t in manifest.tensors} == {"BF16"}
+    assert json.loads((tmp_path / "art" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -55,6 +55,7 @@ def convert(
     replicate_kv: bool = False,
     ep: int = 1,
     durable: bool = True,
+    dtype: str = "auto",
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -73,6 +74,9 @@ def convert(
         group: this process's worker group; by default the torchrun group when run under torchrun, else alone.
         durable: flush the rank files to disk (fsync) before the manifest is written. ``False`` leaves them in the
             page cache, like ``cp``: interrupting the process is still safe, an OS crash soon after is not.
+        dtype: ``"auto"`` (as the source stores them) or the floating dtype to store floating tensors in
+            (``"bfloat16"``, ``"float16"``, ``"float32"``), cast as torch's ``.to`` casts: load with that dtype
+            and the weights stay views of the mapped files.
 
     Returns:
         The manifest written into ``out``.
@@ -95,6 +99,7 @@ def convert(
         progress=progress,
         workers=workers,
         durable=durable,
+        dtype=dtype,
     )
     return run(request, group or from_torchrun() or solo())
 
