@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test lint bench-convert bench-coldstart clean
+.PHONY: setup demo test lint compat bench-convert bench-coldstart clean
 
 setup:
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
@@ -17,6 +17,10 @@ test: setup
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q
+
+# The runtime parity tests against each supported transformers release, each in its own venv under /tmp.
+compat:
+	PYTHON=$(PYTHON) scripts/compat.sh $(COMPAT_VERSIONS)
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check . && $(PYTHON) -m mypy

@@ -8,7 +8,8 @@ checkpoint (bf16, 3.42 GB; made with ``make_checkpoint.py`` if missing) is store
 on separate nodes:
 
 - ``reshard``: ``fetch_artifact(s3://..., rank)`` then ``load_model(folder)``;
-- ``today``:   s3fs ``get_file`` of every checkpoint file, then ``from_pretrained(folder, tp_plan="auto")``.
+- ``today``:   s3fs ``get_file`` of every checkpoint file, then
+  ``from_pretrained(folder, distributed_config=DistributedConfig(tp_size=TP))``.
 
 Bytes per rank are what the server sent to that process (botocore puts ``AWS_SDK_UA_APP_ID=rankR`` in its
 User-Agent; the server records every response body); "of other ranks" counts other ranks' rank files among them.
@@ -63,9 +64,10 @@ def worker(side: str, uri: str, cache: Path, out: Path, load: bool) -> None:
 
             load_model(folder)
         else:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM, DistributedConfig
 
-            AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto")
+            tp = DistributedConfig(tp_size=int(os.environ["WORLD_SIZE"]))  # the model's own ("auto") plan
+            AutoModelForCausalLM.from_pretrained(folder, distributed_config=tp)
         marks["ready"] = time.perf_counter() - _STARTED
     (out / f"{side}.rank{rank}.json").write_text(json.dumps(marks))
 

@@ -5,7 +5,8 @@
 1. writes a small Llama checkpoint with random weights (transformers' save_pretrained, sharded + index, like the Hub);
 2. ``reshard check`` says which tp sizes work, ``reshard --tp 2`` converts, ``reshard verify`` re-hashes;
 3. ``torchrun --nproc-per-node 2 examples/demo_worker.py`` loads the artifact with ``reshard.loaders.load_model``
-   and the checkpoint with transformers' ``from_pretrained(tp_plan="auto")`` and compares them;
+   and the checkpoint with transformers' ``from_pretrained(distributed_config=DistributedConfig(tp_size=2))`` and
+   compares them;
 4. prints a verdict: PASS when placements, logits and generated tokens are identical.
 """
 

@@ -27,11 +27,12 @@ def main() -> int:
     ours = load_model(artifact)
     reshard_seconds = time.perf_counter() - started
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     dist.barrier()
     started = time.perf_counter()
-    theirs = AutoModelForCausalLM.from_pretrained(source, tp_plan="auto")
+    tp = DistributedConfig(tp_size=dist.get_world_size())  # the model's own ("auto") plan
+    theirs = AutoModelForCausalLM.from_pretrained(source, distributed_config=tp)
     transformers_seconds = time.perf_counter() - started
 
     problems = []
