@@ -145,7 +145,7 @@ def _build_model(
         dtype_plan=dtype_plan,
     )
     PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
-    model._weight_conversions = _checkpoint_conversions(model, manifest)  # type: ignore[assignment]
+    model._weight_conversions = _ConversionsOnFirstUse(model, manifest)  # type: ignore[assignment]
     model.eval()
     model.set_use_kernels(False, None)
     if model.can_generate():
@@ -164,6 +164,36 @@ def _build_model(
             trust_remote_code=None,
         )
     return model
+
+
+class _ConversionsOnFirstUse(list):  # type: ignore[type-arg]
+    """``model._weight_conversions``, found the first time transformers reads it (``save_pretrained``): finding
+    them compiles every conversion pattern of the architecture, a second's work nobody loading to serve needs.
+    Without renames or fused experts in the manifest, the checkpoint's keys are the model's: nothing to find."""
+
+    def __init__(self, model: PreTrainedModel, manifest: Manifest) -> None:
+        super().__init__()
+        options = manifest.options
+        self._pending = (model, manifest) if options.key_renames or options.fused else None
+
+    def _found(self) -> _ConversionsOnFirstUse:
+        if self._pending is not None:
+            model, manifest = self._pending
+            self._pending = None
+            self.extend(_checkpoint_conversions(model, manifest))
+        return self
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return list.__iter__(self._found())
+
+    def __len__(self) -> int:
+        return list.__len__(self._found())
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        return list.__getitem__(self._found(), index)
+
+    def __reversed__(self):  # type: ignore[no-untyped-def]
+        return list.__reversed__(self._found())
 
 
 def _checkpoint_conversions(model: PreTrainedModel, manifest: Manifest) -> list[WeightTransform]:
