@@ -1,1 +1,1 @@
-"""Where the weights come from: a checkpoint folder or Hub repo, or another artifact; pre-flight checks."""
+"""Where the weights come from: a checkpoint folder or Hub repo, a transformers distributed checkpoint, an artifact."""

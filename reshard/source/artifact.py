@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reshard.manifests import MANIFEST_NAME, Manifest, TensorEntry, read_manifest, resolve_in
+from reshard.manifests import MANIFEST_NAME, Manifest, read_manifest, resolve_in
 from reshard.manifests.chunks import StoredTensor, contiguous, row_major_chunks
-from reshard.manifests.errors import FileFormatError, IntegrityError
+from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_file
-from reshard.manifests.safetensors import ITEMSIZES, HeaderEntry, SafetensorsHeader, read_header
+from reshard.manifests.rank_header import rank_header_problems
+from reshard.manifests.safetensors import ITEMSIZES, read_header
 from reshard.source.checkpoint import SourceHashes
 from reshard.transforms import Table
 
@@ -28,13 +29,16 @@ def artifact_tensors(root: Path, manifest: Manifest) -> Table:
     """Every tensor of the artifact with its chunks in the rank files; each rank file's header is checked against
     the manifest first. A tensor held whole by every rank is read from rank 0."""
     headers = {f.rank: read_header(resolve_in(root, f.path)) for f in manifest.files if f.rank is not None}
+    for rank, header in headers.items():  # the same check as a load's: names, shapes, offsets, artifact id
+        if problems := rank_header_problems(header, manifest, rank):
+            raise IntegrityError(f"{header.path}: {problems[0]}")
     table: Table = {}
     for tensor in manifest.tensors:
         chunks = []
         ranks = tensor.slices if tensor.placement.is_sharded else tensor.slices[:1]
         for piece in ranks:
             header = headers[piece.rank]
-            entry = _checked_entry(header, tensor, piece.shape)
+            entry = header.tensors[tensor.name]
             if tensor.placement.is_sharded:
                 assert tensor.placement.dim is not None
                 dim, itemsize = tensor.placement.dim, ITEMSIZES[tensor.dtype]
@@ -45,15 +49,6 @@ def artifact_tensors(root: Path, manifest: Manifest) -> Table:
                 chunks.extend(contiguous(header.path, entry.offset, entry.nbytes, tensor.name))
         table[tensor.name] = StoredTensor(tensor.name, tensor.dtype, tensor.shape, tuple(chunks))
     return table
-
-
-def _checked_entry(header: SafetensorsHeader, tensor: TensorEntry, shape: tuple[int, ...]) -> HeaderEntry:
-    entry = header.tensors.get(tensor.name)
-    if entry is None:
-        raise FileFormatError(f"{header.path}: tensor {tensor.name!r} is missing from this rank file")
-    if entry.dtype != tensor.dtype or tuple(entry.shape) != tuple(shape):
-        raise FileFormatError(f"{header.path}: tensor {tensor.name!r} does not match the manifest's dtype/shape")
-    return entry
 
 
 class InputCheck:
