@@ -42,11 +42,17 @@ class RankFile:
 
 
 def open_rank_file(
-    root: str | os.PathLike[str], manifest: Manifest, rank: int, *, device: torch.device, verify: bool
+    root: str | os.PathLike[str],
+    manifest: Manifest,
+    rank: int,
+    *,
+    device: torch.device,
+    verify: bool,
+    populate: bool = True,
 ) -> RankFile:
     """``map_rank_file``, with the CPU mapping's pages made resident in the background once the file is checked:
     the caller builds the model meanwhile and calls ``RankFile.wait_resident()`` before handing the weights out."""
-    return _open(root, manifest, rank, device=device, verify=verify, populate=True)
+    return _open(root, manifest, rank, device=device, verify=verify, populate=populate)
 
 
 def map_rank_file(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from reshard.loaders.rank_file import map_rank_file
+from reshard.loaders.rank_file import open_rank_file
 from reshard.manifests import Manifest
 from reshard.manifests.errors import ReshardError, ShardabilityError
 from reshard.manifests.layout import regrid_parts, tensor_layout
@@ -68,7 +68,13 @@ def regrid_tensors(
         root, manifest.tp, tp, rank, needed, tp,
     )  # fmt: skip
     cpu = torch.device("cpu")
-    old = {r: map_rank_file(root, manifest, r, device=cpu, verify=verify) for r in needed}
+    # Fewer ranks than the artifact's: every needed old file is read whole, so its pages are made resident in the
+    # background, all files at once, while the next is checked. More ranks: each reads part of a file; faults do.
+    whole = manifest.tp > tp
+    files = {r: open_rank_file(root, manifest, r, device=cpu, verify=verify, populate=whole) for r in needed}
+    for file in files.values():
+        file.wait_resident()
+    old = {r: file.tensors for r, file in files.items()}
     local: dict[str, torch.Tensor] = {}
     for tensor in manifest.tensors:
         if tensor.name not in parts:
