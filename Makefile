@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test lint compat bench-convert bench-coldstart clean
+.PHONY: setup demo test test-all lint compat bench-convert bench-coldstart clean
 
 setup:
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
@@ -17,6 +17,12 @@ test: setup
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q
+
+# make test, then the model-type matrix (tests/test_matrix.py: every supported model type at tp 2 and 4, about
+# 13 minutes on 2 cores); it rewrites tests/fixtures/matrix_results.json, the source of docs/architectures.md's
+# "tested" column, and regenerates that file from it.
+test-all: test
+	RESHARD_MATRIX=1 $(PYTHON) -m pytest -q tests/test_matrix.py; status=$$?; $(PYTHON) scripts/architectures_table.py; exit $$status
 
 # The runtime parity tests against each supported transformers release, each in its own venv under /tmp.
 compat:

@@ -3,8 +3,9 @@
 For every model type with a transformers TP or EP plan (``manifests/plans``): which styles and key conversions it
 uses, whether reshard converts it (every style and converter is one reshard reproduces), and which tests cover it:
 ``slices`` (rank files equal transformers' own TP shards, tests/test_transformers_slices.py) and ``runtime``
-(``load_model`` equals transformers' own TP load, logits included, tests/test_runtime*.py). The whole file is
-generated: an introduction saying what the columns mean, then the table.
+(``load_model`` equals transformers' own TP load, logits included, tests/test_runtime*.py), and the model-type
+matrix's results (``tests/fixtures/matrix_results.json``, written by ``make test-all``: tests/test_matrix.py). The
+whole file is generated: an introduction saying what the columns mean, then the table.
 
 Usage::
 
@@ -25,8 +26,10 @@ sys.path.insert(0, str(ROOT))
 from reshard.manifests.layout import STYLES  # noqa: E402
 from reshard.transforms.experts import SUPPORTED_OPERATIONS  # noqa: E402
 from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, RUNTIME_PARITY_FAMILIES  # noqa: E402
+from tests.helpers.tester_configs import KNOWN_FAILURES  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "architectures.md"
+MATRIX = ROOT / "tests" / "fixtures" / "matrix_results.json"
 EP_SLICE_FAMILIES = {"qwen3_moe", "mixtral"}
 
 INTRO = """\
@@ -52,7 +55,15 @@ Columns:
   `runtime parity`: `load_model` equals transformers' own TP load (`from_pretrained` with
   `distributed_config=DistributedConfig(tp_size=N)`; the tests call the equivalent, deprecated `tp_plan="auto"`):
   parameters, logits (`torch.equal`) and `generate`, under torchrun at 2 and 4 ranks (some MoE families at 2 only;
-  `tests/test_runtime_tp.py`, `tests/test_runtime_moe.py`).
+  `tests/test_runtime_tp.py`, `tests/test_runtime_moe.py`). `matrix tp 2, 4`: the model-type matrix
+  (`tests/test_matrix.py`, run by `make test-all`; results in `tests/fixtures/matrix_results.json`): a tiny model
+  built as transformers' testers build it (vocab 99, hidden 32, 2 layers, 2 heads, 4 at tp 4), converted and
+  loaded through reshard at that tp, equal to transformers' own TP load in parameters, logits (sdpa, or eager where
+  the model has no sdpa; 2x64 input), 25-token greedy generate with per-step scores, and backward in train mode
+  (loss and every gradient, allclose at 5e-3 like transformers' `TensorParallelTesterMixin`); for llama and
+  qwen3_moe also torch.compile forward, static-cache generate and the `save_pretrained` round trip, and EP
+  backward for qwen3_moe. `matrix FAIL` gives the first reason; `not in matrix` says why no tiny model was built;
+  a tp missing from the list could not be sharded that way (heads, experts).
 """
 
 
@@ -66,13 +77,37 @@ def blockers(plan: dict) -> list[str]:
     return reasons
 
 
+def matrix_results() -> dict:
+    """Per model type, what the matrix recorded (empty before the first ``make test-all``)."""
+    return json.loads(MATRIX.read_text())["types"] if MATRIX.exists() else {}
+
+
+def matrix_tests(model_type: str, matrix: dict) -> list[str]:
+    """The "tested" words for one model type's matrix entries (its own, and ``TYPE-ep`` for EP backward)."""
+    entry = matrix.get(model_type, {})
+    if "skipped" in entry:
+        return [f"not in matrix: {entry['skipped']}"]
+    passed = [key.removeprefix("tp") for key in ("tp2", "tp4") if entry.get(key, {}).get("status") == "pass"]
+    words = [f"matrix tp {', '.join(passed)}"] if passed else []
+    if matrix.get(f"{model_type}-ep", {}).get("tp2", {}).get("status") == "pass":
+        words.append("matrix EP (tp = ep = 2)")
+    failed: dict[str, list[str]] = {}
+    for key in ("tp2", "tp4"):
+        if entry.get(key, {}).get("status") == "fail":
+            reason = KNOWN_FAILURES.get(key, {}).get(model_type) or entry[key].get("reason", "")[:140]
+            failed.setdefault(reason.replace("|", "/"), []).append(key.removeprefix("tp"))
+    words += [f"matrix FAIL at tp {', '.join(tps)}: {reason}" for reason, tps in failed.items()]
+    return words
+
+
 def table() -> str:
     """The Markdown table, one row per model type."""
     rows = [
         "| model_type | architecture | TP styles | EP | styles & conversions supported | tested |",
         "|---|---|---|---|---|---|",
     ]
-    counts = {"types": 0, "supported": 0, "tested": 0}
+    counts = {"types": 0, "supported": 0, "tested": 0, "matrix": 0}
+    matrix = matrix_results()
     for path in sorted((ROOT / "manifests" / "plans").glob("*.json")):
         if path.name == "INDEX.json":
             continue
@@ -86,10 +121,13 @@ def table() -> str:
             tests.append("EP slices")
         if model_type in RUNTIME_PARITY_FAMILIES:
             tests.append("runtime parity")
+        in_matrix = matrix_tests(model_type, matrix)
+        tests += in_matrix
+        counts["matrix"] += any(word.startswith("matrix tp") for word in in_matrix)
         fused = " + fused experts" if plan.get("key_converters") else ""
         counts["types"] += 1
         counts["supported"] += not reasons
-        counts["tested"] += bool(tests)
+        counts["tested"] += any(not word.startswith(("not in", "matrix FAIL")) for word in tests)
         rows.append(
             f"| {model_type} | {plan['architecture']} | {', '.join(plan['styles']) or '—'}{fused} | "
             f"{'yes' if plan['ep_plan'] else '—'} | {'yes' if not reasons else 'no: ' + '; '.join(reasons)} | "
@@ -97,7 +135,8 @@ def table() -> str:
         )
     summary = (
         f"{counts['types']} model types have a TP or EP plan in transformers 5.23; reshard supports every style "
-        f"and key conversion of {counts['supported']} of them; {counts['tested']} are covered by tests."
+        f"and key conversion of {counts['supported']} of them; {counts['tested']} are covered by tests, "
+        f"{counts['matrix']} by the model-type matrix."
     )
     return "\n".join([summary, "", *rows])
 

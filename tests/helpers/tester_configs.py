@@ -1,0 +1,216 @@
+"""Tiny configs for every model type reshard supports, built the way transformers' model testers build theirs.
+
+transformers' ``CausalLMModelTester`` defaults (vocab 99, hidden 32, 2 layers, 2 heads / 2 KV heads, intermediate
+37, 8 experts top-2, moe_intermediate 12, ...) are passed to ``AutoConfig.for_model`` where the config has the
+field (as the tester passes only its config's own arguments), plus the per-type fixes in ``OVERRIDES`` (found by
+building and running each model on CPU: head sizes, MoE keys, per-layer lists sized to 2 layers, rope settings).
+Dropout is off everywhere, so train-mode forwards are deterministic and gradients comparable.
+
+``SKIPPED`` lists the supported types this matrix does not build, with the reason (it goes into
+docs/architectures.md). ``supported_types()`` is every built-in plan with a non-empty TP plan whose styles and key
+conversions reshard reproduces.
+
+Example:
+    >>> config = tiny_config("qwen3_moe")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# CausalLMModelTester's defaults (tests/causal_lm_tester.py in transformers), the ones that are config fields.
+TESTER_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 99,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 37,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 16,
+    "initializer_range": 0.02,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "moe_intermediate_size": 12,
+    "shared_expert_intermediate_size": 36,
+    "shared_expert_gate": True,
+    "moe_num_shared_experts": 2,
+    "num_experts_per_tok": 2,
+    "num_experts": 8,
+    "mamba_n_groups": 1,
+    "mamba_n_heads": 16,
+    "mamba_d_state": 16,
+    "mamba_d_conv": 4,
+    "mamba_expand": 2,
+    "mamba_chunk_size": 16,
+}
+
+# Per model type: fields set on top of the defaults (a value of None removes a default).
+_INDEXED = {  # MLA attention with a sparse indexer, sized down (deepseek_v32-like)
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "qk_head_dim": 16,
+    "v_head_dim": 16,
+    "head_dim": 16,
+    "index_topk": 16,
+    "index_head_dim": 16,
+    "index_n_heads": 2,
+    "mlp_layer_types": ["dense", "sparse"],
+    "layer_types": ["indexed_attention", "indexed_attention"],
+}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "lfm3": {"layer_types": ["conv", "full_attention"], "head_dim": 16},
+    "qwen3_next": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "head_dim": 16,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+    },
+    "gemma4_text": {
+        "head_dim": 16,
+        "global_head_dim": 16,
+        "vocab_size_per_layer_input": 99,
+        "hidden_size_per_layer_input": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "per_layer_config": {},
+    },
+    "glm_moe_dsa": {**_INDEXED, "indexer_types": ["full", "full"]},
+    "hy_v4": {**_INDEXED, "indexer_types": ["full", "shared"]},
+    "helium": {"head_dim": 16},
+}
+
+# Model types whose attention has no sdpa path in transformers: compared with eager attention.
+EAGER_ATTENTION = {
+    "deepseek_v4",
+    "flint",
+    "hy_v4",
+    "gemma2",
+    "gpt_oss",
+    "granite_swa",
+    "granitemoe_swa",
+    "mimo_v2_flash",
+    "vaultgemma",
+}
+
+_MULTIMODAL = "multimodal: its vision/audio tower is not sized by the text tester defaults (not built here)"
+# Supported types this matrix does not build, and why.
+SKIPPED: dict[str, str] = {
+    **{
+        t: _MULTIMODAL
+        for t in (
+            "dots3_note",
+            "emu3",
+            "gemma3",
+            "gemma4",
+            "gemma4_unified",
+            "got_ocr2",
+            "llama4",
+            "moss_transcribe_diarize",
+            "phi4_multimodal",
+        )
+    },
+    "dots3_note_text": "heterogeneous per-layer config (per_layer_config): the tester defaults do not size it",
+    "mimo_v2_flash": "tiny config fails on CPU: attention sinks sized from the default head count (size mismatch)",
+}
+
+
+def attention(model_type: str) -> str:
+    """The attention implementation the matrix compares with: sdpa, or eager where transformers has no sdpa."""
+    return "eager" if model_type in EAGER_ATTENTION else "sdpa"
+
+
+def supported_types() -> list[str]:
+    """Every built-in plan with a non-empty TP plan that reshard converts (sorted)."""
+    from reshard.manifests.layout import STYLES
+    from reshard.transforms.experts import SUPPORTED_OPERATIONS
+
+    types = []
+    for path in sorted((ROOT / "manifests" / "plans").glob("*.json")):
+        plan = json.loads(path.read_text())
+        if path.name == "INDEX.json" or not plan.get("tp_plan"):
+            continue
+        if any(style not in STYLES for style in plan["styles"]):
+            continue
+        converters = plan.get("key_converters", [])
+        if any(
+            {name for name, _ in c["operations"]} not in SUPPORTED_OPERATIONS or c["kind"] != "WeightConverter"
+            for c in converters
+        ):
+            continue
+        types.append(plan["model_type"])
+    return types
+
+
+def tiny_config(model_type: str) -> Any:
+    """The tester-sized config of ``model_type``: defaults where the config has the field, then ``OVERRIDES``."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    fields = {key: value for key, value in TESTER_DEFAULTS.items() if hasattr(default, key)}
+    fields.update(OVERRIDES.get(model_type, {}))
+    fields = {key: value for key, value in fields.items() if value is not None}
+    config = AutoConfig.for_model(model_type, **fields)
+    _no_dropout(config)
+    for key in getattr(config, "sub_configs", {}):
+        if (sub := getattr(config, key, None)) is not None:
+            _no_dropout(sub)
+    return config
+
+
+def _no_dropout(config: Any) -> None:
+    for key, value in list(vars(config).items()):
+        if ("dropout" in key or key.endswith("_pdrop") or "jitter" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
+def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A seeded random checkpoint of ``tiny_config(model_type)`` (float32), saved in about four files plus an index.
+
+    Weights are ``0.1 * randn``, norm weights ``1 + 0.2 * randn``, so a swapped or missing tensor shows.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    for key, value in overrides.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.copy_(1.0 + 0.2 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+            total += param.numel() * 4
+    model.save_pretrained(path, max_shard_size=f"{max(total // 4 // 1000, 8)}KB")
+    return path
+
+
+# Types the matrix fails on today, per world size, and why (the tests xfail them; docs/architectures.md says why).
+_THEIRS_FORWARD = "transformers' own TP model fails in forward (nothing to compare with)"
+_THEIRS_BACKWARD = "forward and generate equal; backward fails in transformers' own TP model, and so in reshard's"
+_BOTH = {
+    "deepseek_v4": "reshard's parameters differ from transformers' (experts, model.norm.weight): a key-rename bug",
+    "doge": _THEIRS_FORWARD,
+    "inkling_text": _THEIRS_FORWARD,
+    "lfm2": _THEIRS_BACKWARD,
+    "lfm3": _THEIRS_BACKWARD,
+    "llama4_text": _THEIRS_BACKWARD,
+}
+KNOWN_FAILURES: dict[str, dict[str, str]] = {"tp2": _BOTH, "tp4": {**_BOTH, "laguna": _THEIRS_FORWARD}}
