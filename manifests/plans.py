@@ -58,7 +58,9 @@ class ConverterRecord:
 @dataclass(frozen=True)
 class BuiltinPlan:
     """The resolved plans of one model type: ``tp_plan`` and ``ep_plan`` as ``model._tp_plan`` / ``_ep_plan``,
-    the checkpoint-key renames (regex, replacement) and weight converters transformers applies at load."""
+    the checkpoint-key renames (regex, replacement) and weight converters transformers applies at load, and the
+    model's own parameter names (a rename whose result is none of them leaves a key as it is, as transformers'
+    loader does)."""
 
     model_type: str
     architecture: str
@@ -67,6 +69,7 @@ class BuiltinPlan:
     ep_plan: dict[str, str] = field(default_factory=dict)
     key_renames: tuple[tuple[str, str], ...] = ()
     key_converters: tuple[ConverterRecord, ...] = ()
+    parameters: tuple[str, ...] = ()  # the model's state-dict names, layer numbers as ``*`` (default config)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of ``<model_type>.json``."""
@@ -79,6 +82,7 @@ class BuiltinPlan:
             "styles": sorted(set(self.tp_plan.values())),
             "key_renames": [list(r) for r in self.key_renames],
             "key_converters": [c.to_json() for c in self.key_converters],
+            "parameters": list(self.parameters),
         }
 
     @classmethod
@@ -91,6 +95,7 @@ class BuiltinPlan:
             ep_plan=dict(data.get("ep_plan") or {}),
             key_renames=tuple((str(a), str(b)) for a, b in data.get("key_renames") or []),
             key_converters=tuple(ConverterRecord.from_json(c) for c in data.get("key_converters") or []),
+            parameters=tuple(str(p) for p in data.get("parameters") or []),
         )
 
 

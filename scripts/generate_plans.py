@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ def build_plan(model_type: str) -> BuiltinPlan:
         if bad:
             raise TypeError(f"non-string {name} entries: {bad}")
     renames, converters = _key_conversions(model)
+    parameters = sorted({re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), name) for name in model.state_dict()})
     return BuiltinPlan(
         model_type,
         type(model).__name__,
@@ -49,6 +51,7 @@ def build_plan(model_type: str) -> BuiltinPlan:
         **plans,
         key_renames=tuple((a, b) for a, b in renames),
         key_converters=tuple(ConverterRecord.from_json(c) for c in converters),
+        parameters=tuple(parameters),
     )
 
 

@@ -100,7 +100,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
     rename_rules = builtin.key_renames if builtin else ()
-    table = renames.forward(stored, rename_rules)
+    table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:

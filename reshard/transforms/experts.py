@@ -24,8 +24,10 @@ SUPPORTED_OPERATIONS = (frozenset({"MergeModulelist"}), frozenset({"MergeModulel
 
 
 def _pattern(source: str) -> re.Pattern[str]:
-    """``mlp.experts.*.gate_proj.weight`` → a regex capturing the expert index (``*`` is a number)."""
-    return re.compile(re.escape(source).replace(r"\*", r"(\d+)") + "$")
+    """A converter's source in transformers' dialect (``mlp.experts.*.gate_proj.weight``, or with escaped dots,
+    ``\\.experts.*.w1.weight``) → a regex capturing the expert index (``*`` is a number), dots literal."""
+    parts = source.replace("\\.", ".").split("*")
+    return re.compile(r"(\d+)".join(re.escape(part) for part in parts) + "$")
 
 
 def forward(table: Table, converters: tuple[ConverterRecord, ...]) -> tuple[Table, dict[str, FusedTensor]]:

@@ -7,12 +7,23 @@ import dataclasses
 
 from reshard.manifests.transforms import RenameRules as Rules
 from reshard.manifests.transforms import checkpoint_key, model_key
+from reshard.planning.tp_plan import generic_name
 from reshard.transforms import Table
 
 
-def forward(table: Table, rules: Rules) -> Table:
-    """Checkpoint names → model names."""
-    return _renamed(table, lambda name: model_key(name, rules))
+def forward(table: Table, rules: Rules, parameters: tuple[str, ...] = ()) -> Table:
+    """Checkpoint names → model names. A key the model already has keeps its name when a rename would turn it into
+    a name the model does not have (transformers' loader does the same: gpt-style ``\\.norm\\.`` rules meant for
+    inner norms leave ``model.norm`` alone); ``parameters`` are the model's names, layer numbers as ``*``."""
+    known = set(parameters)
+
+    def rename(name: str) -> str:
+        renamed = model_key(name, rules)
+        if known and generic_name(renamed) not in known and generic_name(name) in known:
+            return name
+        return renamed
+
+    return _renamed(table, rename)
 
 
 def reverse(table: Table, rules: Rules) -> Table:

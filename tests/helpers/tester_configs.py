@@ -206,7 +206,6 @@ def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, **overrides
 _THEIRS_FORWARD = "transformers' own TP model fails in forward (nothing to compare with)"
 _THEIRS_BACKWARD = "forward and generate equal; backward fails in transformers' own TP model, and so in reshard's"
 _BOTH = {
-    "deepseek_v4": "reshard's parameters differ from transformers' (experts, model.norm.weight): a key-rename bug",
     "doge": _THEIRS_FORWARD,
     "inkling_text": _THEIRS_FORWARD,
     "lfm2": _THEIRS_BACKWARD,
