@@ -73,12 +73,23 @@ def _open(
 ) -> RankFile:
     entry = manifest.rank_file(rank)
     path = resolve_in(root, entry.path)
+    try:
+        return _open_checked(path, entry.size, manifest, rank, device=device, verify=verify, populate=populate)
+    except OSError as exc:  # gone between the manifest and here: the folder was replaced or removed meanwhile
+        raise IntegrityError(
+            f"{path}: cannot be read ({exc.strerror or exc}); was the artifact replaced while loading? load it again"
+        ) from exc
+
+
+def _open_checked(
+    path: Path, recorded_size: int, manifest: Manifest, rank: int, *, device: torch.device, verify: bool, populate: bool
+) -> RankFile:
     if not path.is_file():
         raise IntegrityError(f"{path}: missing; the manifest lists it as the file of rank {rank}")
     size = path.stat().st_size
-    if size != entry.size:
+    if size != recorded_size:
         raise IntegrityError(
-            f"{path}: {size} bytes, but the manifest records {entry.size} (truncated, or from another conversion)"
+            f"{path}: {size} bytes, but the manifest records {recorded_size} (truncated, or from another conversion)"
         )
     header = _read_header(path)
     _check_header(header, manifest, rank)
