@@ -36,6 +36,12 @@ def forward(table: Table, converters: tuple[ConverterRecord, ...]) -> tuple[Tabl
     fused: dict[str, FusedTensor] = {}
     for converter in converters:
         patterns = [_pattern(s) for s in converter.sources]
+        if any(pattern.groups != 1 for pattern in patterns):  # not per-expert tensors (Chunk, Concatenate, ...)
+            if matched := [name for name in remaining if any(p.search(name) for p in patterns)]:
+                raise PlanError(
+                    f"tensor {matched[0]!r}: reshard cannot replay transformers' converter {converter.to_json()}"
+                )
+            continue
         groups: dict[str, dict[int, dict[int, str]]] = {}  # prefix -> expert -> part -> checkpoint name
         for name in list(remaining):
             for part, pattern in enumerate(patterns):
