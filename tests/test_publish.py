@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from reshard.manifests import MANIFEST_NAME, read_manifest
 from reshard.manifests.errors import IntegrityError, ManifestError, StorageError
 from reshard.manifests.hashing import hash_bytes
 from tests.helpers.distributed import run_torchrun
-from tests.helpers.s3_server import RecordingMotoServer
+from tests.helpers.s3_server import RecordingMotoServer, fresh_bucket
 
 
 @dataclass
@@ -57,25 +56,7 @@ def s3_server() -> Iterator[RecordingMotoServer]:
 @pytest.fixture
 def s3(s3_server: RecordingMotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3:
     """A fresh bucket; credentials, endpoint and region set the standard AWS way; the reshard cache in tmp_path."""
-    import s3fs
-
-    env = {
-        "AWS_ENDPOINT_URL": s3_server.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "RESHARD_CACHE": str(tmp_path / "cache"),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    bucket = f"test-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    s3_server.requests.clear()
+    fs, bucket = fresh_bucket(s3_server, monkeypatch, tmp_path, "test")
     s3_server.deny_writes.clear()
     return S3(s3_server, fs, bucket)
 

@@ -133,26 +133,9 @@ def s3_server() -> Iterator[Any]:
 @pytest.fixture
 def s3(s3_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Any, str]:
     """A fresh bucket on the moto server, reached the standard AWS way (as in test_publish)."""
-    import uuid
+    from tests.helpers.s3_server import fresh_bucket
 
-    import s3fs
-
-    env = {
-        "AWS_ENDPOINT_URL": s3_server.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "RESHARD_CACHE": str(tmp_path / "cache"),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    bucket = f"trust-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
+    fs, bucket = fresh_bucket(s3_server, monkeypatch, tmp_path, "trust")
     return fs, bucket
 
 

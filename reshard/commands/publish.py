@@ -237,6 +237,7 @@ class _S3Store:
             except BaseException:
                 with contextlib.suppress(Exception):  # the original error matters more than a failed abort
                     handle.discard()  # aborts the multipart upload: no partial or unverified object remains
+                handle.closed = True  # else the file's __del__ would flush the bytes it still holds: a new upload
                 raise
 
     def put_bytes(self, path: str, data: bytes) -> None:

@@ -97,3 +97,31 @@ class RecordingMotoServer(ThreadedMotoServer):
 
     def writes(self) -> list[Request]:
         return [r for r in self.requests if r.is_write]
+
+
+def fresh_bucket(server: Any, monkeypatch: Any, tmp_path: Any, prefix: str = "test") -> tuple[Any, str]:
+    """A new bucket on ``server``, with credentials, endpoint and region set the standard AWS way (so s3fs and boto3
+    reach it as they would AWS or MinIO), no AWS config of this machine in the way, and the reshard cache in
+    ``tmp_path``. Returns the s3fs file system and the bucket's name."""
+    import uuid
+
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "RESHARD_CACHE": str(tmp_path / "cache"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    server.requests.clear()
+    return fs, bucket
