@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,19 +44,10 @@ class S3:
         return {name[len(base) :] for name in self.fs.find(base)}
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[RecordingMotoServer]:
-    server = RecordingMotoServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_server: RecordingMotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3:
     """A fresh bucket; credentials, endpoint and region set the standard AWS way; the reshard cache in tmp_path."""
     fs, bucket = fresh_bucket(s3_server, monkeypatch, tmp_path, "test")
-    s3_server.deny_writes.clear()
     return S3(s3_server, fs, bucket)
 
 

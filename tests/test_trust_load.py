@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,6 @@ from reshard.manifests.errors import IntegrityError, ManifestError, ReshardError
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.distributed import run_torchrun
 from tests.helpers.s3_server import RecordingMotoServer, fresh_bucket
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[RecordingMotoServer]:
-    server = RecordingMotoServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

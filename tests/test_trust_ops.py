@@ -120,16 +120,6 @@ def _exit_code_or_zero(argv: list[str]) -> int | None:
 # --- publishing: S3 and the Hub ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[Any]:
-    from tests.helpers.s3_server import RecordingMotoServer
-
-    server = RecordingMotoServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Any, str]:
     """A fresh bucket on the moto server, reached the standard AWS way (as in test_publish)."""

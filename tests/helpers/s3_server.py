@@ -102,7 +102,8 @@ class RecordingMotoServer(ThreadedMotoServer):
 def fresh_bucket(server: Any, monkeypatch: Any, tmp_path: Any, prefix: str = "test") -> tuple[Any, str]:
     """A new bucket on ``server``, with credentials, endpoint and region set the standard AWS way (so s3fs and boto3
     reach it as they would AWS or MinIO), no AWS config of this machine in the way, and the reshard cache in
-    ``tmp_path``. Returns the s3fs file system and the bucket's name."""
+    ``tmp_path``; the server's request log and refused writes start empty. Returns the s3fs file system and the
+    bucket's name."""
     import uuid
 
     import s3fs
@@ -124,4 +125,5 @@ def fresh_bucket(server: Any, monkeypatch: Any, tmp_path: Any, prefix: str = "te
     bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     server.requests.clear()
+    server.deny_writes.clear()
     return fs, bucket
