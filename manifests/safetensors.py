@@ -183,5 +183,5 @@ def encode_header(
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % align)  # for align=8 this is -len(raw) % 8, as before
+    raw += b" " * (-(8 + len(raw)) % align)  # for align=8 this is -len(raw) % 8
     return struct.pack("<Q", len(raw)) + raw

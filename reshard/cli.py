@@ -30,8 +30,9 @@ CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safet
   reshard --tp 4 --ep 4 ./qwen3-moe                  # expert parallel: whole experts per rank
   reshard --tp 8 ./ckpt --push-to s3://bucket/ckpt-tp8   # then publish it
 
-The plan is `auto` (the plan transformers applies for the architecture) or a JSON file of
-module pattern -> style, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}. The artifact is
+The plan is `auto` (the plan transformers applies for the architecture) or rules of module
+pattern -> style, as a JSON file or inline, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}:
+merged into the model's own plan as DistributedConfig(tp_plan=...) merges them. The artifact is
 written into a hidden folder and renamed into place when complete; manifest.json records every
 tensor's placement, slices and xxh3-128 hashes. Rerunning a killed conversion reuses the rank
 files it had finished.
@@ -92,7 +93,9 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel size (number of rank files).")
 @click.option("-o", "--output", type=click.Path(), default=None, help="Artifact folder [default: ./NAME-tpN].")
-@click.option("--plan", default="auto", show_default=True, help="`auto` or a JSON plan file.")
+@click.option(
+    "--plan", default="auto", show_default=True, help="`auto`, or rules (JSON file or inline) merged into it."
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -234,7 +237,9 @@ def inspect(artifact: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--tp", "tps", type=click.IntRange(min=1), multiple=True, help="tp sizes to check [default: 1-16].")
-@click.option("--plan", default="auto", show_default=True, help="`auto` or a JSON plan file.")
+@click.option(
+    "--plan", default="auto", show_default=True, help="`auto`, or rules (JSON file or inline) merged into it."
+)
 @click.option("--revision", default=None, help="Hub revision when MODEL is a repo id.")
 @click.option("--replicate-kv", is_flag=True, help="Judge tp as `reshard --replicate-kv` would (KV heads duplicated).")
 def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, replicate_kv: bool) -> None:
@@ -247,11 +252,12 @@ def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, rep
       reshard check --tp 2 --tp 3 --tp 4 ./ckpt
     """
     from reshard.manifests.preflight import check_shardability
-    from reshard.planning.tp_plan import load_plan
+    from reshard.planning.tp_plan import load_plan, merged_plan
     from reshard.source.checkpoint import read_model_config
 
     config = read_model_config(model, revision)
     resolved = load_plan(plan, config)
+    resolved = merged_plan(resolved, config) if plan != "auto" else resolved  # judged as convert would apply it
     failed = False
     for tp in tps or tuple(range(1, 17)):
         verdict = check_shardability(config, resolved, tp, replicate_kv)

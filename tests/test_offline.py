@@ -652,3 +652,13 @@ def test_a_converter_reshard_cannot_replay_is_one_line(tmp_path: Path):
     assert "cannot replay transformers' converter" in result.stderr and "Chunk" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "art").exists() and not (tmp_path / ".art.partial").exists()
+
+
+def test_check_judges_a_custom_plan_merged_as_convert_applies_it(tmp_path: Path):
+    """A rule on up_proj alone keeps the model's k_proj rule (merged, as transformers does): tp 4 splits the 2 KV
+    heads, so `check` says NO, exactly as the conversion would refuse."""
+    source = make_checkpoint("llama", tmp_path / "src")  # 4 heads, 2 KV heads
+    plan = '{"model.layers.*.mlp.up_proj": "colwise"}'
+    result = run_cli("check", "--tp", "4", "--plan", plan, str(source))
+    assert result.returncode == 5 and "num_key_value_heads=2 is not divisible by tp=4" in result.stdout
+    assert run_cli("check", "--tp", "2", "--plan", plan, str(source)).returncode == 0
