@@ -22,6 +22,7 @@ from reshard.manifests.errors import MeshError
 
 TP = "tp"
 EP = "ep"
+PP = "pp"
 
 
 def default_device_type() -> str:
@@ -87,10 +88,13 @@ def tp_submesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh[TP]
 
 
-def check_mesh(manifest: Manifest, mesh: DeviceMesh | None, origin: str) -> int:
-    """Check that ``mesh`` fits the artifact and return this process's tp rank (the rank file it must open)."""
-    if set(manifest.mesh) != {TP}:
-        raise MeshError(f"{origin}: mesh {manifest.mesh} has dimensions other than 'tp'; this reshard loads tp only")
+def check_mesh(manifest: Manifest, mesh: DeviceMesh | None, origin: str, *, default: bool = False) -> int:
+    """Check that ``mesh`` fits the artifact and return the rank file this process must open (its tp rank, or
+    ``stage * tp + tp rank`` with pipeline stages). ``default``: ``mesh`` is the 1-D world mesh ``resolve_mesh``
+    made, which a pipeline artifact reshapes to ``(pp, tp)`` (``stage_mesh``)."""
+    if manifest.pp > 1:
+        return _pipeline_rank(manifest, mesh, origin, default)
+    check_no_stages(mesh, origin)
     check_expert_mesh(manifest, origin)
     if mesh is None:
         if manifest.tp != 1:
@@ -108,6 +112,62 @@ def check_mesh(manifest: Manifest, mesh: DeviceMesh | None, origin: str) -> int:
             f"with --tp {tp_mesh.size()}"
         )
     return tp_mesh.get_local_rank()
+
+
+def _pipeline_rank(manifest: Manifest, mesh: DeviceMesh | None, origin: str, default: bool) -> int:
+    """The rank file of this process in a pipeline artifact: ``stage * tp + tp rank``."""
+    pp, tp = manifest.pp, manifest.tp
+    launch = f"launch it with torchrun --nproc-per-node {pp * tp} (pp={pp} x tp={tp})"
+    if mesh is None:
+        raise MeshError(
+            f"{origin}: the artifact has {pp} pipeline stages of tp={tp}, but this is a single process; {launch}"
+        )
+    if default:
+        if mesh.size() != pp * tp:
+            raise MeshError(
+                f"{origin}: the artifact has {pp} pipeline stages of tp={tp} ({pp * tp} ranks), but the world has "
+                f"{mesh.size()}; {launch}, or convert again with other --pp/--tp"
+            )
+        return mesh.get_local_rank()
+    names = mesh.mesh_dim_names or ()
+    if PP not in names or TP not in names:
+        raise MeshError(
+            f"{origin}: the artifact has {pp} pipeline stages: the device mesh needs dimensions named 'pp' and 'tp', "
+            f"e.g. init_device_mesh('cuda', ({pp}, {tp}), mesh_dim_names=('pp', 'tp')); got {mesh}"
+        )
+    if (_size(mesh, PP), _size(mesh, TP)) != (pp, tp):
+        raise MeshError(
+            f"{origin}: the artifact has pp={pp} x tp={tp}, but the device mesh has pp={_size(mesh, PP)} x "
+            f"tp={_size(mesh, TP)}; convert again with --pp {_size(mesh, PP)} --tp {_size(mesh, TP)}"
+        )
+    return mesh[PP].get_local_rank() * tp + mesh[TP].get_local_rank()
+
+
+def check_no_stages(mesh: DeviceMesh | None, origin: str) -> None:
+    """An artifact without pipeline stages loads on no mesh that has them."""
+    if mesh is not None and _size(mesh, PP) > 1:
+        raise MeshError(
+            f"{origin}: the device mesh has {_size(mesh, PP)} pipeline stages, but the artifact has none; convert "
+            f"it with --pp {_size(mesh, PP)}"
+        )
+
+
+def _size(mesh: DeviceMesh, name: str) -> int:
+    names = mesh.mesh_dim_names or ()
+    return mesh.size(names.index(name)) if name in names else 1
+
+
+def stage_mesh(mesh: DeviceMesh, manifest: Manifest) -> DeviceMesh:
+    """The ``(pp, tp)`` mesh over the world a pipeline artifact loads on by default: ranks row-major, stage by
+    stage, as transformers' own ``(pp, ..., tp)`` mesh orders them. A collective (it creates the groups)."""
+    return init_device_mesh(mesh.device_type, (manifest.pp, manifest.tp), mesh_dim_names=(PP, TP))
+
+
+def pp_submesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
+    """The 1-D ``pp`` mesh of a pipeline load (``None`` without stages)."""
+    if mesh is None or _size(mesh, PP) == 1:
+        return None
+    return mesh[PP]
 
 
 def check_expert_mesh(manifest: Manifest, origin: str) -> None:

@@ -105,14 +105,15 @@ def _build_model(
     for key in config.sub_configs:
         if (sub_config := getattr(config, key, None)) is not None:
             sub_config.dtype = dtype
-    tp_mesh, ep_mesh, distributed_config = artifact.tp_mesh, artifact.ep_mesh, None
+    tp_mesh, ep_mesh, pp_mesh, distributed_config = artifact.tp_mesh, artifact.ep_mesh, artifact.pp_mesh, None
     if tp_mesh is not None and ep_mesh is not None:
         distributed_config = DistributedConfig(
             tp_size=artifact.tp, ep_size=ep_mesh.size(), ep_implementation=ep_implementation
         )
         config.distributed_config = distributed_config
-    elif tp_mesh is not None:
-        distributed_config = DistributedConfig(tp_size=artifact.tp, tp_plan="auto")
+    elif tp_mesh is not None or pp_mesh is not None:
+        stages = pp_mesh.size() if pp_mesh is not None else 1
+        distributed_config = DistributedConfig(tp_size=artifact.tp, tp_plan="auto", pp_size=stages)
         config.distributed_config = distributed_config
     cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
 
@@ -122,7 +123,7 @@ def _build_model(
     dtype_plan = model._get_dtype_plan(dtype)
     model._weight_conversions = []  # type: ignore[assignment]  # the rank files hold the model's own names (for now)
 
-    if tp_mesh is not None and distributed_config is not None:
+    if distributed_config is not None:
         _record_plans(model, artifact, distributed_config)
         model.config.distributed_config = distributed_config
         model._device_mesh = artifact.mesh
@@ -130,13 +131,22 @@ def _build_model(
         model._tp_size = artifact.tp
         model._fsdp_size = 1  # type: ignore[assignment]  # declared None on the class
         tp_plan, ep_plan, _ = model._resolve_parallel_plans(distributed_config)
-        apply_tensor_parallelism(model, tp_mesh, tp_plan)
+        if pp_mesh is not None:
+            model = _apply_stages(model, pp_mesh, artifact)
+            tp_plan = _held_rules(model, tp_plan)
+        if tp_mesh is not None:
+            apply_tensor_parallelism(model, tp_mesh, tp_plan)
         if ep_mesh is not None and "ep_dispatch_experts" in ep_plan.values():  # as maybe_distribute_model
             apply_expert_parallelism(
                 model, ep_mesh, tp_mesh, ep_plan, ep_implementation=distributed_config.ep_implementation
             )
 
     loading_info = _assign(model, artifact, dtype_plan)
+    if pp_mesh is not None and loading_info.unexpected_keys:  # the stage's file and the stage's model disagree
+        raise ManifestError(
+            f"{artifact.root}: the rank file of this stage holds {sorted(loading_info.unexpected_keys)[0]!r}, which "
+            "transformers' pipeline split does not put on this stage"
+        )
     load_config = LoadStateDictConfig(
         pretrained_model_name_or_path=root,
         device_map={"": artifact.device},
@@ -164,6 +174,36 @@ def _build_model(
             trust_remote_code=None,
         )
     return model
+
+
+def _apply_stages(model: PreTrainedModel, pp_mesh: DeviceMesh, artifact: LoadedArtifact) -> PreTrainedModel:
+    """transformers' own pipeline split (``apply_pipeline_parallelism``), which must be the one the artifact's
+    stages were cut by: the same layer count, base model and tied embeddings."""
+    from transformers.distributed.pipeline_parallel import apply_pipeline_parallelism
+
+    pipeline = artifact.manifest.pipeline
+    assert pipeline is not None  # the validator requires it with pipeline stages
+    layers = len(getattr(model, model.base_model_prefix).layers)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    built = (layers, model.base_model_prefix, tied)
+    if built != (pipeline.layers, pipeline.prefix, pipeline.tied):
+        raise ManifestError(
+            f"{artifact.root}: the artifact's stages split {pipeline.layers} layers of {pipeline.prefix!r} "
+            f"(tied embeddings: {pipeline.tied}), but the model has {layers} of {model.base_model_prefix!r} (tied: "
+            f"{tied}); convert again"
+        )
+    return cast("PreTrainedModel", apply_pipeline_parallelism(model, pp_mesh))
+
+
+def _held_rules(model: PreTrainedModel, tp_plan: dict[str, str]) -> dict[str, str]:
+    """The expanded plan's rules for the modules and parameters this stage still has. transformers expands the plan
+    over the whole model and then fails on the first one its pipeline split removed (its tp x pp load raises
+    ``KeyError``); the removed modules hold no weight here, so their rules have nothing to apply to."""
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+    modules = {name for name, module in model.named_modules() if not isinstance(module, PipelineIdentityLayer)}
+    held = modules | {name for name, _ in model.named_parameters()}
+    return {name: style for name, style in tp_plan.items() if name in held}
 
 
 class _ConversionsOnFirstUse(list):  # type: ignore[type-arg]

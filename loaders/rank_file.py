@@ -127,10 +127,10 @@ def _read_header(path: Path) -> SafetensorsHeader:
 
 def _verify(flat: torch.Tensor, header: SafetensorsHeader, manifest: Manifest, rank: int) -> None:
     """Compare each tensor's bytes in the mapping with the xxh3-128 the manifest records for this rank's slice."""
-    for tensor in manifest.tensors:
+    for tensor in manifest.held_by(rank):
         item = header.tensors[tensor.name]
         digest = hash_bytes(flat[item.offset : item.offset + item.nbytes].numpy().data)
-        expected = tensor.slice_for(rank).xxh3
+        expected = tensor.slice_for(manifest.tp_rank_of(rank)).xxh3
         if digest != expected:
             raise IntegrityError(
                 f"{header.path}: tensor {tensor.name!r} has xxh3 {digest}, but the manifest records {expected} "

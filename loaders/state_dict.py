@@ -28,9 +28,12 @@ from reshard.loaders.mesh import (
     as_device,
     check_expert_mesh,
     check_mesh,
+    check_no_stages,
     default_device,
     ep_submesh,
+    pp_submesh,
     resolve_mesh,
+    stage_mesh,
     tp_submesh,
 )
 from reshard.loaders.rank_file import RankFile, open_rank_file
@@ -73,6 +76,11 @@ class LoadedArtifact:
     def tp_mesh(self) -> DeviceMesh | None:
         """The mesh's 1-D ``tp`` part, on which the DTensors live; ``None`` when nothing is sharded (tp=1)."""
         return _sharding_mesh(self.mesh, self.tp)
+
+    @property
+    def pp_mesh(self) -> DeviceMesh | None:
+        """The mesh's 1-D ``pp`` part for an artifact with pipeline stages, else ``None``."""
+        return pp_submesh(self.mesh) if self.manifest.pp > 1 else None
 
 
 def load_state_dict(
@@ -128,24 +136,27 @@ def open_artifact(
     """Do the work of ``load_state_dict`` and keep what ``load_model`` needs besides the tensors."""
     wanted = as_device(device)
     mesh = resolve_mesh(device_mesh, wanted)
+    default = device_mesh is None  # the world as one tp dimension, reshaped below for pipeline stages
     with agreed(mesh):  # a rank whose manifest or file is bad makes every rank raise; no collective inside
         # s3:// and hf:// artifacts: this rank fetches the manifest, small files and its own rank file only
-        root = fetch_artifact(path, lambda manifest: check_mesh(manifest, mesh, f"{path}/{MANIFEST_NAME}"))
+        origin = f"{path}/{MANIFEST_NAME}"
+        root = fetch_artifact(path, lambda manifest: check_mesh(manifest, mesh, origin, default=default))
         folder = folder_identity(root)  # checked again once this rank's file is mapped
         manifest = read_manifest(root)
         origin = str(root / MANIFEST_NAME)
-        tp = tp_submesh(mesh).size() if mesh is not None else 1
+        tp = manifest.tp if manifest.pp > 1 else tp_submesh(mesh).size() if mesh is not None else 1
         main_dtype = check_dtype(manifest, dtype, origin)
         target = wanted or default_device(mesh)
         opened: RankFile | None = None
         if mesh is not None and tp != manifest.tp and not is_remote(path):  # at another world size: cut anew
+            check_no_stages(mesh, origin)
             check_expert_mesh(manifest, origin)
             if reason := regrid_refusal(root, manifest, tp):
                 raise MeshError(f"{origin}: converted for tp={manifest.tp}, it cannot load at tp={tp}: {reason}")
             rank = tp_submesh(mesh).get_local_rank()
             local = regrid_tensors(root, manifest, tp, rank, device=target, verify=verify)
         else:
-            rank = check_mesh(manifest, mesh, origin)
+            rank = check_mesh(manifest, mesh, origin, default=default)
             try:
                 opened = open_rank_file(root, manifest, rank, device=target, verify=verify)
             except (IntegrityError, FileFormatError):
@@ -157,15 +168,17 @@ def open_artifact(
             local = opened.tensors
         if folder_identity(root) != folder:  # the rank file's header and its bytes could then be two conversions'
             raise ManifestError(f"{root}: replaced while loading (another process wrote the artifact); load it again")
-        tp_mesh = _sharding_mesh(mesh, tp)
-        ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
-        tensors = {
-            entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
-            for entry in manifest.tensors
-        }
     # every rank must have read the same manifest (it is the only thing ranks do not exchange) before any tensor
     # is returned: outside the agreed block, since this is a collective
     same_on_every_rank(mesh, manifest_digest_of(manifest), "manifest_xxh3", str(root / MANIFEST_NAME))
+    if manifest.pp > 1 and default and mesh is not None:  # the agreed manifest's (pp, tp): a collective
+        mesh = stage_mesh(mesh, manifest)
+    tp_mesh = _sharding_mesh(mesh, tp)
+    ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
+    tensors = {
+        entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
+        for entry in manifest.held_by(rank)
+    }
     return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened)
 
 

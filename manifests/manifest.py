@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reshard.manifests.errors import ManifestError
+from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.transforms import Transforms
 
 FORMAT_NAME = "reshard-tp"
@@ -83,9 +84,13 @@ class TensorEntry:
     style: str | None
     placement: Placement
     slices: list[RankSlice]
+    stages: tuple[int, ...] | None = None  # the pipeline stages holding it (``None``: no pipeline stages)
 
-    def slice_for(self, rank: int) -> RankSlice:
-        return self.slices[rank]
+    def slice_for(self, tp_rank: int) -> RankSlice:
+        return self.slices[tp_rank]
+
+    def on_stage(self, stage: int) -> bool:
+        return self.stages is None or stage in self.stages
 
     def to_json(self, *, slices: bool = True) -> dict[str, Any]:
         """The tensor's JSON form; ``slices=False`` leaves out the per-rank slices (a summary)."""
@@ -96,6 +101,8 @@ class TensorEntry:
             "style": self.style,
             "placement": self.placement.to_json(),
         }
+        if self.stages is not None:
+            data["stages"] = list(self.stages)
         if slices:
             data["slices"] = [
                 {"rank": s.rank, "ranges": [list(r) for r in s.ranges], "shape": list(s.shape), "xxh3": s.xxh3}
@@ -130,8 +137,10 @@ class SourceInfo:
 class Manifest:
     """Everything the runtime needs without the source checkpoint.
 
-    ``mesh`` maps mesh dimension names to sizes in order (``{"tp": 8}``); the rank files are numbered in
-    row-major order over it. ``plan`` is the resolved tensor-parallel plan in transformers' own form (module
+    ``mesh`` maps mesh dimension names to sizes in order (``{"tp": 8}``, or ``{"pp": 2, "tp": 4}`` with pipeline
+    stages); the rank files are numbered in row-major order over it. With stages, ``pipeline`` records the split
+    (``manifests.pipeline``), each tensor's ``stages`` the stages holding it, and a rank file holds only its stage's
+    tensors (``held_by``). ``plan`` is the resolved tensor-parallel plan in transformers' own form (module
     names with ``*`` for layer numbers → style names), applied unchanged by the runtime. With expert parallelism,
     ``expert_mesh`` is ``{"ep": M}`` over the same ranks (M == tp: reshard does not shard experts with FSDP) and
     ``ep_plan`` holds transformers' expert-parallel rules, which take precedence over ``plan`` for the experts.
@@ -156,12 +165,34 @@ class Manifest:
     ep_plan: dict[str, str] = field(default_factory=dict)
     artifact: str = ""
     plan_overrides: dict[str, str] | None = None
+    pipeline: Pipeline | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     @property
     def tp(self) -> int:
         return self.mesh["tp"]
+
+    @property
+    def pp(self) -> int:
+        return self.mesh.get("pp", 1)
+
+    def stage_of(self, rank: int) -> int:
+        """The pipeline stage of rank file ``rank`` (files are numbered row-major over ``(pp, tp)``)."""
+        return rank // self.tp
+
+    def tp_rank_of(self, rank: int) -> int:
+        """The tp rank of rank file ``rank``: which of a tensor's ``slices`` it holds."""
+        return rank % self.tp
+
+    def held_by(self, rank: int) -> list[TensorEntry]:
+        """The tensors rank file ``rank`` holds, in file order: all of them, or its pipeline stage's."""
+        stage = self.stage_of(rank)
+        return [tensor for tensor in self.tensors if tensor.on_stage(stage)]
+
+    def holder(self, tensor: TensorEntry, tp_rank: int) -> int:
+        """A rank file holding ``tensor``'s slice ``tp_rank``: on the first stage that holds the tensor."""
+        return (tensor.stages[0] if tensor.stages else 0) * self.tp + tp_rank
 
     @property
     def world_size(self) -> int:
@@ -199,6 +230,8 @@ class Manifest:
             "files": [asdict(f) for f in self.files],
             "tensors": [t.to_json() for t in self.tensors],
         }
+        if self.pipeline is not None:  # only pipeline artifacts carry the field: others stay as they were
+            data["pipeline"] = self.pipeline.to_json()
         data = {DIGEST_FIELD: manifest_digest(data), **data}
         return _one_item_per_line(data)
 

@@ -182,3 +182,39 @@ def require_expert_parallel(config: dict[str, Any], tp: int, ep: int, model: str
             f"{model}: {experts} experts cannot be split evenly over ep={ep} ranks (each rank holds whole experts); "
             f"valid ep: {', '.join(str(n) for n in range(1, experts + 1) if experts % n == 0)}"
         )
+
+
+def pipeline_verdict(config: dict[str, Any], pp: int) -> Verdict:
+    """Whether transformers' split into ``pp`` pipeline stages works for this model, and the layers each stage
+    holds (``Verdict.tp`` is ``pp`` here); never raises."""
+    from reshard.manifests.pipeline import Pipeline, base_model_prefix, describe_split, pipeline_split_problems
+    from reshard.manifests.plans import plan_for_config
+
+    verdict = Verdict(pp)
+    layers = text_config(config).get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        verdict.problems.append("config.json has no num_hidden_layers: the layers cannot be split into stages")
+        return verdict
+    builtin = plan_for_config(config)
+    names = list(builtin.parameters) if builtin else []
+    try:
+        prefix = base_model_prefix(names) if names else "model"
+    except ShardabilityError as exc:
+        verdict.problems.append(str(exc))
+        return verdict
+    tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
+    pipeline = Pipeline(pp, layers, prefix, tied)
+    if names:
+        verdict.problems.extend(pipeline_split_problems(pipeline, names))
+    elif layers < pp:
+        verdict.problems.append(f"{layers} decoder layers cannot fill {pp} pipeline stages")
+    if verdict.ok and pp > 1:
+        verdict.notes.append(describe_split(pipeline))
+        if layers % pp:
+            verdict.notes.append(
+                f"{layers} layers do not split evenly into {pp} stages: as in transformers, the last stage takes the "
+                f"remaining {layers % pp}"
+            )
+        if tied:
+            verdict.notes.append("tied embeddings: the first and the last stage both hold embed_tokens")
+    return verdict

@@ -17,11 +17,12 @@ ARTIFACT_KEY = "reshard.artifact"  # the rank file's __metadata__ key holding it
 
 
 def data_offsets(manifest: Manifest, rank: int) -> dict[str, tuple[int, int]]:
-    """Each tensor's ``[begin, end)`` in rank ``rank``'s data section: back to back in the manifest's order, as
-    the writer lays them out (``layout.file_order``)."""
+    """Each tensor's ``[begin, end)`` in rank file ``rank``'s data section: the tensors it holds back to back in the
+    manifest's order, as the writer lays them out (``layout.file_order``)."""
     out, offset = {}, 0
-    for tensor in manifest.tensors:
-        nbytes = math.prod(tensor.slices[rank].shape) * ITEMSIZES[tensor.dtype]
+    tp_rank = manifest.tp_rank_of(rank)
+    for tensor in manifest.held_by(rank):
+        nbytes = math.prod(tensor.slices[tp_rank].shape) * ITEMSIZES[tensor.dtype]
         out[tensor.name] = (offset, offset + nbytes)
         offset += nbytes
     return out
@@ -38,7 +39,7 @@ def rank_header_problems(header: SafetensorsHeader, manifest: Manifest, rank: in
             f"rank file belongs to another artifact: __metadata__.{ARTIFACT_KEY} is {shown(found)}, "
             f"the manifest's artifact is {shown(manifest.artifact)}"
         )
-    expected = {tensor.name: tensor for tensor in manifest.tensors}
+    expected = {tensor.name: tensor for tensor in manifest.held_by(rank)}
     if missing := [name for name in expected if name not in header.tensors]:
         count = f" ({len(missing)} tensors missing)" if len(missing) > 1 else ""
         problems.append(f"lacks tensor {missing[0]!r} that the manifest lists{count}")
@@ -49,7 +50,7 @@ def rank_header_problems(header: SafetensorsHeader, manifest: Manifest, rank: in
         tensor = expected.get(name)
         if tensor is None:
             continue
-        shape = tensor.slices[rank].shape
+        shape = tensor.slices[manifest.tp_rank_of(rank)].shape
         if item.dtype != tensor.dtype or item.shape != shape:
             problems.append(
                 f"tensor {name!r} is {item.dtype}{list(item.shape)}, but the manifest records "

@@ -92,6 +92,13 @@ def cli() -> None:
 @cli.command(help=CONVERT_HELP)
 @click.argument("model")
 @click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel size (number of rank files).")
+@click.option(
+    "--pp",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pipeline stages, split as transformers' DistributedConfig(pp_size=N) splits the layers; each stage's tp "
+    "rank files hold only its layers (pp x tp files) [default: 1; an artifact's own when re-sharding].",
+)
 @click.option("-o", "--output", type=click.Path(), default=None, help="Artifact folder [default: ./NAME-tpN].")
 @click.option(
     "--plan", default="auto", show_default=True, help="`auto`, or rules (JSON file or inline) merged into it."
@@ -145,6 +152,7 @@ def cli() -> None:
 def convert(
     model: str,
     tp: int,
+    pp: int | None,
     output: str | None,
     plan: str,
     revision: str | None,
@@ -164,7 +172,7 @@ def convert(
     from reshard.request import ConversionRequest
     from reshard.workers import from_torchrun, solo
 
-    out = output or str(default_output(model, tp))
+    out = output or str(default_output(model, tp, pp))
     request = ConversionRequest(
         model,
         Path(out),
@@ -178,6 +186,7 @@ def convert(
         workers=workers,
         durable=not no_fsync,
         dtype=dtype,
+        pp=pp,
     )
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
@@ -185,7 +194,8 @@ def convert(
         return
     manifest = run(request, from_torchrun() or solo())
     size = sum(f.size for f in manifest.files if f.rank is not None)
-    click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, tp={tp}, {size / 1e9:.2f} GB in rank files")
+    mesh = ", ".join(f"{dim}={n}" for dim, n in manifest.mesh.items())
+    click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, {mesh}, {size / 1e9:.2f} GB in rank files")
     if push_to and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one worker publishes
         from reshard.commands.publish import publish
 
@@ -242,32 +252,26 @@ def inspect(artifact: str, as_json: bool) -> None:
 )
 @click.option("--revision", default=None, help="Hub revision when MODEL is a repo id.")
 @click.option("--replicate-kv", is_flag=True, help="Judge tp as `reshard --replicate-kv` would (KV heads duplicated).")
-def check(model: str, tps: tuple[int, ...], plan: str, revision: str | None, replicate_kv: bool) -> None:
-    """Say whether MODEL can be split at each tp, from config.json alone (no weights are read).
+@click.option("--pp", "pps", type=click.IntRange(min=1), multiple=True, help="Pipeline stage counts to check.")
+def check(
+    model: str, tps: tuple[int, ...], plan: str, revision: str | None, replicate_kv: bool, pps: tuple[int, ...]
+) -> None:
+    """Say whether MODEL can be split at each tp (and into each number of pipeline stages), from config.json alone
+    (no weights are read).
 
-    Exits non-zero if any requested tp would not work.
+    Exits non-zero if any requested tp or pp would not work.
 
     \b
       reshard check --tp 8 HuggingFaceTB/SmolLM2-1.7B
       reshard check --tp 2 --tp 3 --tp 4 ./ckpt
+      reshard check --tp 4 --pp 2 ./ckpt     # which layers each stage holds
     """
-    from reshard.manifests.preflight import check_shardability
-    from reshard.planning.tp_plan import load_plan, merged_plan
-    from reshard.source.checkpoint import read_model_config
+    from reshard.commands.check import check_report
 
-    config = read_model_config(model, revision)
-    resolved = load_plan(plan, config)
-    resolved = merged_plan(resolved, config) if plan != "auto" else resolved  # judged as convert would apply it
-    failed = False
-    for tp in tps or tuple(range(1, 17)):
-        verdict = check_shardability(config, resolved, tp, replicate_kv)
-        failed |= not verdict.ok
-        click.echo(f"tp={tp:<3} {'ok' if verdict.ok else 'NO'}")
-        for problem in verdict.problems:
-            click.echo(f"        ✗ {problem}")
-        for note in verdict.notes:
-            click.echo(f"        · {note}")
-    if failed and tps:
+    sizes = tps or (() if pps else tuple(range(1, 17)))
+    lines, failed = check_report(model, sizes, pps, plan, revision, replicate_kv)
+    click.echo("\n".join(lines))
+    if failed and (tps or pps):
         sys.exit(ShardabilityError.exit_code)
 
 

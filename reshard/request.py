@@ -34,6 +34,7 @@ class ConversionRequest:
     workers: int = 1
     durable: bool = True
     dtype: str = "auto"
+    pp: int | None = None  # pipeline stages; ``None``: 1 for a checkpoint, an artifact's own when re-sharding
     custom_plan: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class ConversionRequest:
             raise ReshardError(f"tp must be a positive integer, got {self.tp!r}")
         if not isinstance(self.ep, int) or isinstance(self.ep, bool) or self.ep < 1:
             raise ReshardError(f"ep must be a positive integer, got {self.ep!r}")
+        if self.pp is not None and (not isinstance(self.pp, int) or isinstance(self.pp, bool) or self.pp < 1):
+            raise ReshardError(f"pp must be a positive integer, got {self.pp!r}")
         if self.dtype not in STORED_DTYPES:
             raise ReshardError(f"dtype must be one of {', '.join(STORED_DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "custom_plan", self.plan != "auto")
@@ -54,4 +57,5 @@ class ConversionRequest:
         argv += ["--replicate-kv"] if self.replicate_kv else []
         argv += [] if self.durable else ["--no-fsync"]
         argv += [] if self.dtype == "auto" else ["--dtype", self.dtype]
+        argv += [] if self.pp is None else ["--pp", str(self.pp)]
         return ["convert", *argv, "--worker", f"{index}/{size}", "--quiet"]

@@ -28,9 +28,9 @@ class WorkerGroup:
     def is_leader(self) -> bool:
         return self.index == 0
 
-    def ranks(self, tp: int) -> list[int]:
+    def ranks(self, count: int) -> list[int]:
         """The rank files this worker writes."""
-        return [rank for rank in range(tp) if rank % self.size == self.index]
+        return [rank for rank in range(count) if rank % self.size == self.index]
 
 
 def solo() -> WorkerGroup:

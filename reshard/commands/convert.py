@@ -24,7 +24,7 @@ from reshard.manifests import (
 )
 from reshard.manifests.errors import OutputExistsError, ReshardError
 from reshard.manifests.hashing import hash_bytes, hash_file
-from reshard.manifests.layout import Geometry, TensorLayout
+from reshard.manifests.layout import Geometry
 from reshard.manifests.progress import progress_bar
 from reshard.manifests.rank_header import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
@@ -36,9 +36,11 @@ from reshard.write.reader import ChunkReader, OpenFiles
 from reshard.write.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
 
 
-def default_output(model: str, tp: int) -> Path:
-    """``./NAME-tpN`` in the current folder, NAME being the last part of the model path or repo id."""
-    return Path(f"{Path(model.rstrip('/')).name}-tp{tp}")
+def default_output(model: str, tp: int, pp: int | None = None) -> Path:
+    """``./NAME-tpN`` (``./NAME-tpN-ppP`` with pipeline stages) in the current folder, NAME being the last part of
+    the model path or repo id."""
+    stages = f"-pp{pp}" if pp is not None and pp > 1 else ""
+    return Path(f"{Path(model.rstrip('/')).name}-tp{tp}{stages}")
 
 
 def convert(
@@ -56,6 +58,7 @@ def convert(
     ep: int = 1,
     durable: bool = True,
     dtype: str = "auto",
+    pp: int | None = None,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -64,6 +67,8 @@ def convert(
             whose rank files alone are then read: the original checkpoint is not needed).
         out: the artifact folder to create (default ``./NAME-tpN``).
         tp: the tensor-parallel size.
+        pp: pipeline stages, split as transformers' ``DistributedConfig(pp_size=pp)`` splits the layers: each
+            stage's rank files hold only its layers (default: 1, or an artifact's own when re-sharding).
         plan: ``"auto"`` (transformers' own plan for the architecture), a JSON plan file, or a plan dict.
         revision: Hub revision (branch, tag or commit) when ``source`` is a repo id.
         overwrite: replace ``out`` if it exists.
@@ -89,7 +94,7 @@ def convert(
     model = os.fspath(source)
     request = ConversionRequest(
         model,
-        Path(out) if out is not None else default_output(model, tp),
+        Path(out) if out is not None else default_output(model, tp, pp),
         tp,
         plan,
         revision,
@@ -100,6 +105,7 @@ def convert(
         workers=workers,
         durable=durable,
         dtype=dtype,
+        pp=pp,
     )
     return run(request, group or from_torchrun() or solo())
 
@@ -147,7 +153,12 @@ def run(request: ConversionRequest, group: WorkerGroup) -> Manifest:
                 run_workers([worker_command(argv) for argv in argvs])
             else:
                 write_part(
-                    job, staging, group.ranks(job.tp), job_id, progress=request.progress, durable=request.durable
+                    job,
+                    staging,
+                    group.ranks(job.world_size),
+                    job_id,
+                    progress=request.progress,
+                    durable=request.durable,
                 )
             group.barrier()
             if inputs is not None:
@@ -172,38 +183,43 @@ def convert_part(request: ConversionRequest, index: int, size: int) -> None:
     staging = staging_path(request.out)
     if not staging.is_dir():
         raise ReshardError(f"{staging}: no staging folder; --worker is for the processes `--workers` starts")
-    ranks = WorkerGroup(index, size, lambda: None).ranks(job.tp)
+    ranks = WorkerGroup(index, size, lambda: None).ranks(job.world_size)
     write_part(job, staging, ranks, job.fingerprint(), progress=False, durable=request.durable)
 
 
 def write_part(
     job: ConversionJob, staging: Path, ranks: list[int], job_id: str, *, progress: bool, durable: bool = True
 ) -> None:
-    """Write this worker's rank files into ``staging``, reusing any a previous run of the same job finished."""
-    todo = {}
+    """Write this worker's rank files into ``staging``, reusing any a previous run of the same job finished.
+
+    With pipeline stages, each stage's files are written in turn, holding that stage's tensors only."""
+    todo: dict[int, dict[int, Path]] = {}  # stage -> tp rank -> path
     for rank in ranks:
-        path = staging / rank_file_name(rank, job.tp)
+        path = staging / rank_file_name(rank, job.world_size)
         if _finished(path, job_id) is None:
-            todo[rank] = path
+            todo.setdefault(rank // job.tp, {})[rank % job.tp] = path
     if not todo:
         return
     files = OpenFiles()
+    written: list[WrittenFile] = []
     try:
         readers = {t.name: ChunkReader(files, job.tensors[t.name], Geometry.of(t)) for t in job.layouts}
-        desc = f"write {len(todo)} of {job.tp} rank files"
-        total = rank_bytes(job.layouts, list(todo))
-        with progress_bar(total=total, desc=desc, enabled=progress) as bar:
-            written = write_rank_files(
-                job.layouts,
-                readers,
-                todo,
-                metadata={"format": "pt", "reshard.tp": str(job.tp), ARTIFACT_KEY: job_id},
-                on_bytes=bar.update,
-                durable=durable,
-            )
+        count = sum(len(paths) for paths in todo.values())
+        total = sum(rank_bytes(job.held_by(stage * job.tp), list(paths)) for stage, paths in todo.items())
+        with progress_bar(total=total, desc=f"write {count} of {job.world_size} rank files", enabled=progress) as bar:
+            for stage, paths in sorted(todo.items()):
+                written += write_rank_files(
+                    job.held_by(stage * job.tp),
+                    readers,
+                    paths,
+                    metadata={"format": "pt", "reshard.tp": str(job.tp), ARTIFACT_KEY: job_id},
+                    on_bytes=bar.update,
+                    durable=durable,
+                    rank_offset=stage * job.tp,
+                ).values()
     finally:
         files.close()
-    for w in written.values():
+    for w in written:
         record = {"job": job_id, "size": w.size, "xxh3": w.xxh3, "tensor_hashes": w.tensor_hashes}
         write_durably(_record_path(w.path), json.dumps(record).encode())
 
@@ -239,8 +255,8 @@ def _finish(
     The manifest's ``artifact`` is the job's fingerprint, which write_part put into every rank file's header, so a
     rank file can be matched to its manifest; ``to_json`` adds the digest that covers the manifest itself."""
     written = []
-    for rank in range(job.tp):
-        path = staging / rank_file_name(rank, job.tp)
+    for rank in range(job.world_size):
+        path = staging / rank_file_name(rank, job.world_size)
         record = _finished(path, job_id, rehash=False)  # reused files were re-hashed when write_part reused them
         if record is None:
             raise ReshardError(f"{path}: rank {rank} was not written completely; run the same command again")
@@ -257,7 +273,8 @@ def _finish(
         tool_version=reshard.__version__,
         model_type=job.config.get("model_type"),
         architecture=architecture(job.config),
-        mesh={"tp": job.tp},
+        mesh={"pp": job.pp, "tp": job.tp} if job.pipeline is not None else {"tp": job.tp},
+        pipeline=job.pipeline,
         options=job.transforms,
         lineage=job.lineage,
         plan=job.plan,
@@ -265,7 +282,7 @@ def _finish(
         ep_plan=job.ep_plan,
         plan_overrides=job.plan_overrides,
         source=source_files(job, hashes.digest, request.progress),
-        tensors=_tensor_entries(job.layouts, written),
+        tensors=_tensor_entries(job, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
         artifact=job_id,  # the id every rank file's header repeats (write_part's metadata)
     )
@@ -275,13 +292,19 @@ def _finish(
     return manifest
 
 
-def _tensor_entries(layouts: list[TensorLayout], written: list[WrittenFile]) -> list[TensorEntry]:
-    """The manifest's tensor table: each layout's per-rank ranges and shapes with the hashes the writer computed."""
+def _tensor_entries(job: ConversionJob, written: list[WrittenFile]) -> list[TensorEntry]:
+    """The manifest's tensor table: each layout's per-rank ranges and shapes with the hashes the writer computed
+    (a tensor several stages hold, the tied embeddings, has the same bytes in each stage's files)."""
     entries = []
-    for layout in layouts:
-        slices = [
-            RankSlice(rank, list(layout.ranges[rank]), layout.local_shapes[rank], w.tensor_hashes[layout.name])
-            for rank, w in enumerate(written)
-        ]
-        entries.append(TensorEntry(layout.name, layout.dtype, layout.shape, layout.style, layout.placement, slices))
+    for layout in job.layouts:
+        stages = job.stages_of(layout.name)
+        slices = []
+        for rank in range(job.tp):
+            hashes = {written[stage * job.tp + rank].tensor_hashes[layout.name] for stage in stages or (0,)}
+            if len(hashes) != 1:
+                raise ReshardError(f"tensor {layout.name!r}: the stages' rank files hold different bytes of it")
+            slices.append(RankSlice(rank, list(layout.ranges[rank]), layout.local_shapes[rank], hashes.pop()))
+        entries.append(
+            TensorEntry(layout.name, layout.dtype, layout.shape, layout.style, layout.placement, slices, stages)
+        )
     return entries

@@ -89,9 +89,9 @@ def _check_rank_file(
     """Compare a rank file's header (artifact id, names, dtypes, shapes, data_offsets: ``rank_header_problems``) and
     each tensor's bytes with the manifest, so a problem names its tensor and field."""
     problems = [f"{name}: {problem}" for problem in rank_header_problems(header, manifest, rank)]
-    for tensor in manifest.tensors:
+    for tensor in manifest.held_by(rank):
         item = header.tensors.get(tensor.name)
-        piece = tensor.slice_for(rank)
+        piece = tensor.slice_for(manifest.tp_rank_of(rank))
         if item is None or item.dtype != tensor.dtype or item.shape != tuple(piece.shape):
             continue  # reported above
         if tensor_hashes.get(tensor.name) != piece.xxh3:

@@ -17,9 +17,10 @@ from typing import Any, cast
 import reshard
 from reshard.manifests import FileEntry, SourceInfo, resolve_in
 from reshard.manifests.chunks import StoredTensor
-from reshard.manifests.errors import PlanError, ReshardError
+from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
+from reshard.manifests.pipeline import Pipeline, base_model_prefix, pipeline_split_problems
 from reshard.manifests.plans import plan_for_config
 from reshard.manifests.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.manifests.safetensors import ITEMSIZES
@@ -57,6 +58,26 @@ class ConversionJob:
     hashed_files: list[Path]
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     lineage: dict[str, Any] | None = None
+    pipeline: Pipeline | None = None  # with pipeline stages: transformers' split of the layers
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline.stages if self.pipeline is not None else 1
+
+    @property
+    def world_size(self) -> int:
+        """Rank files: one per (stage, tp rank), numbered row-major."""
+        return self.pp * self.tp
+
+    def held_by(self, rank: int) -> list[TensorLayout]:
+        """The layouts rank file ``rank`` holds, in file order: its stage's (all of them without stages)."""
+        if self.pipeline is None:
+            return self.layouts
+        stage = rank // self.tp
+        return [layout for layout in self.layouts if stage in self.pipeline.stages_of(layout.name)]
+
+    def stages_of(self, name: str) -> tuple[int, ...] | None:
+        return self.pipeline.stages_of(name) if self.pipeline is not None else None
 
     def fingerprint(self) -> str:
         """Identifies the job (inputs, plan, layout, tool version): finished files of a run with the same
@@ -64,6 +85,7 @@ class ConversionJob:
         document = {
             "tool": reshard.__version__,
             "tp": self.tp,
+            **({"pipeline": self.pipeline.to_json() | {"stages": self.pp}} if self.pipeline is not None else {}),
             "plan": self.plan,
             "ep_plan": self.ep_plan,
             "identity": self.identity,
@@ -105,10 +127,11 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
-    tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
+    tied = _tied(config)
     own = set(builtin.tp_plan) if builtin else set()
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
+    pipeline = pipeline_split(config, table, request.pp or 1, tied, model, request.ep)
     index = checkpoint.root / INDEX_NAME
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     dtypes = stored_dtypes(table, config, request.dtype)
@@ -133,7 +156,32 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         weight_files=checkpoint.weight_files,
         hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *([index] if index.exists() else [])]),
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
+        pipeline=pipeline,
     )
+
+
+def pipeline_split(
+    config: dict[str, Any], names: Any, pp: int, tied: bool, origin: str, ep: int = 1
+) -> Pipeline | None:
+    """transformers' split of the model into ``pp`` stages (``None`` for one), or a ``PlanError`` saying why the
+    model cannot be split that way."""
+    if pp == 1:
+        return None
+    layers = text_config(config).get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ShardabilityError(
+            f"{origin}: config.json has no num_hidden_layers: the layers cannot be split into stages"
+        )
+    if ep > 1:
+        raise PlanError(
+            f"{origin}: --pp {pp} with --ep {ep}: transformers does not combine expert parallelism (token dispatch) "
+            "with pipeline stages; use --pp with tensor parallelism only"
+        )
+    names = list(names)
+    pipeline = Pipeline(pp, layers, base_model_prefix(names), tied)
+    if problems := pipeline_split_problems(pipeline, names):
+        raise ShardabilityError(f"{origin}: cannot split into {pp} pipeline stages: {problems[0]}")
+    return pipeline
 
 
 def job_from_artifact(request: ConversionRequest) -> ConversionJob:
@@ -164,6 +212,9 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     if replication:
         table = kv_heads.forward(table, replication, old.plan)
     styles = {t.name: t.style for t in old.tensors}
+    pp = request.pp if request.pp is not None else old.pp
+    tied = old.pipeline.tied if old.pipeline is not None else _tied(config)
+    pipeline = pipeline_split(config, table, pp, tied, str(root), ep)
     dtypes = stored_dtypes(table, config, request.dtype)  # cast again: the artifact's bytes are its only source
     rewrite_config = stored is not None or replication is not None or bool(dtypes)
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else config
@@ -185,7 +236,12 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         hashed_files=[],
         config_bytes=kv_heads.config_json(new_config) if rewrite_config else None,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
+        pipeline=pipeline,
     )
+
+
+def _tied(config: dict[str, Any]) -> bool:
+    return bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
 
 
 def _layouts(

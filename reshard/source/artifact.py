@@ -37,7 +37,7 @@ def artifact_tensors(root: Path, manifest: Manifest) -> Table:
         chunks = []
         ranks = tensor.slices if tensor.placement.is_sharded else tensor.slices[:1]
         for piece in ranks:
-            header = headers[piece.rank]
+            header = headers[manifest.holder(tensor, piece.rank)]
             entry = header.tensors[tensor.name]
             if tensor.placement.is_sharded:
                 assert tensor.placement.dim is not None

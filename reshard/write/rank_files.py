@@ -101,6 +101,7 @@ def write_rank_files(
     rank_metadata: bool = True,
     threads: int | None = None,
     durable: bool = True,
+    rank_offset: int = 0,
 ) -> dict[int, WrittenFile]:
     """Write ``paths[r]`` for the ranks given: header, then each layout's rank-r bytes in order.
 
@@ -108,7 +109,8 @@ def write_rank_files(
     final name is always whole.
     ``readers`` gives each tensor's global bytes; only the rows these ranks hold are read. ``on_bytes`` is called
     with the number of bytes written (from the writer threads; calls are serialised). ``rank_metadata`` records
-    each file's rank in its header metadata. ``threads`` (default: one per CPU, at most ``MAX_THREADS``) split the
+    each file's rank in its header metadata (``rank_offset + r``: a pipeline stage's files follow the earlier
+    stages'). ``threads`` (default: one per CPU, at most ``MAX_THREADS``) split the
     ranks between them. ``durable=False`` skips the write-back and fsync (files left in the page cache, like cp).
     """
     sinks: dict[int, RankSink] = {}
@@ -118,7 +120,7 @@ def write_rank_files(
             fd = os.open(_temporary(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             sinks[rank] = RankSink(path, fd, writeback=writeback)
             header = [(t.name, t.dtype, t.local_shapes[rank]) for t in layouts]
-            file_metadata = {**metadata, "rank": str(rank)} if rank_metadata else metadata
+            file_metadata = {**metadata, "rank": str(rank_offset + rank)} if rank_metadata else metadata
             encoded = encode_header(header, file_metadata, align=64)
             preallocate(fd, len(encoded) + rank_bytes(layouts, [rank]), path)
             sinks[rank].write(encoded)
