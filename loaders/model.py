@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -113,7 +113,8 @@ def _build_model(
         config.distributed_config = distributed_config
     elif tp_mesh is not None or pp_mesh is not None:
         stages = pp_mesh.size() if pp_mesh is not None else 1
-        distributed_config = DistributedConfig(tp_size=artifact.tp, tp_plan="auto", pp_size=stages)
+        plan: Any = "auto" if tp_mesh is not None else None  # None: as DistributedConfig(pp_size=P) leaves it
+        distributed_config = DistributedConfig(tp_size=artifact.tp, pp_size=stages, tp_plan=plan)
         config.distributed_config = distributed_config
     cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
 

@@ -168,13 +168,15 @@ def open_artifact(
             local = opened.tensors
         if folder_identity(root) != folder:  # the rank file's header and its bytes could then be two conversions'
             raise ManifestError(f"{root}: replaced while loading (another process wrote the artifact); load it again")
+        ep_mesh = None  # an expert mesh the caller's mesh does not fit is refused here, on every rank alike
+        if mesh is not None and manifest.ep_plan and (tp_mesh := _sharding_mesh(mesh, tp)) is not None:
+            ep_mesh = ep_submesh(mesh, tp_mesh)  # expert-parallel artifacts have no pipeline stages: the final mesh
     # every rank must have read the same manifest (it is the only thing ranks do not exchange) before any tensor
     # is returned: outside the agreed block, since this is a collective
     same_on_every_rank(mesh, manifest_digest_of(manifest), "manifest_xxh3", str(root / MANIFEST_NAME))
     if manifest.pp > 1 and default and mesh is not None:  # the agreed manifest's (pp, tp): a collective
         mesh = stage_mesh(mesh, manifest)
     tp_mesh = _sharding_mesh(mesh, tp)
-    ep_mesh = ep_submesh(mesh, tp_mesh) if mesh is not None and tp_mesh is not None and manifest.ep_plan else None
     tensors = {
         entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
         for entry in manifest.held_by(rank)

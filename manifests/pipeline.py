@@ -43,16 +43,19 @@ class Pipeline:
             return (0, last) if self.tied and last > 0 else (0,)
         if name.startswith((f"{self.prefix}.norm.", "lm_head.")):
             return (last,)
-        layers = f"{self.prefix}.layers."
-        if name.startswith(layers):
-            index = name[len(layers) :].split(".", 1)[0]
-            if index.isdigit():
-                layer = int(index)
-                for stage in range(self.stages):
-                    start, end = self.layer_range(stage)
-                    if start <= layer < end:
-                        return (stage,)
+        layer = self.layer_of(name)
+        if layer is not None:
+            for stage in range(self.stages):
+                start, end = self.layer_range(stage)
+                if start <= layer < end:
+                    return (stage,)
         return tuple(range(self.stages))
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer ``name`` belongs to (``PREFIX.layers.N.…``), or ``None``."""
+        layers = f"{self.prefix}.layers."
+        index = name[len(layers) :].split(".", 1)[0] if name.startswith(layers) else ""
+        return int(index) if index.isdigit() else None
 
     def to_json(self) -> dict[str, Any]:
         return {"layers": self.layers, "prefix": self.prefix, "tied": self.tied}

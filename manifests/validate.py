@@ -122,6 +122,9 @@ def _check_mesh(f: Fields, manifest: Manifest) -> None:
 
 def _check_stages(f: Fields, tensor: TensorEntry, pipeline: Pipeline | None, path: str) -> None:
     """A tensor's stages must be the ones transformers' split gives its name."""
+    layer = pipeline.layer_of(tensor.name) if pipeline is not None else None
+    if pipeline is not None and layer is not None and layer >= pipeline.layers:
+        f.fail(f"{path}.name", f"{tensor.name!r} is in layer {layer}, but pipeline.layers is {pipeline.layers}")
     expected = pipeline.stages_of(tensor.name) if pipeline is not None else None
     if tensor.stages != expected:
         f.fail(

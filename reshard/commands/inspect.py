@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from reshard.manifests import Manifest
+from reshard.manifests.pipeline import describe_split
 from reshard.manifests.progress import format_size
 
 
@@ -29,7 +30,12 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "plan": manifest.plan,
         "options": manifest.options.to_json(),
         "lineage": manifest.lineage,
-        "rank_files": [{"rank": f.rank, "path": f.path, "bytes": f.size} for f in manifest.files if f.rank is not None],
+        "pipeline": manifest.pipeline.to_json() if manifest.pipeline is not None else None,
+        "rank_files": [
+            {"rank": f.rank, "stage": manifest.stage_of(f.rank), "path": f.path, "bytes": f.size}
+            for f in manifest.files
+            if f.rank is not None
+        ],
         "other_files": [{"path": f.path, "bytes": f.size} for f in manifest.files if f.rank is None],
         "tensors": [
             {**t.to_json(slices=False), "local_shapes": [list(s.shape) for s in t.slices]} for t in manifest.tensors
@@ -49,15 +55,21 @@ def render_text(manifest: Manifest) -> str:
         f"format       v{manifest.format_version}, written by reshard {manifest.tool_version}",
         "plan",
         *(f"  {rule:<48} {style}" for rule, style in sorted(manifest.plan.items())),
+        *([f"stages       {describe_split(manifest.pipeline)}"] if manifest.pipeline is not None else []),
         "rank files",
-        *(f"  {f['path']:<40} {format_size(f['bytes']):>10}" for f in summary["rank_files"]),
+        *(
+            f"  {f['path']:<40} {format_size(f['bytes']):>10}" + (f"  stage {f['stage']}" if manifest.pp > 1 else "")
+            for f in summary["rank_files"]
+        ),
         f"tensors ({len(manifest.tensors)})",
-        f"  {'name':<52} {'dtype':<5} {'global shape':<16} {'placement':<18} rank 0 shape",
+        f"  {'name':<52} {'dtype':<5} {'global shape':<16} {'placement':<18} rank 0 shape"
+        + ("    stages" if manifest.pp > 1 else ""),
     ]
     for tensor in manifest.tensors:
         placement = tensor.placement.kind + (f"({tensor.placement.dim})" if tensor.placement.dim is not None else "")
+        stages = f"    {','.join(map(str, tensor.stages))}" if tensor.stages is not None else ""
         lines.append(
             f"  {tensor.name:<52} {tensor.dtype:<5} {json.dumps(list(tensor.shape)):<16} {placement:<18} "
-            f"{json.dumps(list(tensor.slices[0].shape))}"
+            f"{json.dumps(list(tensor.slices[0].shape)):<12}{stages}".rstrip()
         )
     return "\n".join(lines)

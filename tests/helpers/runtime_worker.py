@@ -11,8 +11,11 @@ argv: ``SPEC.json``, a list of cases, each ``{"name", "kind", ...}``:
   ``tp_plan`` (an artifact converted with that custom plan, against ``DistributedConfig(tp_size=N, tp_plan=...)``).
 - ``caller_ep_mesh``: an expert-parallel artifact loaded on a caller's ``(dp, tp)`` mesh whose ``tp`` dimension is
   also flattened into ``ep``: which mesh and process group every DTensor lives on; logits saved for the test.
-- ``unsharded``: ``load_model(artifact)`` (e.g. with replicated KV heads, which transformers cannot shard) against
-  ``from_pretrained(source)`` without any parallelism in this process: logits (closeness) and greedy ``generate``.
+- ``unsharded``: ``load_model(artifact)`` (e.g. with replicated KV heads, or tp x pp stages, which transformers
+  cannot load) against ``from_pretrained(source)`` without any parallelism in this process: logits (closeness),
+  greedy ``generate`` and which tensors the rank holds. Optional: ``mesh`` (load on that device mesh),
+  ``stripped`` (``{rank: folder}``, folders holding only that rank's file).
+- ``compare`` with ``pp``: a pipeline artifact against ``DistributedConfig(pp_size=pp)``.
 - ``mesh2d``: ``load_model(artifact, device_mesh=(dp, tp))``: local tensors against slices of the full checkpoint,
   logits against the other dp replica's and saved for the test to compare with a plain tp run's.
 - ``error``: call ``load_state_dict(artifact, **kwargs)`` and record the exception every rank raised; with
@@ -80,6 +83,8 @@ def compare(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     size = int(os.environ["WORLD_SIZE"])  # the group does not exist yet: from_pretrained starts it
     if case.get("ep"):
         parallel: dict[str, Any] = {"distributed_config": DistributedConfig(tp_size=size, ep_size=size)}
+    elif case.get("pp"):  # pipeline stages alone: transformers' own pipeline load
+        parallel = {"distributed_config": DistributedConfig(pp_size=case["pp"])}
     elif "tp_plan" in case:  # a custom plan: transformers merges it into the model's own
         parallel = {"distributed_config": DistributedConfig(tp_size=size, tp_plan=case["tp_plan"])}
     else:
@@ -181,7 +186,12 @@ def unsharded(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained(case["source"])
-    ours = load_model(case["artifact"])
+    kwargs = {}
+    if "mesh" in case:
+        shape, names = tuple(case["mesh"]["shape"]), tuple(case["mesh"]["names"])
+        kwargs["device_mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    ours = load_model(case.get("stripped", {}).get(str(rank), case["artifact"]), **kwargs)
+    state = load_state_dict(case.get("stripped", {}).get(str(rank), case["artifact"]), **kwargs)
     with torch.no_grad():
         their_logits, our_logits = original(PROMPT).logits, ours(PROMPT).logits
     if rank == 0:
@@ -191,9 +201,14 @@ def unsharded(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     our_tokens = ours.generate(PROMPT, max_new_tokens=5, do_sample=False)
     return {
         "kv_heads": [original.config.num_key_value_heads, ours.config.num_key_value_heads],
-        "k_proj": [list(_local(ours.model.layers[0].self_attn.k_proj.weight).shape)],
+        "k_proj": [list(_local(v).shape) for k, v in ours.named_parameters() if k.endswith("self_attn.k_proj.weight")][
+            :1
+        ],
         "logits_max_diff": float((their_logits - our_logits).abs().max()),
         "tokens": [their_tokens.tolist(), our_tokens.tolist()],
+        "state": sorted(state),
+        "params": sorted(name for name, _ in ours.named_parameters()),
+        "device_mesh": str(ours._device_mesh),
     }
 
 
@@ -250,7 +265,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _tied(model: Any) -> bool:
-    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    output, input_ = model.get_output_embeddings(), model.get_input_embeddings()  # a pipeline stage may lack one
+    return getattr(output, "weight", None) is not None and output.weight is getattr(input_, "weight", None)
 
 
 if __name__ == "__main__":
