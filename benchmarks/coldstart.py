@@ -12,7 +12,11 @@ Cold: ``sync; echo 3 > /proc/sys/vm/drop_caches`` right before every launch, whi
 group themselves (gloo); both get ``OMP_NUM_THREADS=--threads`` and ``TRANSFORMERS_VERBOSITY=error``. The run also
 checks that both give the same logits (``torch.equal``, every rank). ``coldstart_phases.py`` splits reshard's time.
 
+``--regrid`` adds a third side: reshard loading the tp 2N artifact on N ranks (each rank cuts its slices out of two
+old rank files), reported against the native tp N artifact's load.
+
     python benchmarks/coldstart.py [--world 2 4] [--repeat 3] [--work ./bench-out] [--skip-cold] [--layers 24]
+                                   [--regrid]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from make_checkpoint import FULL_LAYERS, make_smollm2_checkpoint  # noqa: E402
 WORKER = HERE / "coldstart_worker.py"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 SIDES = ("reshard", "transformers")
+REGRID = "reshard_regrid"  # --regrid: reshard loading an artifact converted for twice the world's tp
 LIBRARIES = "import torch, torch.distributed.tensor, transformers, reshard.loaders; transformers.LlamaForCausalLM"
 GOAL_WORLD = 2
 
@@ -179,16 +184,17 @@ def measure(
 ) -> tuple[dict[str, Runs], list[float]]:
     """``repeat`` launches per side (alternating which side goes first), after a warm-up launch if warm; cold, the
     floor too (every rank file read at once right after a drop), once per round."""
-    runs, floors = {side: Runs() for side in SIDES}, []
+    sides = tuple(paths)
+    runs, floors = {side: Runs() for side in sides}, []
     files = sorted(paths["reshard"].glob("rank-*.safetensors"))
     if cache == "warm":
-        for side in SIDES:
+        for side in sides:
             launch(side, paths[side], world, results, args.threads, args.mode)
     for index in range(args.repeat):
         if cache == "cold":
             drop_caches(args.cold_keep_libs)
             floors.append(read_floor(files))
-        for side in SIDES if index % 2 == 0 else SIDES[::-1]:
+        for side in sides if index % 2 == 0 else sides[::-1]:
             if cache == "cold":
                 drop_caches(args.cold_keep_libs)
             try:
@@ -233,6 +239,13 @@ def table(measured: dict[tuple[int, str], tuple[dict[str, Runs], list[float]]]) 
                 f"| {world} | {cache} | {metric.label} | {ours:.{digits}f} | {theirs:.{digits}f} | "
                 f"{ratio:.2f}× | {goal} | {verdict} |"
             )
+        if REGRID in runs:  # the cost of loading at another world size, against the native artifact
+            regrid, native = runs[REGRID].median("load"), runs["reshard"].median("load")
+            ratio = median_ratio(METRICS[0], runs["reshard"], runs[REGRID])
+            lines.append(
+                f"| {world} | {cache} | reshard load of a tp {2 * world} artifact on {world} ranks vs the tp {world} "
+                f"one (s) | {regrid:.2f} | (native {native:.2f}) | {ratio:.2f}× slower | | info |"
+            )
         if floors:
             floor = statistics.median(floors)
             resident = runs["reshard"].median("resident")
@@ -252,7 +265,7 @@ def breakdown(measured: dict[tuple[int, str], tuple[dict[str, Runs], list[float]
         "|---:|---|---|---:|---:|---:|---:|---|---|",
     ]
     for (world, cache), (runs, _) in measured.items():
-        for side in SIDES:
+        for side in runs:
             m = runs[side].median
             lines.append(
                 f"| {world} | {cache} | {side} | {m('imported'):.2f} | {m('load'):.2f} | {m('first_forward'):.2f} | "
@@ -275,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--mode", choices=["server", "process"], default="server", help="imports before the load is timed [server]"
     )
+    parser.add_argument(
+        "--regrid", action="store_true", help="also load a tp 2N artifact on N ranks (load at another world size)"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.layers < 1:
         parser.error("--repeat and --layers must be at least 1")
@@ -293,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     logits: list[str] = []
     for world in args.world:
         paths = {"reshard": ensure_artifact(src, world), "transformers": src}
+        if args.regrid:
+            paths[REGRID] = ensure_artifact(src, 2 * world)
         results = args.work / "coldstart-results" / f"world{world}"
         results.mkdir(parents=True, exist_ok=True)
         for cache in caches:

@@ -63,7 +63,7 @@ def _server_imports(side: str, path: str) -> None:
 
     config = transformers.AutoConfig.from_pretrained(path)
     importlib.import_module(AutoModelForCausalLM._model_mapping[type(config)].__module__)
-    if side == "reshard":
+    if side.startswith("reshard"):
         import reshard.loaders.model  # noqa: F401
 
 
@@ -77,7 +77,7 @@ def main() -> None:
         _server_imports(side, path)
     marks["imported"] = since()
     began, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    if side == "reshard":
+    if side.startswith("reshard"):  # reshard, or reshard_regrid (an artifact of another tp)
         from reshard.loaders import load_model
 
         model = load_model(path)

@@ -22,11 +22,13 @@ def load_fuzz():  # type: ignore[no-untyped-def]
     return module
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_no_mutant_crashes_hangs_or_passes_changed(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "pp"), [(0, None), (1, None), (2, 2)])
+def test_no_mutant_crashes_hangs_or_passes_changed(tmp_path: Path, seed: int, pp: int | None) -> None:
+    """Seed 2 mutates an artifact with pipeline stages (the stage split, each tensor's stages, 4 rank files)."""
     fuzz = load_fuzz()
     original = tmp_path / "art"
-    reshard.convert(make_checkpoint("llama", tmp_path / "src"), original, tp=2, progress=False)
+    source = make_checkpoint("llama", tmp_path / "src", num_hidden_layers=3)
+    reshard.convert(source, original, tp=2, pp=pp, progress=False)
     outcomes = fuzz.run(original, 200, seed, tmp_path / "mutants")
     findings = {key: count for key, count in outcomes.items() if key.startswith("FINDING")}
     assert not findings, findings

@@ -265,3 +265,24 @@ def test_tp_times_pp_matches_the_unsharded_model(four_ranks_pp, case: str):
         assert "pp=2, tp=2" in result["device_mesh"]
         layers = {int(n.split(".")[2]) for n in result["state"] if n.startswith("model.layers.")}
         assert layers == ({0, 1} if rank < 2 else {2, 3, 4})
+
+
+def test_verify_names_the_damaged_tensor_of_a_stage_file(tiny, tmp_path: Path):
+    import shutil
+
+    from reshard.commands.verify import verify_artifact
+
+    artifact = tmp_path / "art"
+    shutil.copytree(convert(tiny, tmp_path / "clean", 2, 2), artifact)
+    assert verify_artifact(artifact, lambda n: None) == []
+    manifest = read_manifest(artifact)
+    path = artifact / manifest.rank_file(3).path  # stage 1, tp rank 1
+    with safe_open(path, "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.mlp.up_proj.weight" not in names  # stage 0's layer is not in stage 1's file
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # the last tensor of the file: the last in file order the stage holds
+    path.write_bytes(bytes(data))
+    problems = verify_artifact(artifact, lambda n: None)
+    last = manifest.held_by(3)[-1].name
+    assert any(last in p and "do not match the manifest's xxh3" in p for p in problems), problems
