@@ -137,7 +137,8 @@ def attention(model_type: str) -> str:
 def supported_types() -> list[str]:
     """Every built-in plan with a non-empty TP plan that reshard converts (sorted)."""
     from reshard.manifests.layout import STYLES
-    from reshard.transforms.experts import SUPPORTED_OPERATIONS
+    from reshard.manifests.plans import ConverterRecord
+    from reshard.transforms.converters import replayable
 
     types = []
     for path in sorted((ROOT / "manifests" / "plans").glob("*.json")):
@@ -146,11 +147,7 @@ def supported_types() -> list[str]:
             continue
         if any(style not in STYLES for style in plan["styles"]):
             continue
-        converters = plan.get("key_converters", [])
-        if any(
-            {name for name, _ in c["operations"]} not in SUPPORTED_OPERATIONS or c["kind"] != "WeightConverter"
-            for c in converters
-        ):
+        if not all(replayable(ConverterRecord.from_json(c)) for c in plan.get("key_converters", [])):
             continue
         types.append(plan["model_type"])
     return types
