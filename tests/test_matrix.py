@@ -43,7 +43,11 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "helpers" / "matrix_worker.py"
 RESULTS = ROOT / "tests" / "fixtures" / "matrix_results.json"
-REPRESENTATIVE = {"llama": ["compile", "static", "save"], "qwen3_moe": ["compile", "static", "save"]}
+REPRESENTATIVE = {
+    "llama": ["compile", "static", "save"],
+    "qwen3_moe": ["compile", "static", "save"],
+    **{t: ["save"] for t in ("olmo_hybrid", "kimi_linear", "bailing_hybrid", "hrm_text")},  # converters reversed
+}
 EP_TYPES = ("qwen3_moe",)
 TP4_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 4, "hidden_size": 64}  # 2 heads do not divide by 4
 ALL_TYPES = [t for t in supported_types() if t not in SKIPPED]
@@ -131,6 +135,10 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, list[str]]:
             checked = [k for k in ("forward", "generate") if k in result]
             equal = result.get("forward", {}).get("equal") and result.get("generate", {}).get("scores_equal")
             notes = [f"{' and '.join(checked)} equal to transformers' TP model"] if checked and equal else []
+            if (alone := result.get("unsharded")) and alone["close"] and alone["tokens_equal"]:
+                notes.append(
+                    f"reshard's TP model vs unsharded: logits close (max {alone['max_diff']:.1e}), same tokens"
+                )
             return "fail", f"transformers' own TP model fails in {stage} too ({message[:160]})", notes
         return "fail", error, []
     problems, notes = [], []
@@ -223,7 +231,7 @@ def write_results(runs: dict[int, dict[str, tuple[str, str, list[str]]]]) -> Non
     seconds = {f"tp{tp}": float(v["_elapsed"][1]) for tp, v in runs.items()}
     if SELECTED != ALL_TYPES:  # a few types recorded: every other entry, and the full run's timings, stay
         previous = json.loads(RESULTS.read_text())
-        types = {**previous["types"], **{name: entry for name, entry in types.items() if name not in SKIPPED}}
+        types = {**previous["types"], **types}
         seconds = previous["seconds"]
     document = {
         "transformers": __import__("transformers").__version__,

@@ -99,7 +99,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
-    rename_rules = builtin.key_renames if builtin else ()
+    rename_rules = (renames.prefix_changes(builtin.key_converters, stored) + builtin.key_renames) if builtin else ()
     table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
     table, concatenated, chunked = row_blocks.forward(table, builtin.key_converters if builtin else ())
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())

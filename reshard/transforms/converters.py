@@ -1,15 +1,16 @@
 """Which of transformers' load-time weight converters reshard replays offline, and by which transform.
 
 ``experts`` replays the per-expert ones (``MergeModulelist``, with ``Concatenate(dim=1)`` of gate and up);
-``row_blocks`` the dim-0 ``Concatenate`` and ``Chunk`` of whole tensors. Any other converter (``Interleave``,
-``PrefixChange``, a model's own rename class) makes a model type unsupported: the architectures table and the
-model-type matrix ask here, and a conversion that meets one refuses it with one line (``experts.forward``).
+``row_blocks`` the dim-0 ``Concatenate`` and ``Chunk`` of whole tensors; ``renames`` a ``PrefixChange`` that removes
+a prefix. Any other converter (``Interleave``, a prefix added, a model's own rename class) makes a model type
+unsupported: the architectures table and the model-type matrix ask here, and a conversion that meets one refuses it
+with one line (``experts.forward``).
 """
 
 from __future__ import annotations
 
 from reshard.manifests.plans import ConverterRecord
-from reshard.transforms import experts, row_blocks
+from reshard.transforms import experts, renames, row_blocks
 
 
 def replayable(converter: ConverterRecord) -> bool:
@@ -21,4 +22,4 @@ def replayable(converter: ConverterRecord) -> bool:
         True
     """
     fused = converter.kind == "WeightConverter" and converter.operation_names in experts.SUPPORTED_OPERATIONS
-    return fused or row_blocks.replays(converter)
+    return fused or row_blocks.replays(converter) or renames.prefix_rule(converter) is not None

@@ -92,6 +92,30 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm_moe_dsa": {**_INDEXED, "indexer_types": ["full", "full"]},
     "hy_v4": {**_INDEXED, "indexer_types": ["full", "shared"]},
     "helium": {"head_dim": 16},
+    "gemma3n_text": {  # no KV sharing: with 2 layers, the shared ones would have no layer of their type to read
+        "num_kv_shared_layers": 0,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "head_dim": 16,
+        "vocab_size_per_layer_input": 99,
+        "hidden_size_per_layer_input": 16,
+        "activation_sparsity_pattern": [0.0, 0.0],
+    },
+    # hybrids: one full-attention layer (a cache of linear-attention layers alone cannot say its length), MLA and
+    # linear heads sized down; the second MLP sparse, so that experts are fused too
+    "kimi_linear": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_heads": 2,
+        "linear_head_dim": 16,
+        **{"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 24},
+    },
+    "bailing_hybrid": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+        "linear_head_dim": 16,
+        "num_expert_group": 1,
+        "topk_group": 1,
+        **{"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 24},
+    },
 }
 
 # Model types whose attention has no sdpa path in transformers: compared with eager attention.
@@ -122,6 +146,8 @@ SKIPPED: dict[str, str] = {
             "llama4",
             "moss_transcribe_diarize",
             "phi4_multimodal",
+            "qwen3_5",
+            "qwen3_5_moe",
         )
     },
     "dots3_note_text": "heterogeneous per-layer config (per_layer_config): the tester defaults do not size it",
@@ -209,4 +235,9 @@ _BOTH = {
     "lfm3": _THEIRS_BACKWARD,
     "llama4_text": _THEIRS_BACKWARD,
 }
+_BOTH["hrm_text"] = (
+    "transformers' own TP load fails: it cuts the fused checkpoint tensor per rank before its Chunk converter "
+    "(gate_proj 19 rows, up_proj 18 on rank 0 at tp 2); reshard's TP model is close to the unsharded one (logits "
+    "at 5e-3, the same 25 greedy tokens)"
+)
 KNOWN_FAILURES: dict[str, dict[str, str]] = {"tp2": _BOTH, "tp4": {**_BOTH, "laguna": _THEIRS_FORWARD}}
