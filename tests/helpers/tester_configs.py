@@ -68,19 +68,22 @@ _INDEXED = {  # MLA attention with a sparse indexer, sized down (deepseek_v32-li
     "mlp_layer_types": ["dense", "sparse"],
     "layer_types": ["indexed_attention", "indexed_attention"],
 }
+_HYBRID_QWEN = {  # one linear-attention layer, one full (a cache of linear layers alone cannot say its length)
+    "layer_types": ["linear_attention", "full_attention"],
+    "head_dim": 16,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
 OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
+    "qwen3_5_text": _HYBRID_QWEN,
+    "qwen3_5_moe_text": _HYBRID_QWEN,
     "granitemoehybrid": {"layer_types": ["linear_attention", "attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "lfm3": {"layer_types": ["conv", "full_attention"], "head_dim": 16},
-    "qwen3_next": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "head_dim": 16,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-    },
+    "qwen3_next": _HYBRID_QWEN,
     "gemma4_text": {
         "head_dim": 16,
         "global_head_dim": 16,
