@@ -221,3 +221,16 @@ def test_bad_records_are_refused_naming_the_field(artifacts, tmp_path: Path, mod
     with pytest.raises(ManifestError, match=message) as caught:
         read_manifest(folder)
     assert len(str(caught.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("model_type", CONCATENATED + CHUNKED)
+def test_manifest_round_trips_and_follows_the_schema(artifacts, model_type: str):
+    from importlib import resources
+
+    from reshard.manifests import Manifest
+
+    text = (artifacts[model_type][1] / "manifest.json").read_text()
+    assert Manifest.from_json(text).to_json() == text
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((resources.files("reshard.manifests") / "manifest.schema.json").read_text())
+    jsonschema.validate(json.loads(text), schema)
