@@ -35,6 +35,7 @@ class Verdict:
 _POSITIVE = ("num_attention_heads", "n_head", "num_hidden_layers", "hidden_size", "vocab_size")
 _POSITIVE_OR_NULL = ("num_key_value_heads", "head_dim")
 _COUNT_OR_NULL = ("intermediate_size", "num_experts", "num_local_experts", "n_routed_experts")
+_PER_LAYER = ("intermediate_size",)  # may be one integer per layer (gemma3n)
 
 
 def validate_config(config: dict[str, Any], origin: str) -> None:
@@ -60,12 +61,15 @@ def validate_config(config: dict[str, Any], origin: str) -> None:
     for key in (*_POSITIVE, *_POSITIVE_OR_NULL, *_COUNT_OR_NULL):
         if key not in cfg or (cfg[key] is None and key not in _POSITIVE):
             continue
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SourceError(f"{origin}: {prefix}{key} must be an integer, got {_shown(value)}")
-        least = 0 if key in _COUNT_OR_NULL else 1
-        if value < least:
-            raise ShardabilityError(f"{origin}: {prefix}{key}={value} cannot make a model (must be at least {least})")
+        values = cfg[key] if key in _PER_LAYER and isinstance(cfg[key], list) and cfg[key] else [cfg[key]]
+        for value in values:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SourceError(f"{origin}: {prefix}{key} must be an integer, got {_shown(cfg[key])}")
+            least = 0 if key in _COUNT_OR_NULL else 1
+            if value < least:
+                raise ShardabilityError(
+                    f"{origin}: {prefix}{key}={value} cannot make a model (must be at least {least})"
+                )
 
 
 def _check_flag(cfg: dict[str, Any], key: str, origin: str, prefix: str) -> None:
@@ -135,8 +139,11 @@ def check_shardability(config: dict[str, Any], plan: dict[str, str], tp: int, re
             f"vocab_size={vocab} is uneven over tp={tp}: the last rank holds fewer rows (as transformers)"
         )
     intermediate = cfg.get("intermediate_size")
-    if intermediate and intermediate % tp:
-        verdict.notes.append(f"intermediate_size={intermediate} is uneven over tp={tp}: the last rank holds less")
+    uneven = sorted(
+        {size for size in (intermediate if isinstance(intermediate, list) else [intermediate]) if size and size % tp}
+    )
+    if uneven:
+        verdict.notes.append(f"intermediate_size={uneven[0]} is uneven over tp={tp}: the last rank holds less")
     return verdict
 
 

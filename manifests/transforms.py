@@ -2,12 +2,15 @@
 
 Each record is written by the forward half of a transform (``reshard/transforms/``) and read by its reverse half
 (consolidate, re-shard) and by the runtime: ``key_renames`` (transformers' load-time renames, e.g. gpt_neox's
-``embed_out`` → ``lm_head``), ``fused`` (per-expert checkpoint tensors stacked into fused ones) and
-``replicate_kv`` (KV heads duplicated so that every rank holds whole heads).
+``embed_out`` → ``lm_head``), ``fused`` (per-expert checkpoint tensors stacked into fused ones),
+``replicate_kv`` (KV heads duplicated so that every rank holds whole heads), ``concatenated`` (checkpoint tensors
+joined along dim 0 into one model tensor, transformers' ``Concatenate(dim=0)``) and ``chunked`` (one checkpoint
+tensor cut along dim 0 into several model tensors, ``Chunk(dim=0)``).
 
 Example:
     >>> Transforms.from_json({"replicate_kv": {"original_kv_heads": 2, "replicated_kv_heads": 4, "head_dim": 16}})
-    Transforms(key_renames=(), fused=None, replicate_kv=KvReplication(original=2, replicated=4, head_dim=16))
+    ... # doctest: +ELLIPSIS
+    Transforms(key_renames=(), fused=None, replicate_kv=KvReplication(original=2, replicated=4, head_dim=16), ...)
 """
 
 from __future__ import annotations
@@ -59,24 +62,76 @@ class FusedTensor:
 
 
 @dataclass(frozen=True)
+class RowBlocks:
+    """A tensor whose dim-0 rows are other tensors' rows one after another: ``parts`` as (name, rows), in order.
+
+    In ``Transforms.concatenated`` the tensor is a model tensor and the parts checkpoint tensors; in
+    ``Transforms.chunked`` the other way round. Rows, not bytes, so that the validator can check them against the
+    manifest's shapes."""
+
+    parts: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class Transforms:
     """Everything a conversion did to the checkpoint's tensors besides slicing them (empty: nothing)."""
 
     key_renames: tuple[tuple[str, str], ...] = ()
     fused: dict[str, FusedTensor] | None = None
     replicate_kv: KvReplication | None = None
+    concatenated: dict[str, RowBlocks] | None = None  # model tensor -> the checkpoint tensors joined into it
+    chunked: dict[str, RowBlocks] | None = None  # checkpoint tensor -> the model tensors cut from it
 
     def checkpoint_keys(self, names: list[str]) -> list[str]:
         """The source checkpoint's own keys for the model's tensor ``names``: fused tensors split into their parts,
         renames undone (what ``from_pretrained`` would have read, and what ``save_pretrained`` writes back)."""
+        cut_from = {part: key for key, blocks in (self.chunked or {}).items() for part, _ in blocks.parts}
         keys: list[str] = []
         for name in names:
             fused = self.fused.get(name) if self.fused else None
+            joined = self.concatenated.get(name) if self.concatenated else None
             if fused is not None:
                 keys.extend(key for key, _ in fused.parts)
+            elif joined is not None:
+                keys.extend(checkpoint_key(key, self.key_renames) for key, _ in joined.parts)
+            elif name in cut_from:
+                keys.append(checkpoint_key(cut_from[name], self.key_renames))
             else:
                 keys.append(checkpoint_key(name, self.key_renames))
-        return keys
+        return list(dict.fromkeys(keys))  # the parts cut from one checkpoint tensor name it once
+
+    def problem(self, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[str, str] | None:
+        """The first way the row-block records disagree with the manifest's ``tensors`` (name -> dtype, shape), as
+        ``(field path, message)``, or None: every named model tensor exists, the rows add up, and parts cut from one
+        checkpoint tensor have its dtype and trailing shape."""
+        for name, blocks in sorted((self.concatenated or {}).items()):
+            path = f"options.concatenated.{name}"
+            if name not in tensors:
+                return path, f"{name!r} is not a tensor of this manifest"
+            shape = tensors[name][1]
+            if not shape or sum(rows for _, rows in blocks.parts) != shape[0]:
+                return path, f"parts of {sum(r for _, r in blocks.parts)} rows do not make {name!r} {list(shape)}"
+            if clash := [key for key, _ in blocks.parts if key in tensors]:
+                return path, f"part {clash[0]!r} is also a tensor of this manifest"
+        owners: dict[str, str] = {}
+        for key, blocks in sorted((self.chunked or {}).items()):
+            path = f"options.chunked.{key}"
+            if key in tensors:
+                return path, f"{key!r} is a tensor of this manifest, not a checkpoint tensor cut into several"
+            first = tensors.get(blocks.parts[0][0])
+            for index, (name, rows) in enumerate(blocks.parts):
+                where = f"{path}[{index}]"
+                if name not in tensors:
+                    return where, f"{name!r} is not a tensor of this manifest"
+                if name in owners:
+                    return where, f"{name!r} is cut from {owners[name]!r} as well"
+                owners[name] = key
+                dtype, shape = tensors[name]
+                if not shape or shape[0] != rows:
+                    return where, f"{rows} rows, but {name!r} is {list(shape)}"
+                if first is not None and (dtype != first[0] or shape[1:] != first[1][1:]):
+                    return where, f"{name!r} {dtype} {list(shape)} does not join {first[0]} {list(first[1])}"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -88,6 +143,9 @@ class Transforms:
             }
         if self.replicate_kv:
             out["replicate_kv"] = self.replicate_kv.to_json()
+        for field, records in (("concatenated", self.concatenated), ("chunked", self.chunked)):
+            if records:
+                out[field] = {name: [[part, rows] for part, rows in r.parts] for name, r in sorted(records.items())}
         return out
 
     @classmethod
@@ -96,7 +154,7 @@ class Transforms:
             return cls()
         if not isinstance(data, dict):
             raise ManifestError(f"{origin}: options must be an object")
-        if unknown := sorted(set(data) - {"key_renames", "fused", "replicate_kv"}):
+        if unknown := sorted(set(data) - {"key_renames", "fused", "replicate_kv", "concatenated", "chunked"}):
             raise ManifestError(f"{origin}: options.{unknown[0]} is not a transform this reshard knows")
         renames = data.get("key_renames") or []
         if not isinstance(renames, list) or not all(
@@ -107,15 +165,23 @@ class Transforms:
         if fused is not None and not _is_fused_record(fused):
             raise ManifestError(f"{origin}: options.fused must map tensor names to [[checkpoint name, bytes], ...]")
         replicate = data.get("replicate_kv")
+        blocks: dict[str, dict[str, RowBlocks] | None] = {}
+        for field in ("concatenated", "chunked"):
+            value = data.get(field)
+            if value is not None and not _is_fused_record(value):
+                raise ManifestError(f"{origin}: options.{field} must map tensor names to [[tensor name, rows], ...]")
+            blocks[field] = {n: RowBlocks(tuple((k, r) for k, r in p)) for n, p in value.items()} if value else None
         return cls(
             key_renames=tuple((a, b) for a, b in renames),
             fused={n: FusedTensor(tuple((k, b) for k, b in p)) for n, p in fused.items()} if fused else None,
             replicate_kv=KvReplication.from_json(replicate, origin) if replicate is not None else None,
+            concatenated=blocks["concatenated"],
+            chunked=blocks["chunked"],
         )
 
 
 def _is_fused_record(data: Any) -> bool:
-    """``{fused name: [[checkpoint name, positive byte count], ...]}``."""
+    """``{name: [[name, positive count], ...]}``: a fused tensor's parts and their bytes, or row blocks' rows."""
     return isinstance(data, dict) and all(
         isinstance(name, str)
         and isinstance(parts, list)

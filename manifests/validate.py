@@ -93,6 +93,8 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
         for stage in tensor.stages if tensor.stages is not None else range(manifest.pp):
             for piece in tensor.slices:
                 rank_bytes[stage * tp + piece.rank] += math.prod(piece.shape) * itemsize
+    if problem := manifest.options.problem({t.name: (t.dtype, t.shape) for t in manifest.tensors}):
+        f.fail(*problem)
     keys = [(-ITEMSIZES[t.dtype], t.name) for t in manifest.tensors]
     if keys != sorted(keys):
         f.fail("tensors", "not in rank-file order (widest dtype first, then by name)")

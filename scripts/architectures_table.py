@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reshard.manifests.layout import STYLES  # noqa: E402
-from reshard.transforms.experts import SUPPORTED_OPERATIONS  # noqa: E402
+from reshard.manifests.plans import ConverterRecord  # noqa: E402
+from reshard.transforms.converters import replayable  # noqa: E402
 from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, RUNTIME_PARITY_FAMILIES  # noqa: E402
 from tests.helpers.tester_configs import KNOWN_FAILURES  # noqa: E402
 
@@ -71,9 +72,9 @@ def blockers(plan: dict) -> list[str]:
     """Why reshard cannot convert this model type (empty: it can)."""
     reasons = [f"style {s}" for s in plan["styles"] if s not in STYLES]
     for converter in plan.get("key_converters", []):
-        operations = {name for name, _ in converter["operations"]}
-        if operations not in SUPPORTED_OPERATIONS or converter["kind"] != "WeightConverter":
-            reasons.append(f"converter {converter['kind']}({', '.join(sorted(operations))})")
+        if not replayable(ConverterRecord.from_json(converter)):
+            operations = sorted({name for name, _ in converter["operations"]})
+            reasons.append(f"converter {converter['kind']}({', '.join(operations)})")
     return reasons
 
 

@@ -7,7 +7,8 @@ model; torch.compile forward, static-cache generate, save_pretrained and EP back
 Slow (one torchrun launch per world size over all types): it runs only with ``RESHARD_MATRIX=1`` (``make
 test-all``), and writes ``tests/fixtures/matrix_results.json``, from which ``scripts/architectures_table.py`` fills
 the "tested" column of docs/architectures.md. ``RESHARD_MATRIX_TYPES=llama,qwen3_moe`` runs a few types only (and
-writes no results file).
+writes no results file, unless ``RESHARD_MATRIX_RECORD=1``: then their entries replace those types' entries in it and
+every other entry is kept).
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "helpers" / "matrix_worker.py"
 RESULTS = ROOT / "tests" / "fixtures" / "matrix_results.json"
-REPRESENTATIVE = {"llama": ["compile", "static", "save"], "qwen3_moe": ["compile", "static", "save"]}
+REPRESENTATIVE = {
+    "llama": ["compile", "static", "save"],
+    "qwen3_moe": ["compile", "static", "save"],
+    **{t: ["save"] for t in ("olmo_hybrid", "kimi_linear", "bailing_hybrid", "hrm_text")},  # converters reversed
+}
 EP_TYPES = ("qwen3_moe",)
 TP4_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 4, "hidden_size": 64}  # 2 heads do not divide by 4
 ALL_TYPES = [t for t in supported_types() if t not in SKIPPED]
@@ -130,6 +135,10 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, list[str]]:
             checked = [k for k in ("forward", "generate") if k in result]
             equal = result.get("forward", {}).get("equal") and result.get("generate", {}).get("scores_equal")
             notes = [f"{' and '.join(checked)} equal to transformers' TP model"] if checked and equal else []
+            if (alone := result.get("unsharded")) and alone["close"] and alone["tokens_equal"]:
+                notes.append(
+                    f"reshard's TP model vs unsharded: logits close (max {alone['max_diff']:.1e}), same tokens"
+                )
             return "fail", f"transformers' own TP model fails in {stage} too ({message[:160]})", notes
         return "fail", error, []
     problems, notes = [], []
@@ -204,7 +213,7 @@ def saved_equal(source: Path, saved: Path) -> bool:
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, tuple[str, str, list[str]]]]:
     root = tmp_path_factory.mktemp("matrix")
     runs = {tp: run_matrix(tp, root / f"tp{tp}") for tp in (2, 4)}
-    if SELECTED == ALL_TYPES:
+    if SELECTED == ALL_TYPES or os.environ.get("RESHARD_MATRIX_RECORD") == "1":
         write_results(runs)
     return runs
 
@@ -219,10 +228,15 @@ def write_results(runs: dict[int, dict[str, tuple[str, str, list[str]]]]) -> Non
             types.setdefault(name, {})[f"tp{tp}"] = entry
     for model_type, reason in SKIPPED.items():
         types[model_type] = {"skipped": reason}
+    seconds = {f"tp{tp}": float(v["_elapsed"][1]) for tp, v in runs.items()}
+    if SELECTED != ALL_TYPES:  # a few types recorded: every other entry, and the full run's timings, stay
+        previous = json.loads(RESULTS.read_text())
+        types = {**previous["types"], **types}
+        seconds = previous["seconds"]
     document = {
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,
-        "seconds": {f"tp{tp}": float(v["_elapsed"][1]) for tp, v in runs.items()},
+        "seconds": seconds,
         "types": dict(sorted(types.items())),
     }
     RESULTS.write_text(json.dumps(document, indent=1) + "\n")

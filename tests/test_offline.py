@@ -638,18 +638,15 @@ def test_tokenizer_and_config_files_are_copied_and_hashed(tmp_path: Path):
 
 
 def test_a_converter_reshard_cannot_replay_is_one_line(tmp_path: Path):
-    """hrm_text's checkpoint holds fused tensors transformers splits at load (a Chunk converter): refused with the
-    converter named, exit 4, before anything is written."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """inkling2_text's checkpoint holds experts' gate and up rows interleaved, which transformers de-interleaves at
+    load (an Interleave converter): refused with the converter named, exit 4, before anything is written."""
+    pytest.importorskip("transformers")
+    from tests.helpers.tester_configs import make_tiny_checkpoint
 
-    config = AutoConfig.for_model(
-        "hrm_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=99, head_dim=16,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    make_tiny_checkpoint("inkling2_text", tmp_path / "src")
     result = run_cli("--tp", "2", str(tmp_path / "src"), "-o", str(tmp_path / "art"), "-q")
     assert result.returncode == 4, result.stderr
-    assert "cannot replay transformers' converter" in result.stderr and "Chunk" in result.stderr
+    assert "cannot replay transformers' converter" in result.stderr and "Interleave" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "art").exists() and not (tmp_path / ".art.partial").exists()
 

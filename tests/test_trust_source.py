@@ -172,6 +172,8 @@ def edit_config(source: Path, change: Any) -> None:
         (lambda c: {**c, "num_attention_heads": "4"}, 'num_attention_heads must be an integer, got "4" (a string)'),
         (lambda c: {**c, "hidden_size": None}, "hidden_size must be an integer, got null"),
         (lambda c: {**c, "num_key_value_heads": 2.0}, "num_key_value_heads must be an integer"),
+        (lambda c: {**c, "intermediate_size": [96, "96"]}, 'intermediate_size must be an integer, got [96, "96"]'),
+        (lambda c: {**c, "num_experts": [4, 4]}, "num_experts must be an integer, got [4, 4]"),  # per layer: no
         (lambda c: {**c, "tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
         (lambda c: {**c, "text_config": [1]}, "text_config must be an object"),
         (lambda c: {**c, "model_type": ["llama"]}, "model_type must be a string"),
@@ -193,6 +195,7 @@ def test_wrong_config_types_give_one_line(source: Path, tmp_path: Path, change: 
         ("num_key_value_heads", -2),
         ("hidden_size", 0),
         ("vocab_size", -1),
+        ("intermediate_size", -1),
     ],
 )
 def test_configs_that_cannot_make_a_model_are_refused(source: Path, tmp_path: Path, field: str, value: int) -> None:
@@ -257,3 +260,13 @@ def test_read_header_mirrors_safetensors_coverage_rules(tmp_path: Path) -> None:
         path = write_raw(tmp_path / f"{name}.safetensors", header, bytes(size))
         with pytest.raises(FileFormatError, match=fragment):
             read_header(path)
+
+
+def test_a_per_layer_intermediate_size_is_read(source: Path) -> None:
+    """gemma3n gives one intermediate size per layer: each is checked, the list is no error."""
+    edit_config(source, lambda c: {**c, "intermediate_size": [96, 97]})
+    result = run_cli("check", "--tp", "2", str(source))
+    assert result.returncode == 0, result.stderr
+    assert "intermediate_size=97 is uneven" in result.stdout
+    edit_config(source, lambda c: {**c, "intermediate_size": [96, -1]})
+    assert_one_line(run_cli("check", "--tp", "2", str(source)), 5, "config.json", "intermediate_size=-1")

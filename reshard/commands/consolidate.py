@@ -19,7 +19,7 @@ from reshard.manifests.progress import progress_bar
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.source.artifact import InputCheck, artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME
-from reshard.transforms import experts, kv_heads, renames
+from reshard.transforms import experts, kv_heads, renames, row_blocks
 from reshard.write.rank_files import write_rank_files
 from reshard.write.reader import ChunkReader, OpenFiles
 from reshard.write.staging import copy_hashed, staging_folder, write_durably
@@ -107,6 +107,11 @@ def _checkpoint_tensors(
         for fused, record in options.fused.items():
             styles.update({key: styles.get(fused) for key, _ in record.parts})
         table = experts.reverse(table, options.fused)
+    for joined, record in (options.concatenated or {}).items():  # a part keeps its model tensor's placement dim
+        styles.update({key: styles.get(joined) for key, _ in record.parts})
+    for key, record in (options.chunked or {}).items():
+        styles[key] = styles.get(record.parts[0][0])
+    table = row_blocks.reverse(table, options.concatenated, options.chunked)
     named = {name: renames.checkpoint_key(name, options.key_renames) for name in table}
     table = renames.reverse(table, options.key_renames)
     styles = {named.get(name, name): style for name, style in styles.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +30,7 @@ from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.transforms import Table, experts, kv_heads, renames
+from reshard.transforms import Table, experts, kv_heads, renames, row_blocks
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,9 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
-    rename_rules = builtin.key_renames if builtin else ()
+    rename_rules = (renames.prefix_changes(builtin.key_converters, stored) + builtin.key_renames) if builtin else ()
     table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
+    table, concatenated, chunked = row_blocks.forward(table, builtin.key_converters if builtin else ())
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
@@ -146,7 +147,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         plan_overrides=rules if request.custom_plan else None,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=Transforms(rename_rules, fused or None, replication),
+        transforms=Transforms(rename_rules, fused or None, replication, concatenated or None, chunked or None),
         extra_files=checkpoint.extra_files,
         source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),
         identity={
@@ -228,7 +229,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         plan_overrides=old.plan_overrides,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=Transforms(old.options.key_renames, old.options.fused, replication),
+        transforms=replace(old.options, replicate_kv=replication),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source=old.source,
         identity={"artifact": manifest_digest},

@@ -3,8 +3,10 @@
 A transform changes a tensor table (``{name: StoredTensor}``: names, shapes and chunk lists, never bytes). Its
 forward half turns the checkpoint's tensors into the model's (used by convert and re-shard), its reverse half gives
 the checkpoint's back (used by consolidate and re-shard), and what it did is recorded in the manifest as a typed
-record (``reshard.manifests.transforms``). Forward order: ``renames``, ``experts``, ``kv_heads``; reverse order is
-the opposite. A new converter kind is one new module here with the same two halves.
+record (``reshard.manifests.transforms``). Forward order: ``renames`` (with a ``PrefixChange`` that removes a
+prefix), ``row_blocks`` (dim-0 ``Concatenate``/``Chunk``), ``experts``, ``kv_heads``; reverse order is the opposite.
+A new converter kind is one new module here with the same two halves; ``converters.replayable`` says which kinds
+there are.
 """
 
 from __future__ import annotations

@@ -1,10 +1,19 @@
 """Key renames: transformers renames some checkpoint keys at load (gpt_neox's ``embed_out.`` → ``lm_head.``), so
-rank files hold the names of the model's parameters; consolidation gives the checkpoint's names back."""
+rank files hold the names of the model's parameters; consolidation gives the checkpoint's names back.
+
+A ``PrefixChange`` that removes a prefix (qwen3_5_text's ``model.language_model.`` → ``model.``: a text model read
+from its multimodal checkpoint) is one more rename (``prefix_changes``), recorded only where the checkpoint's keys
+carry the prefix: a text-only checkpoint has none, and transformers then neither renames at load nor adds the
+prefix back at save.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable
 
+from reshard.manifests.plans import ConverterRecord
 from reshard.manifests.transforms import RenameRules as Rules
 from reshard.manifests.transforms import checkpoint_key, model_key
 from reshard.planning.tp_plan import generic_name
@@ -38,3 +47,20 @@ def _renamed(table: Table, rename: object) -> Table:
         new = rename(name)
         out[new] = dataclasses.replace(tensor, name=new)
     return out
+
+
+def prefix_changes(converters: tuple[ConverterRecord, ...], keys: Iterable[str]) -> Rules:
+    """The rules of the prefix-removing ``PrefixChange`` converters that some checkpoint key matches."""
+    keys = list(keys)
+    rules = [rule for c in converters if (rule := prefix_rule(c)) and any(re.match(rule[0], key) for key in keys)]
+    return tuple(rules)
+
+
+def prefix_rule(converter: ConverterRecord) -> tuple[str, str] | None:
+    """A ``PrefixChange(prefix_to_remove=...)`` as a literal rename rule (source ``^model\\.language_model\\.(.+)``,
+    target ``model.\\1`` → ``(^model\\.language_model\\., model.)``), or None for any other converter."""
+    if converter.kind != "PrefixChange" or len(converter.sources) != 1 or len(converter.targets) != 1:
+        return None
+    source = re.fullmatch(r"(\^(?:\w|\\\.)+)\(\.\+\)", converter.sources[0])
+    target = re.fullmatch(r"((?:\w|\.)*)\\1", converter.targets[0])
+    return (source.group(1), target.group(1)) if source and target else None

@@ -68,19 +68,22 @@ _INDEXED = {  # MLA attention with a sparse indexer, sized down (deepseek_v32-li
     "mlp_layer_types": ["dense", "sparse"],
     "layer_types": ["indexed_attention", "indexed_attention"],
 }
+_HYBRID_QWEN = {  # one linear-attention layer, one full (a cache of linear layers alone cannot say its length)
+    "layer_types": ["linear_attention", "full_attention"],
+    "head_dim": 16,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
 OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
+    "qwen3_5_text": _HYBRID_QWEN,
+    "qwen3_5_moe_text": _HYBRID_QWEN,
     "granitemoehybrid": {"layer_types": ["linear_attention", "attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "lfm3": {"layer_types": ["conv", "full_attention"], "head_dim": 16},
-    "qwen3_next": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "head_dim": 16,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-    },
+    "qwen3_next": _HYBRID_QWEN,
     "gemma4_text": {
         "head_dim": 16,
         "global_head_dim": 16,
@@ -92,6 +95,30 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm_moe_dsa": {**_INDEXED, "indexer_types": ["full", "full"]},
     "hy_v4": {**_INDEXED, "indexer_types": ["full", "shared"]},
     "helium": {"head_dim": 16},
+    "gemma3n_text": {  # no KV sharing: with 2 layers, the shared ones would have no layer of their type to read
+        "num_kv_shared_layers": 0,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "head_dim": 16,
+        "vocab_size_per_layer_input": 99,
+        "hidden_size_per_layer_input": 16,
+        "activation_sparsity_pattern": [0.0, 0.0],
+    },
+    # hybrids: one full-attention layer (a cache of linear-attention layers alone cannot say its length), MLA and
+    # linear heads sized down; the second MLP sparse, so that experts are fused too
+    "kimi_linear": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_heads": 2,
+        "linear_head_dim": 16,
+        **{"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 24},
+    },
+    "bailing_hybrid": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+        "linear_head_dim": 16,
+        "num_expert_group": 1,
+        "topk_group": 1,
+        **{"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 24},
+    },
 }
 
 # Model types whose attention has no sdpa path in transformers: compared with eager attention.
@@ -122,6 +149,8 @@ SKIPPED: dict[str, str] = {
             "llama4",
             "moss_transcribe_diarize",
             "phi4_multimodal",
+            "qwen3_5",
+            "qwen3_5_moe",
         )
     },
     "dots3_note_text": "heterogeneous per-layer config (per_layer_config): the tester defaults do not size it",
@@ -137,7 +166,8 @@ def attention(model_type: str) -> str:
 def supported_types() -> list[str]:
     """Every built-in plan with a non-empty TP plan that reshard converts (sorted)."""
     from reshard.manifests.layout import STYLES
-    from reshard.transforms.experts import SUPPORTED_OPERATIONS
+    from reshard.manifests.plans import ConverterRecord
+    from reshard.transforms.converters import replayable
 
     types = []
     for path in sorted((ROOT / "manifests" / "plans").glob("*.json")):
@@ -146,11 +176,7 @@ def supported_types() -> list[str]:
             continue
         if any(style not in STYLES for style in plan["styles"]):
             continue
-        converters = plan.get("key_converters", [])
-        if any(
-            {name for name, _ in c["operations"]} not in SUPPORTED_OPERATIONS or c["kind"] != "WeightConverter"
-            for c in converters
-        ):
+        if not all(replayable(ConverterRecord.from_json(c)) for c in plan.get("key_converters", [])):
             continue
         types.append(plan["model_type"])
     return types
@@ -212,4 +238,9 @@ _BOTH = {
     "lfm3": _THEIRS_BACKWARD,
     "llama4_text": _THEIRS_BACKWARD,
 }
+_BOTH["hrm_text"] = (
+    "transformers' own TP load fails: it cuts the fused checkpoint tensor per rank before its Chunk converter "
+    "(gate_proj 19 rows, up_proj 18 on rank 0 at tp 2); reshard's TP model is close to the unsharded one (logits "
+    "at 5e-3, the same 25 greedy tokens)"
+)
 KNOWN_FAILURES: dict[str, dict[str, str]] = {"tp2": _BOTH, "tp4": {**_BOTH, "laguna": _THEIRS_FORWARD}}
