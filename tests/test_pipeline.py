@@ -212,6 +212,8 @@ def two_ranks_pp(tiny, tmp_path_factory: pytest.TempPathFactory) -> list[dict[st
         spec.append({"name": f"tied_{tied}", **case})
     plain = str(tiny.artifact("llama", tp=2, num_hidden_layers=LAYERS, dtype="bfloat16"))
     spec.append({"name": "world_too_small", "kind": "error", "artifact": str(convert(tiny, root / "a22", 2, 2))})
+    one_dim = {"shape": [2], "names": ["tp"]}  # a caller's mesh without a pp dimension, for a pipeline artifact
+    spec.append({"name": "mesh_without_pp", "kind": "error", "artifact": str(root / "art-False"), "mesh": one_dim})
     spec.append(
         {"name": "stages_for_tp", "kind": "error", "artifact": plain, "mesh": {"shape": [2, 1], "names": ["pp", "tp"]}}
     )
@@ -237,6 +239,8 @@ def test_wrong_mesh_for_stages_is_refused_on_every_rank(two_ranks_pp):
         assert (
             "pp=2 x tp=2" in result["world_too_small"]["message"] and "4 ranks" in result["world_too_small"]["message"]
         )
+        assert result["mesh_without_pp"]["type"] == "MeshError"
+        assert "needs dimensions named 'pp' and 'tp'" in result["mesh_without_pp"]["message"]
         assert result["stages_for_tp"]["type"] == "MeshError"
         assert "the artifact has none" in result["stages_for_tp"]["message"]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import reshard
 from reshard.cli import main
 from reshard.commands.publish import publish
 from reshard.commands.verify import verify_artifact
@@ -229,7 +230,14 @@ def test_a_cached_file_changed_on_disk_is_downloaded_again(artifact: Path, s3: S
     assert s3.server.downloaded(rank0.name) == rank0.stat().st_size
 
 
-def test_torchrun_ranks_fetch_only_their_file_and_load_it(artifact: Path, s3: S3, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stages", [1, 2])
+def test_torchrun_ranks_fetch_only_their_file_and_load_it(
+    artifact: Path, s3: S3, tmp_path: Path, tiny: Any, stages: int
+) -> None:
+    """tp 2, or 2 pipeline stages (tp 1): each rank fetches the manifest, the small files and its own file only."""
+    if stages > 1:
+        artifact = tmp_path / "pp2"
+        reshard.convert(tiny.checkpoint("llama", num_hidden_layers=3), artifact, tp=1, pp=stages, progress=False)
     uri = publish(artifact, s3.uri("tp2"), progress=False)
     s3.server.requests.clear()
     worker = Path(__file__).parent / "workers" / "fetch_and_load.py"
