@@ -258,17 +258,23 @@ def four_ranks_pp(tiny, tmp_path_factory: pytest.TempPathFactory) -> list[dict[s
         spec.append({"name": f"tied_{tied}", **case, "stripped": stripped})
         mesh = {"shape": [2, 2], "names": ["pp", "tp"]}
         spec.append({"name": f"mesh_tied_{tied}", **case, "mesh": mesh})
+    moe = tiny.checkpoint("family_qwen3_moe", num_hidden_layers=3)  # fused experts, split into stages
+    moe_artifact = root / "moe"
+    reshard.convert(moe, moe_artifact, tp=2, pp=2, progress=False)
+    eager = {"experts_implementation": "eager"}  # grouped_mm needs 16-byte strides the tiny experts lack
+    spec.append({"name": "moe", "kind": "unsharded", "source": str(moe), "artifact": str(moe_artifact), **eager})
     return run(spec, 4, root / "out", timeout=300)
 
 
-@pytest.mark.parametrize("case", ["tied_False", "tied_True", "mesh_tied_False", "mesh_tied_True"])
+@pytest.mark.parametrize("case", ["tied_False", "tied_True", "mesh_tied_False", "mesh_tied_True", "moe"])
 def test_tp_times_pp_matches_the_unsharded_model(four_ranks_pp, case: str):
+    layers_of_stage = [{0}, {1, 2}] if case == "moe" else [{0, 1}, {2, 3, 4}]  # 3 layers (moe) or 5 over 2 stages
     for rank, result in enumerate(r[case] for r in four_ranks_pp):
         assert result["logits_max_diff"] < 1e-4, result["logits_max_diff"]
         assert result["tokens"][0] == result["tokens"][1]
         assert "pp=2, tp=2" in result["device_mesh"]
         layers = {int(n.split(".")[2]) for n in result["state"] if n.startswith("model.layers.")}
-        assert layers == ({0, 1} if rank < 2 else {2, 3, 4})
+        assert layers == layers_of_stage[rank // 2]
 
 
 def test_verify_names_the_damaged_tensor_of_a_stage_file(tiny, tmp_path: Path):

@@ -14,6 +14,7 @@ argv: ``SPEC.json``, a list of cases, each ``{"name", "kind", ...}``:
 - ``unsharded``: ``load_model(artifact)`` (e.g. with replicated KV heads, or tp x pp stages, which transformers
   cannot load) against ``from_pretrained(source)`` without any parallelism in this process: logits (closeness),
   greedy ``generate`` and which tensors the rank holds. Optional: ``mesh`` (load on that device mesh),
+  ``experts_implementation`` (both sides),
   ``stripped`` (``{rank: folder}``, folders holding only that rank's file).
 - ``compare`` with ``pp``: a pipeline artifact against ``DistributedConfig(pp_size=pp)``.
 - ``mesh2d``: ``load_model(artifact, device_mesh=(dp, tp))``: local tensors against slices of the full checkpoint,
@@ -185,12 +186,13 @@ def caller_ep_mesh(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]
 def unsharded(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    original = AutoModelForCausalLM.from_pretrained(case["source"])
+    extra = {"experts_implementation": case["experts_implementation"]} if "experts_implementation" in case else {}
+    original = AutoModelForCausalLM.from_pretrained(case["source"], **extra)
     kwargs = {}
     if "mesh" in case:
         shape, names = tuple(case["mesh"]["shape"]), tuple(case["mesh"]["names"])
         kwargs["device_mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    ours = load_model(case.get("stripped", {}).get(str(rank), case["artifact"]), **kwargs)
+    ours = load_model(case.get("stripped", {}).get(str(rank), case["artifact"]), **kwargs, **extra)
     state = load_state_dict(case.get("stripped", {}).get(str(rank), case["artifact"]), **kwargs)
     with torch.no_grad():
         their_logits, our_logits = original(PROMPT).logits, ours(PROMPT).logits
