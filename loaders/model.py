@@ -90,6 +90,7 @@ def _build_model(
     from transformers.distributed import DistributedConfig
     from transformers.distributed.expert_parallel import apply_expert_parallelism
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+    from transformers.initialization import no_init_weights
     from transformers.modeling_utils import LoadStateDictConfig
     from transformers.monkey_patching import patch_output_recorders
     from transformers.utils.generic import ContextManagers
@@ -118,7 +119,10 @@ def _build_model(
         config.distributed_config = distributed_config
     cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
 
-    with ContextManagers(cls.get_init_context(dtype, False, False, False)):
+    # torch's initialisers skipped while the meta model is built (transformers' own no_init_weights, which it uses
+    # when it builds a model it is about to load into): every weight is replaced by the rank file's, and any the file
+    # lacks is initialised by _finalize_model_loading afterwards, as from_pretrained does
+    with ContextManagers([*cls.get_init_context(dtype, False, False, False), no_init_weights()]):
         model = cls(config)
         patch_output_recorders(model)
     dtype_plan = model._get_dtype_plan(dtype)
