@@ -229,7 +229,9 @@ class Transforms:
             replicate_kv=KvReplication.from_json(replicate, origin) if replicate is not None else None,
             concatenated=blocks["concatenated"],
             chunked=blocks["chunked"],
-            interleaved={n: Interleaved.from_json(n, r, origin) for n, r in interleaved.items()} if interleaved else None,
+            interleaved={n: Interleaved.from_json(n, r, origin) for n, r in interleaved.items()}
+            if interleaved
+            else None,
         )
 
 

@@ -86,7 +86,9 @@ def reverse(table: Table, interleaved: dict[str, Interleaved] | None) -> Table:
     out = dict(table)
     for name, record in (interleaved or {}).items():
         tensor = out.pop(name)
-        back = [StridedMove(m.source, m.to, m.length, m.count, m.source_stride, m.to_stride) for m in _moves(tensor, record)]
+        back = [
+            StridedMove(m.source, m.to, m.length, m.count, m.source_stride, m.to_stride) for m in _moves(tensor, record)
+        ]
         out[record.source] = dataclasses.replace(tensor, name=record.source, chunks=strided_moved(tensor.chunks, back))
     return out
 
