@@ -33,6 +33,11 @@ def regrid_refusal(root: str | os.PathLike[str], manifest: Manifest, tp: int) ->
             f"its KV heads were replicated for tp={manifest.tp}; re-shard it offline instead "
             f"(reshard --tp {tp} {root} -o NEW)"
         )
+    if manifest.options.interleaved:
+        return (
+            f"its interleaved rows were de-interleaved per rank for tp={manifest.tp} (as transformers does); re-shard "
+            f"it offline instead (reshard --tp {tp} {root} -o NEW)"
+        )
     try:
         config = json.loads((Path(root) / "config.json").read_text())
     except (OSError, ValueError) as exc:

@@ -151,6 +151,73 @@ def remapped(chunks: Iterable[Chunk], moves: Iterable[tuple[int, int, int]]) -> 
     return tuple(sorted(out, key=lambda c: c.start))
 
 
+@dataclass(frozen=True)
+class StridedMove:
+    """Bytes ``[to + k * to_stride, + length)`` of a new tensor are bytes ``[source + k * source_stride, + length)``
+    of the old one, for ``k < count``: rows gathered from every other row (an interleave undone) or spread back."""
+
+    to: int
+    source: int
+    length: int
+    count: int
+    to_stride: int
+    source_stride: int
+
+
+def strided_moved(chunks: Iterable[Chunk], moves: Iterable[StridedMove]) -> tuple[Chunk, ...]:
+    """The chunks of a new tensor made by ``moves`` from the old one's ``chunks``, each run of the old chunks that
+    holds whole units of a move becoming one strided chunk (not one chunk per row).
+
+    Example (4 rows of 8 bytes stored in order; the new tensor holds the even rows, then the odd ones):
+        >>> old = contiguous("f", 100, 32)
+        >>> moves = [StridedMove(to=h * 16, source=h * 8, length=8, count=2, to_stride=8, source_stride=16)
+        ...          for h in (0, 1)]
+        >>> [(c.offset, c.start, c.count, c.stride, c.file_stride) for c in strided_moved(old, moves)]
+        [(100, 0, 2, 8, 16), (108, 16, 2, 8, 16)]
+    """
+    chunks = tuple(chunks)
+    out: list[Chunk] = []
+    for move in moves:
+        if move.count < 1 or move.length < 1:
+            continue
+        lo, hi = move.source, move.source + (move.count - 1) * move.source_stride + move.length
+        for chunk in chunks:
+            for part in clip(chunk, lo, hi):
+                for k in range(part.count):  # a checkpoint tensor has one run, an old rank's slice one per outer index
+                    run = replace(part, offset=part.offset + k * part.file_stride, start=part.start + k * part.stride,
+                                  count=1, stride=0, file_stride=0)  # fmt: skip
+                    out.extend(_moved_run(run, move))
+    return tuple(sorted(out, key=lambda c: c.start))
+
+
+def _moved_run(run: Chunk, move: StridedMove) -> list[Chunk]:
+    """One contiguous run's share of a strided move: the whole units in it as one strided chunk, a unit the run holds
+    only part of (at either end) as a chunk of its own."""
+    out: list[Chunk] = []
+    a, b = run.start, run.start + run.length
+    first = max(0, (a - move.source) // move.source_stride)
+    last = min(move.count - 1, (b - 1 - move.source) // move.source_stride)
+    k = first
+    while k <= last:
+        unit = move.source + k * move.source_stride
+        lo, hi = max(a, unit), min(b, unit + move.length)
+        if lo >= hi:
+            k += 1
+            continue
+        if lo == unit and hi == unit + move.length:  # every following unit wholly in the run joins this chunk
+            n = min(last, (b - move.length - move.source) // move.source_stride) - k + 1
+            out.append(
+                replace(run, offset=run.offset + unit - a, start=move.to + k * move.to_stride, length=move.length,
+                        count=n, stride=move.to_stride if n > 1 else 0, file_stride=move.source_stride if n > 1 else 0)
+            )  # fmt: skip
+            k += n
+            continue
+        out.append(replace(run, offset=run.offset + lo - a, start=move.to + k * move.to_stride + lo - unit,
+                           length=hi - lo, count=1))  # fmt: skip
+        k += 1
+    return out
+
+
 def locate(chunks: tuple[Chunk, ...], lo: int, hi: int, name: str = "") -> list[Piece]:
     """The file pieces holding tensor bytes ``[lo, hi)``, in order; raise if any byte is held by no chunk."""
     pieces: list[Piece] = []

@@ -5,7 +5,8 @@ Each record is written by the forward half of a transform (``reshard/transforms/
 ``embed_out`` → ``lm_head``), ``fused`` (per-expert checkpoint tensors stacked into fused ones),
 ``replicate_kv`` (KV heads duplicated so that every rank holds whole heads), ``concatenated`` (checkpoint tensors
 joined along dim 0 into one model tensor, transformers' ``Concatenate(dim=0)``) and ``chunked`` (one checkpoint
-tensor cut along dim 0 into several model tensors, ``Chunk(dim=0)``).
+tensor cut along dim 0 into several model tensors, ``Chunk(dim=0)``) and ``interleaved`` (a checkpoint tensor whose
+rows alternate gate, up, de-interleaved per rank as transformers' ``Interleave`` does at load).
 
 Example:
     >>> Transforms.from_json({"replicate_kv": {"original_kv_heads": 2, "replicated_kv_heads": 4, "head_dim": 16}})
@@ -73,6 +74,39 @@ class RowBlocks:
 
 
 @dataclass(frozen=True)
+class Interleaved:
+    """A model tensor made from checkpoint tensor ``source`` (rows along ``dim`` alternating a, b, a, b, ...) by
+    transformers' ``Interleave(dim)``: within each of ``blocks`` (consecutive runs of rows along ``dim``, one per
+    rank that holds a part of ``dim``, else the whole dim) the even rows come first, then the odd ones. transformers
+    de-interleaves each rank's local tensor after cutting it, so the blocks are the ranks' slices."""
+
+    source: str
+    dim: int
+    blocks: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "dim": self.dim, "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_json(cls, name: str, data: Any, origin: str) -> Interleaved:
+        path = f"{origin}: options.interleaved.{name}"
+        if not isinstance(data, dict) or set(data) != {"source", "dim", "blocks"}:
+            raise ManifestError(f"{path} must be an object with exactly ['source', 'dim', 'blocks']")
+        source, dim, blocks = data["source"], data["dim"], data["blocks"]
+        if not isinstance(source, str) or not source:
+            raise ManifestError(f"{path}.source must be a tensor name")
+        if not _is_count(dim, 0):
+            raise ManifestError(f"{path}.dim must be a non-negative integer, got {dim!r}")
+        if not isinstance(blocks, list) or not blocks or not all(_is_count(b, 0) and b % 2 == 0 for b in blocks):
+            raise ManifestError(f"{path}.blocks must be a list of even row counts, got {blocks!r}")
+        return cls(source, dim, tuple(blocks))
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**40
+
+
+@dataclass(frozen=True)
 class Transforms:
     """Everything a conversion did to the checkpoint's tensors besides slicing them (empty: nothing)."""
 
@@ -81,6 +115,7 @@ class Transforms:
     replicate_kv: KvReplication | None = None
     concatenated: dict[str, RowBlocks] | None = None  # model tensor -> the checkpoint tensors joined into it
     chunked: dict[str, RowBlocks] | None = None  # checkpoint tensor -> the model tensors cut from it
+    interleaved: dict[str, Interleaved] | None = None  # model tensor -> the interleaved checkpoint tensor
 
     def checkpoint_keys(self, names: list[str]) -> list[str]:
         """The source checkpoint's own keys for the model's tensor ``names``: fused tensors split into their parts,
@@ -91,7 +126,9 @@ class Transforms:
             fused = self.fused.get(name) if self.fused else None
             joined = self.concatenated.get(name) if self.concatenated else None
             if fused is not None:
-                keys.extend(key for key, _ in fused.parts)
+                keys.extend(checkpoint_key(key, self.key_renames) for key, _ in fused.parts)
+            elif self.interleaved and name in self.interleaved:
+                keys.append(checkpoint_key(self.interleaved[name].source, self.key_renames))
             elif joined is not None:
                 keys.extend(checkpoint_key(key, self.key_renames) for key, _ in joined.parts)
             elif name in cut_from:
@@ -113,6 +150,15 @@ class Transforms:
                 return path, f"parts of {sum(r for _, r in blocks.parts)} rows do not make {name!r} {list(shape)}"
             if clash := [key for key, _ in blocks.parts if key in tensors]:
                 return path, f"part {clash[0]!r} is also a tensor of this manifest"
+        for name, record in sorted((self.interleaved or {}).items()):
+            path = f"options.interleaved.{name}"
+            if name not in tensors:
+                return path, f"{name!r} is not a tensor of this manifest"
+            shape = tensors[name][1]
+            if record.dim >= len(shape) or sum(record.blocks) != shape[record.dim]:
+                return f"{path}.blocks", f"blocks of {list(record.blocks)} rows do not cover {name!r} {list(shape)}"
+            if record.source in tensors:
+                return f"{path}.source", f"{record.source!r} is a tensor of this manifest, not a checkpoint tensor"
         owners: dict[str, str] = {}
         for key, blocks in sorted((self.chunked or {}).items()):
             path = f"options.chunked.{key}"
@@ -146,6 +192,8 @@ class Transforms:
         for field, records in (("concatenated", self.concatenated), ("chunked", self.chunked)):
             if records:
                 out[field] = {name: [[part, rows] for part, rows in r.parts] for name, r in sorted(records.items())}
+        if self.interleaved:
+            out["interleaved"] = {name: record.to_json() for name, record in sorted(self.interleaved.items())}
         return out
 
     @classmethod
@@ -154,7 +202,8 @@ class Transforms:
             return cls()
         if not isinstance(data, dict):
             raise ManifestError(f"{origin}: options must be an object")
-        if unknown := sorted(set(data) - {"key_renames", "fused", "replicate_kv", "concatenated", "chunked"}):
+        known = {"key_renames", "fused", "replicate_kv", "concatenated", "chunked", "interleaved"}
+        if unknown := sorted(set(data) - known):
             raise ManifestError(f"{origin}: options.{unknown[0]} is not a transform this reshard knows")
         renames = data.get("key_renames") or []
         if not isinstance(renames, list) or not all(
@@ -171,12 +220,18 @@ class Transforms:
             if value is not None and not _is_fused_record(value):
                 raise ManifestError(f"{origin}: options.{field} must map tensor names to [[tensor name, rows], ...]")
             blocks[field] = {n: RowBlocks(tuple((k, r) for k, r in p)) for n, p in value.items()} if value else None
+        interleaved = data.get("interleaved")
+        if interleaved is not None and not isinstance(interleaved, dict):
+            raise ManifestError(f"{origin}: options.interleaved must map tensor names to records")
         return cls(
             key_renames=tuple((a, b) for a, b in renames),
             fused={n: FusedTensor(tuple((k, b) for k, b in p)) for n, p in fused.items()} if fused else None,
             replicate_kv=KvReplication.from_json(replicate, origin) if replicate is not None else None,
             concatenated=blocks["concatenated"],
             chunked=blocks["chunked"],
+            interleaved={n: Interleaved.from_json(n, r, origin) for n, r in interleaved.items()}
+            if interleaved
+            else None,
         )
 
 
@@ -207,11 +262,29 @@ def model_key(checkpoint_key: str, rules: RenameRules) -> str:
 
 
 def checkpoint_key(model_key: str, rules: RenameRules) -> str:
-    """Undo the renames, last first; only literal patterns (``^embed_out\\.``) can be undone."""
+    """Undo the renames, last first. A literal pattern (``^embed_out\\.``) gives its text back; one with a capturing
+    group (``(convolution|sconv)\\.weight(?!_)`` → ``\\1.conv1d.weight``) is reversed as transformers reverses it
+    for ``save_pretrained``: its target, the group standing for itself, becomes the pattern (lookarounds dropped)."""
     for pattern, target in reversed(rules):
-        if not _LITERAL_PATTERN.fullmatch(pattern):
-            raise ReshardError(f"cannot undo the key rename {pattern!r} -> {target!r} (not a literal pattern)")
-        anchored = pattern.startswith("^")
-        literal = pattern.removeprefix("^").replace("\\.", ".")
-        model_key = re.sub(("^" if anchored else "") + re.escape(target), literal.replace("\\", "\\\\"), model_key)
+        model_key = _undone(model_key, pattern, target)
     return model_key
+
+
+def _undone(key: str, pattern: str, target: str) -> str:
+    anchor = "^" if pattern.startswith("^") else ""
+    body = pattern.removeprefix("^")
+    if _LITERAL_PATTERN.fullmatch(pattern):
+        return re.sub(anchor + re.escape(target), body.replace("\\.", ".").replace("\\", "\\\\"), key)
+    body = re.sub(r"\(\?.+?\)?\)", "", body)  # transformers' process_target_pattern drops lookarounds
+    group = re.search(r"\(.+?\)", body)
+    parts = body.split(group.group(0), 1) if group else []
+    if (
+        group is None
+        or target.count("\\1") != 1
+        or not all(_LITERAL_PATTERN.fullmatch(part) or not part for part in [*parts, *target.split("\\1")])
+    ):
+        raise ReshardError(f"cannot undo the key rename {pattern!r} -> {target!r} (not a literal pattern)")
+    before, after = target.split("\\1")
+    head, tail = (part.replace("\\.", ".") for part in parts)
+    search = anchor + re.escape(before) + group.group(0) + re.escape(after)
+    return re.sub(search, lambda match: head + match.group(1) + tail, key, count=1)

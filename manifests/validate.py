@@ -95,6 +95,7 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
                 rank_bytes[stage * tp + piece.rank] += math.prod(piece.shape) * itemsize
     if problem := manifest.options.problem({t.name: (t.dtype, t.shape) for t in manifest.tensors}):
         f.fail(*problem)
+    _check_interleaved(f, manifest)
     keys = [(-ITEMSIZES[t.dtype], t.name) for t in manifest.tensors]
     if keys != sorted(keys):
         f.fail("tensors", "not in rank-file order (widest dtype first, then by name)")
@@ -200,3 +201,18 @@ def _check_tensor(f: Fields, tensor: TensorEntry, tp: int, path: str) -> None:
                 f"{path}.slices[{rank}].shape",
                 f"{shown(piece.shape)}, but the layout gives {shown(layout.local_shapes[rank])}",
             )
+
+
+def _check_interleaved(f: Fields, manifest: Manifest) -> None:
+    """An interleaved tensor's blocks must be the rows of its dim each rank holds (the whole dim when its placement
+    cuts another dim or none): transformers de-interleaves each rank's slice."""
+    tensors = {t.name: t for t in manifest.tensors}
+    for name, record in sorted((manifest.options.interleaved or {}).items()):
+        tensor = tensors[name]  # Transforms.problem has checked that it exists
+        placement = tensor.placement
+        if placement.is_sharded and placement.mesh == "tp" and placement.dim == record.dim:
+            expected = tuple(sum(b - a for a, b in piece.ranges) for piece in tensor.slices)
+        else:
+            expected = (tensor.shape[record.dim],)
+        if record.blocks != expected:
+            f.fail(f"options.interleaved.{name}.blocks", f"{list(record.blocks)}, but the ranks hold {list(expected)}")

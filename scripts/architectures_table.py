@@ -26,7 +26,12 @@ sys.path.insert(0, str(ROOT))
 from reshard.manifests.layout import STYLES  # noqa: E402
 from reshard.manifests.plans import ConverterRecord  # noqa: E402
 from reshard.transforms.converters import replayable  # noqa: E402
-from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, RUNTIME_PARITY_FAMILIES  # noqa: E402
+from tests.helpers.checkpoints import (  # noqa: E402
+    FAMILIES,
+    MOE_FAMILIES,
+    RUNTIME_PARITY_FAMILIES,
+    TESTER_FAMILIES,
+)
 from tests.helpers.tester_configs import KNOWN_FAILURES  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "architectures.md"
@@ -116,7 +121,7 @@ def table() -> str:
         model_type = plan["model_type"]
         reasons = blockers(plan)
         tests = []
-        if model_type in FAMILIES or model_type in MOE_FAMILIES:
+        if model_type in FAMILIES or model_type in MOE_FAMILIES or model_type in TESTER_FAMILIES:
             tests.append("slices")
         if model_type in EP_SLICE_FAMILIES:
             tests.append("EP slices")

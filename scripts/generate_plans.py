@@ -72,6 +72,8 @@ def _key_conversions(model: Any) -> tuple[list[list[str]], list[dict[str, Any]]]
             [type(op).__name__, {k: v for k, v in sorted(vars(op).items()) if isinstance(v, (int, str)) or v is None}]
             for op in getattr(transform, "operations", [])
         ]
+        if isinstance(offset := getattr(transform, "offset", None), int):  # Inkling2IndexOffsetWeightRename's
+            operations.append(["IndexOffset", {"offset": offset}])
         converters.append(
             {"kind": type(transform).__name__, "sources": sources, "targets": targets, "operations": operations}
         )

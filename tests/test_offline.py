@@ -638,15 +638,25 @@ def test_tokenizer_and_config_files_are_copied_and_hashed(tmp_path: Path):
 
 
 def test_a_converter_reshard_cannot_replay_is_one_line(tmp_path: Path):
-    """inkling2_text's checkpoint holds experts' gate and up rows interleaved, which transformers de-interleaves at
-    load (an Interleave converter): refused with the converter named, exit 4, before anything is written."""
+    """A converter reshard does not replay (here an ``Interleave`` inverse in a custom plan's place) is refused with
+    the converter named; inkling2_text whose ranks would hold an odd number of interleaved gate/up rows (37 at tp 2:
+    transformers' own load fails, gate and up would mix) is refused naming the tensor, exit 5, before anything is
+    written."""
     pytest.importorskip("transformers")
+    from reshard.manifests.chunks import StoredTensor, contiguous
+    from reshard.manifests.errors import PlanError
+    from reshard.manifests.plans import ConverterRecord
+    from reshard.transforms import experts
     from tests.helpers.tester_configs import make_tiny_checkpoint
 
-    make_tiny_checkpoint("inkling2_text", tmp_path / "src")
+    inverse = ConverterRecord("WeightConverter", ("w13",), ("gate_up",), (("Interleave", {"dim": 1, "inverse": True}),))
+    table = {"l.w13": StoredTensor("l.w13", "F32", (2, 4), contiguous("f", 0, 32))}
+    with pytest.raises(PlanError, match=r"cannot replay transformers' converter .*Interleave"):
+        experts.forward(table, (inverse,))
+    make_tiny_checkpoint("inkling2_text", tmp_path / "src", moe_intermediate_size=37)
     result = run_cli("--tp", "2", str(tmp_path / "src"), "-o", str(tmp_path / "art"), "-q")
-    assert result.returncode == 4, result.stderr
-    assert "cannot replay transformers' converter" in result.stderr and "Interleave" in result.stderr
+    assert result.returncode == 5, result.stderr
+    assert "gate_up_proj" in result.stderr and "[37, 37] rows of dim 1" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "art").exists() and not (tmp_path / ".art.partial").exists()
 

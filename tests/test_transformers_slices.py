@@ -2,7 +2,8 @@
 
 One 2-rank torchrun/gloo run loads every dense and MoE family with transformers and dumps its local tensors
 (for MoE: the fused ``gate_up_proj``/``down_proj`` transformers builds from per-expert tensors); the test
-compares them, bit for bit and placement for placement, with reshard's rank files for the same checkpoint.
+compares them, bit for bit and placement for placement, with reshard's rank files for the same checkpoint. The
+families whose converters reshard replays last (``TESTER_FAMILIES``) are built from transformers' tester-sized configs.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 import reshard
-from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, make_checkpoint
+from tests.helpers.checkpoints import FAMILIES, MOE_FAMILIES, SLICES_SKIPPED, TESTER_FAMILIES, make_checkpoint
 
-ALL_FAMILIES = sorted({**FAMILIES, **MOE_FAMILIES})
+ALL_FAMILIES = sorted({**FAMILIES, **MOE_FAMILIES}) + list(TESTER_FAMILIES)
 EP_FAMILIES = ["qwen3_moe", "mixtral"]  # expert parallel (ep = tp = 2): whole experts per rank
 
 pytest.importorskip("transformers")
@@ -53,7 +54,12 @@ def transformers_dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
     root = tmp_path_factory.mktemp("families")
     jobs, result = [], {}
     for family in ALL_FAMILIES:
-        source = make_checkpoint(f"family_{family}", root / family)
+        if family in TESTER_FAMILIES:  # built as transformers' testers build it
+            from tests.helpers.tester_configs import make_tiny_checkpoint
+
+            source = make_tiny_checkpoint(family, root / family)
+        else:
+            source = make_checkpoint(f"family_{family}", root / family)
         result[family] = (source, root / f"{family}-hf")
         jobs.append([str(source), str(root / f"{family}-hf"), 1])
     for family in EP_FAMILIES:
@@ -83,7 +89,12 @@ def normalized(placements: list[list[object]] | None, ndim: int) -> list[list[ob
     return [[p[0], p[1] % ndim, *p[2:]] if isinstance(p[1], int) else p for p in placements]  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES + [f"{family}-ep" for family in EP_FAMILIES])
+@pytest.mark.parametrize(
+    "family",
+    ALL_FAMILIES
+    + [f"{family}-ep" for family in EP_FAMILIES]
+    + [pytest.param(family, marks=pytest.mark.skip(reason=reason)) for family, reason in SLICES_SKIPPED.items()],
+)
 def test_rank_files_equal_transformers_local_shards(transformers_dumps, tmp_path: Path, family: str):
     source, dump = transformers_dumps[family]
     ep = TP if family.endswith("-ep") else 1

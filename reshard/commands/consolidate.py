@@ -19,7 +19,7 @@ from reshard.manifests.progress import progress_bar
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.source.artifact import InputCheck, artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME
-from reshard.transforms import experts, kv_heads, renames, row_blocks
+from reshard.transforms import experts, interleave, kv_heads, renames, row_blocks
 from reshard.write.rank_files import write_rank_files
 from reshard.write.reader import ChunkReader, OpenFiles
 from reshard.write.staging import copy_hashed, staging_folder, write_durably
@@ -111,6 +111,9 @@ def _checkpoint_tensors(
         styles.update({key: styles.get(joined) for key, _ in record.parts})
     for key, record in (options.chunked or {}).items():
         styles[key] = styles.get(record.parts[0][0])
+    for joined, interleaved in (options.interleaved or {}).items():
+        styles[interleaved.source] = styles.get(joined)
+    table = interleave.reverse(table, options.interleaved)
     table = row_blocks.reverse(table, options.concatenated, options.chunked)
     named = {name: renames.checkpoint_key(name, options.key_renames) for name in table}
     table = renames.reverse(table, options.key_renames)

@@ -25,12 +25,12 @@ from reshard.manifests.plans import plan_for_config
 from reshard.manifests.preflight import require_expert_parallel, require_shardable, text_config
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
-from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel
+from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
 from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.transforms import Table, experts, kv_heads, renames, row_blocks
+from reshard.transforms import Table, experts, interleave, kv_heads, renames, row_blocks
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,14 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
-    rename_rules = (renames.prefix_changes(builtin.key_converters, stored) + builtin.key_renames) if builtin else ()
+    converters = builtin.key_converters if builtin else ()
+    rename_rules = (renames.prefix_changes(converters, stored) + builtin.key_renames) if builtin else ()
+    rename_rules += renames.index_offsets(converters, stored)
     table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
-    table, concatenated, chunked = row_blocks.forward(table, builtin.key_converters if builtin else ())
+    table, concatenated, chunked = row_blocks.forward(table, converters)
+    blocks = interleave.blocks_for(lambda name: style_of(name, {**plan, **ep_plan}), tp)
+    interleaved = interleave.records(table, converters, blocks)
+    table = interleave.forward(table, interleaved)
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
@@ -147,7 +152,9 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         plan_overrides=rules if request.custom_plan else None,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=Transforms(rename_rules, fused or None, replication, concatenated or None, chunked or None),
+        transforms=Transforms(
+            rename_rules, fused or None, replication, concatenated or None, chunked or None, interleaved or None
+        ),
         extra_files=checkpoint.extra_files,
         source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),
         identity={
@@ -209,10 +216,19 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     table = artifact_tensors(root, old)
     if stored:
         table = kv_heads.reverse(table, stored, old.plan)
+    styles = {t.name: t.style for t in old.tensors}
+    interleaved = None
+    if old.options.interleaved:  # transformers de-interleaves each rank's rows: the blocks follow the new tp
+        blocks = interleave.blocks_for(styles.get, tp)
+        table = interleave.reverse(table, old.options.interleaved)
+        interleaved = {
+            name: replace(r, blocks=blocks(name, table[r.source].shape, r.dim))
+            for name, r in old.options.interleaved.items()
+        }
+        table = interleave.forward(table, interleaved)
     replication = kv_heads.needed(config, tp) if replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, old.plan)
-    styles = {t.name: t.style for t in old.tensors}
     pp = request.pp if request.pp is not None else old.pp
     tied = old.pipeline.tied if old.pipeline is not None else _tied(config)
     pipeline = pipeline_split(config, table, pp, tied, str(root), ep)
@@ -229,7 +245,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         plan_overrides=old.plan_overrides,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=replace(old.options, replicate_kv=replication),
+        transforms=replace(old.options, replicate_kv=replication, interleaved=interleaved),
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source=old.source,
         identity={"artifact": manifest_digest},

@@ -2,7 +2,8 @@
 
 ``experts`` replays the per-expert ones (``MergeModulelist``, with ``Concatenate(dim=1)`` of gate and up);
 ``row_blocks`` the dim-0 ``Concatenate`` and ``Chunk`` of whole tensors; ``renames`` a ``PrefixChange`` that removes
-a prefix. Any other converter (``Interleave``, a prefix added, a model's own rename class) makes a model type
+a prefix, and inkling2's index-shifting one; ``interleave`` an ``Interleave``. Any other converter (a prefix added,
+an ``Interleave`` inverse, another model's own rename class) makes a model type
 unsupported: the architectures table and the model-type matrix ask here, and a conversion that meets one refuses it
 with one line (``experts.forward``).
 """
@@ -10,7 +11,7 @@ with one line (``experts.forward``).
 from __future__ import annotations
 
 from reshard.manifests.plans import ConverterRecord
-from reshard.transforms import experts, renames, row_blocks
+from reshard.transforms import experts, interleave, renames, row_blocks
 
 
 def replayable(converter: ConverterRecord) -> bool:
@@ -22,4 +23,5 @@ def replayable(converter: ConverterRecord) -> bool:
         True
     """
     fused = converter.kind == "WeightConverter" and converter.operation_names in experts.SUPPORTED_OPERATIONS
-    return fused or row_blocks.replays(converter) or renames.prefix_rule(converter) is not None
+    renamed = renames.prefix_rule(converter) is not None or renames.offset_rule(converter) is not None
+    return fused or row_blocks.replays(converter) or interleave.replays(converter) or renamed

@@ -64,3 +64,35 @@ def prefix_rule(converter: ConverterRecord) -> tuple[str, str] | None:
     source = re.fullmatch(r"(\^(?:\w|\\\.)+)\(\.\+\)", converter.sources[0])
     target = re.fullmatch(r"((?:\w|\.)*)\\1", converter.targets[0])
     return (source.group(1), target.group(1)) if source and target else None
+
+
+def index_offsets(converters: tuple[ConverterRecord, ...], keys: Iterable[str]) -> Rules:
+    """An index-shifting rename (inkling2's ``attn_res.attn_queries.0`` → ``layers.1.attention_input.query``,
+    ``Inkling2IndexOffsetWeightRename``) as one literal rule per index the checkpoint's keys hold, longest index
+    first (so that ``queries.1`` never renames the start of ``queries.10``); literal rules are undone as any other."""
+    keys = list(keys)
+    rules: list[tuple[str, str]] = []
+    for converter in converters:
+        if (rule := offset_rule(converter)) is None:
+            continue
+        pattern, target, offset = rule
+        indices = {int(match.group(1)) for key in keys if (match := re.search(pattern, key))}
+        for index in sorted(indices, key=lambda i: (-len(str(i)), i)):
+            literal = pattern.replace(r"(\d+)", str(index))
+            rules.append((literal, target.replace("\\1", str(index + offset))))
+    return tuple(rules)
+
+
+def offset_rule(converter: ConverterRecord) -> tuple[str, str, int] | None:
+    """An ``Inkling2IndexOffsetWeightRename`` as (literal pattern with one ``(\\d+)``, target with ``\\1``, offset), or
+    None for any other converter (or one whose patterns are not literal around the index)."""
+    if converter.kind != "Inkling2IndexOffsetWeightRename" or len(converter.sources) != 1:
+        return None
+    offsets = [args.get("offset") for name, args in converter.operations if name == "IndexOffset"]
+    source, target = converter.sources[0], converter.targets[0] if len(converter.targets) == 1 else ""
+    literal = re.compile(r"(?:\w|\\\.|\.)+")
+    if len(offsets) != 1 or not isinstance(offsets[0], int) or source.count(r"(\d+)") != 1 or target.count("\\1") != 1:
+        return None
+    if not all(literal.fullmatch(part) or not part for part in [*source.split(r"(\d+)"), *target.split("\\1")]):
+        return None
+    return source, target, offsets[0]

@@ -111,6 +111,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "linear_head_dim": 16,
         **{"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 24},
     },
+    # 8 experts of 16 rows: transformers de-interleaves each rank's gate/up rows, an even number at tp 2 and 4
+    "inkling2_text": {
+        "n_routed_experts": 8,
+        "intermediate_size": 16,
+        "swa_num_attention_heads": 4,
+        "swa_num_key_value_heads": 2,
+        "swa_head_dim": 16,
+        "head_dim": 16,
+        "rel_extent": 64,
+    },
     "bailing_hybrid": {
         "layer_types": ["linear_attention", "full_attention"],
         "mlp_layer_types": ["dense", "sparse"],
@@ -126,6 +136,7 @@ EAGER_ATTENTION = {
     "deepseek_v4",
     "flint",
     "hy_v4",
+    "inkling2_text",
     "gemma2",
     "gpt_oss",
     "granite_swa",
