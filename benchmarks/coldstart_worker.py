@@ -1,16 +1,18 @@
 """One rank of a ``benchmarks/coldstart.py`` measurement, launched by torchrun; not meant to be run by hand.
 
-    torchrun --nproc-per-node N benchmarks/coldstart_worker.py {reshard,transformers} PATH OUT [server|process]
+    torchrun --nproc-per-node N benchmarks/coldstart_worker.py SIDE PATH OUT [server|process]
 
-``reshard``: ``from reshard.loaders import load_model`` then ``load_model(PATH)`` (a tp artifact). ``transformers``:
-``from transformers import AutoModelForCausalLM, DistributedConfig`` then
-``from_pretrained(PATH, distributed_config=DistributedConfig(tp_size=WORLD_SIZE))`` (a checkpoint, or a
-distributed checkpoint saved by ``save_pretrained(..., distributed_checkpoint=True)``). Each library initialises
+SIDE ``reshard`` or ``reshard_regrid``: ``from reshard.loaders import load_model`` then ``load_model(PATH)`` (a tp
+artifact). ``transformers`` or ``transformers_dcp``: ``from transformers import AutoModelForCausalLM,
+DistributedConfig`` then ``from_pretrained(PATH, distributed_config=DistributedConfig(tp_size=WORLD_SIZE))`` (a
+checkpoint; for ``transformers_dcp`` a distributed checkpoint saved by ``save_pretrained(...,
+distributed_checkpoint=True)``, which transformers detects and reads with torch DCP). Each library initialises
 the process group itself. Then two forwards of an 8-token prompt under ``torch.no_grad()``: the first pays for
 whatever the load left undone (page faults of weights not yet resident), the second is compute only.
 
 ``server`` (default): torch, ``torch.distributed.tensor``, transformers, the model's modeling module (and for
-reshard ``reshard.loaders.model``) are imported before the load is timed, as in a server that loads a model into
+reshard ``reshard.loaders.model``, for ``transformers_dcp`` ``torch.distributed.checkpoint``'s state-dict and planner
+modules) are imported before the load is timed, as in a server that loads a model into
 a running process; ``process``: nothing is, so the imports count in the load. Either way the times since this
 process started (``/proc/self/stat`` starttime, CLOCK_BOOTTIME, 10 ms ticks) are recorded too. Writes
 ``OUT/{side}.rank{R}.json`` (times, peak RSS, faults) and ``OUT/{side}.rank{R}.safetensors`` (the logits).
@@ -65,6 +67,9 @@ def _server_imports(side: str, path: str) -> None:
     importlib.import_module(AutoModelForCausalLM._model_mapping[type(config)].__module__)
     if side.startswith("reshard"):
         import reshard.loaders.model  # noqa: F401
+    if side == "transformers_dcp":  # what transformers imports lazily to load one (hf_storage it imports anyway)
+        importlib.import_module("torch.distributed.checkpoint.default_planner")
+        importlib.import_module("torch.distributed.checkpoint.state_dict")
 
 
 def main() -> None:
@@ -81,7 +86,7 @@ def main() -> None:
         from reshard.loaders import load_model
 
         model = load_model(path)
-    elif side == "transformers":
+    elif side in ("transformers", "transformers_dcp"):
         from transformers import AutoModelForCausalLM, DistributedConfig
 
         tp = DistributedConfig(tp_size=int(os.environ["WORLD_SIZE"]))  # the model's own ("auto") plan
