@@ -43,6 +43,7 @@ def load_model(
     device: DeviceArg = None,
     dtype: DtypeArg = "auto",
     verify: bool = False,
+    populate: bool = False,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
     model_class: type[PreTrainedModel] | None = None,
@@ -51,7 +52,8 @@ def load_model(
     """Build the artifact's transformers model, tensor-parallel over ``device_mesh``, from this rank's file only.
 
     Args:
-        path, device_mesh, device, dtype, verify: as for ``load_state_dict``.
+        path, device_mesh, device, dtype, verify, populate: as for ``load_state_dict`` (with ``populate`` the rank
+            file is read in the background while the model is built).
         attn_implementation, experts_implementation: as for ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         model_class: the ``PreTrainedModel`` class to build; default ``AutoModelForCausalLM``'s for the config.
         ep_implementation: for an expert-parallel artifact, how tokens reach the experts, as
@@ -64,15 +66,15 @@ def load_model(
         ``_device_mesh`` is the caller's mesh. An expert-parallel artifact gives the model of
         ``from_pretrained(source, distributed_config=DistributedConfig(tp_size=N, ep_size=N))``: experts
         ``Shard(0)`` on the ``ep`` mesh (see ``load_state_dict``), ``_ep_plan`` and transformers' EP dispatch.
-        On CPU its weights are views of the mapped rank file, resident when it returns (paged in by a background
-        thread while the model is built, so the first forward takes no page faults).
+        On CPU its weights are views of the mapped rank file, paged in on first use (or resident on return with
+        ``populate=True``).
 
     Example (``torchrun --nproc-per-node 2 serve.py``):
         >>> model = load_model("./SmolLM2-1.7B-tp2")  # doctest: +SKIP
         >>> model.generate(input_ids, max_new_tokens=20, do_sample=False)  # doctest: +SKIP
     """
-    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
-    try:  # the rank file's pages are made resident in the background while the model is built
+    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify, populate=populate)
+    try:  # with populate, the rank file's pages are made resident in the background while the model is built
         with agreed(artifact.mesh):  # building and assigning runs no collective; a failure on one rank stops all
             return _build_model(artifact, attn_implementation, experts_implementation, model_class, ep_implementation)
     finally:

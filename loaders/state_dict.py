@@ -90,6 +90,7 @@ def load_state_dict(
     device: DeviceArg = None,
     dtype: DtypeArg = "auto",
     verify: bool = False,
+    populate: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Map this rank's file of a reshard artifact into the tensors of a tensor-parallel state dict.
 
@@ -105,6 +106,10 @@ def load_state_dict(
             cast as ``from_pretrained(..., dtype=)`` casts them, and are then copies, not views of the mapped file
             (logged once; ``reshard --dtype`` stores the artifact in the dtype it will be loaded in).
         verify: check every tensor's xxh3-128 against the manifest while mapping.
+        populate: on CPU, make every page of the rank file resident before returning (``MADV_POPULATE_READ``)
+            instead of on first use. Off by default: measured on a 2-core VM it never made the weights usable
+            sooner (warm: the same; cold: the first forward still took seconds to touch the read pages; MoE: it
+            reads the experts no token visits). See docs/performance.md.
 
     Returns:
         ``{name: tensor}`` under transformers' parameter names: a ``DTensor`` on the tp mesh for every planned
@@ -118,7 +123,7 @@ def load_state_dict(
         >>> state["model.layers.0.self_attn.q_proj.weight"].placements  # doctest: +SKIP
         (Shard(dim=0),)
     """
-    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify)
+    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify, populate=populate)
     artifact.wait_resident()
     if dtype is None or dtype == "auto":  # as stored, every tensor a view of the mapped file
         return artifact.tensors
@@ -132,6 +137,7 @@ def open_artifact(
     device: DeviceArg = None,
     dtype: DtypeArg = "auto",
     verify: bool = False,
+    populate: bool = False,
 ) -> LoadedArtifact:
     """Do the work of ``load_state_dict`` and keep what ``load_model`` needs besides the tensors."""
     wanted = as_device(device)
@@ -158,13 +164,13 @@ def open_artifact(
         else:
             rank = check_mesh(manifest, mesh, origin, default=default)
             try:
-                opened = open_rank_file(root, manifest, rank, device=target, verify=verify)
+                opened = open_rank_file(root, manifest, rank, device=target, verify=verify, populate=populate)
             except (IntegrityError, FileFormatError):
                 if not is_remote(path):
                     raise
                 # verified when downloaded, so the cached bytes changed since: evicted and fetched once more
                 root = refetch_rank_file(path, root, manifest, rank)
-                opened = open_rank_file(root, manifest, rank, device=target, verify=verify)
+                opened = open_rank_file(root, manifest, rank, device=target, verify=verify, populate=populate)
             local = opened.tensors
         if folder_identity(root) != folder:  # the rank file's header and its bytes could then be two conversions'
             raise ManifestError(f"{root}: replaced while loading (another process wrote the artifact); load it again")

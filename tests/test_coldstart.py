@@ -1,6 +1,6 @@
-"""Cold start: when ``load_model`` / ``load_state_dict`` return, this rank's weights are resident (mapped into the
-process, so the first forward takes no page faults), still zero-copy views of the rank file, and the thread that
-made them resident is gone."""
+"""Cold start: ``load_model`` / ``load_state_dict`` return zero-copy views of the rank file, paged in on first use by
+default; with ``populate=True`` every page is resident on return (mapped into the process, so the first forward takes
+no page faults) and the thread that made them resident is gone."""
 
 from __future__ import annotations
 
@@ -60,15 +60,20 @@ def no_thread_left() -> None:
 
 def test_load_state_dict_returns_resident_views(tiny) -> None:
     artifact = tiny.artifact("llama_tied", tp=1)
-    state = load_state_dict(artifact)
+    state = load_state_dict(artifact, populate=True)
     assert not populate_threads()
     assert_resident_views(state, rank_file(artifact))
 
 
-def test_map_rank_file_alone_leaves_pages_to_first_use(tiny) -> None:
-    """The control: without populating, a fresh mapping has (almost) nothing resident, so the check above means it."""
+@pytest.mark.parametrize("how", ["map_rank_file", "load_state_dict"])
+def test_by_default_pages_come_in_on_first_use(tiny, how: str) -> None:
+    """The default, and the control: a fresh mapping has (almost) nothing resident, so the check above means it."""
     artifact = tiny.artifact("llama_tied", tp=1)
-    local = map_rank_file(artifact, read_manifest(artifact), 0, device=torch.device("cpu"), verify=False)
+    if how == "map_rank_file":
+        local = map_rank_file(artifact, read_manifest(artifact), 0, device=torch.device("cpu"), verify=False)
+    else:
+        local = load_state_dict(artifact)
+        assert all(mapped_file(t) == rank_file(artifact) for t in local.values() if t.numel())  # still views
     first = next(t for t in local.values() if t.numel())
     size, rss = mapping_rss(first.untyped_storage().data_ptr())
     assert size > 4 * PAGE and rss < size / 2, (size, rss)
@@ -80,7 +85,7 @@ def test_load_model_returns_resident_views_and_no_thread(tiny) -> None:
     artifact = tiny.artifact("llama_tied", tp=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_model(artifact)
+        model = load_model(artifact, populate=True)
     assert not populate_threads()
     params = {name: p.data for name, p in model.named_parameters()}
     assert_resident_views(params, rank_file(artifact))
