@@ -94,7 +94,8 @@ def describe_split(pipeline: Pipeline) -> str:
     parts = []
     for stage in range(pipeline.stages):
         start, end = pipeline.layer_range(stage)
-        parts.append(f"stage {stage}: layers {start}-{end - 1} ({end - start})")
+        layers = f"layer {start}" if end - start == 1 else f"layers {start}-{end - 1}"
+        parts.append(f"stage {stage}: {layers} ({end - start})")
     return ", ".join(parts)
 
 

@@ -296,3 +296,12 @@ def test_verify_names_the_damaged_tensor_of_a_stage_file(tiny, tmp_path: Path):
     problems = verify_artifact(artifact, lambda n: None)
     last = manifest.held_by(3)[-1].name
     assert any(last in p and "do not match the manifest's xxh3" in p for p in problems), problems
+
+
+def test_default_output_names_the_stages(tiny, tmp_path: Path):
+    """``reshard --tp 1 ART`` of a pp 2 artifact keeps its stages, and the default folder says so."""
+    artifact = convert(tiny, tmp_path / "art", 2, 2)
+    command = [sys.executable, "-m", "reshard", "--tp", "1", str(artifact), "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(tmp_path / "art-tp1-pp2").mesh == {"pp": 2, "tp": 1}

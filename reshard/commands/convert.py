@@ -39,6 +39,11 @@ from reshard.write.staging import copy_hashed, prepare_staging, promote_staging,
 def default_output(model: str, tp: int, pp: int | None = None) -> Path:
     """``./NAME-tpN`` (``./NAME-tpN-ppP`` with pipeline stages) in the current folder, NAME being the last part of
     the model path or repo id."""
+    if pp is None and (Path(model) / MANIFEST_NAME).is_file():  # re-sharding keeps the artifact's stages
+        try:
+            pp = read_manifest(model).pp
+        except ReshardError:
+            pp = None  # the conversion itself reports the bad manifest
     stages = f"-pp{pp}" if pp is not None and pp > 1 else ""
     return Path(f"{Path(model.rstrip('/')).name}-tp{tp}{stages}")
 
