@@ -1,10 +1,10 @@
 """Open this rank's file of an artifact: check it against the manifest, map it, and view its tensors in place.
 
 Only the one file the manifest names for the rank is touched; the other ranks' files may be absent. On CPU every
-tensor is a zero-copy view of the read-only private mapping; ``open_rank_file`` also makes its pages resident in the
-background (``Residency``) while the caller builds the model, ``map_rank_file`` leaves them to come in on first use
-(for readers of a few ranges). On an accelerator the mapped bytes are streamed once into a single device buffer,
-read ahead of the copy, and the tensors are views of that.
+tensor is a zero-copy view of the read-only private mapping, its pages coming in on first use; ``open_rank_file``
+with ``populate`` makes them resident in the background (``Residency``) while the caller builds the model. On an
+accelerator the mapped bytes are streamed once into a single device buffer, read ahead of the copy, and the tensors
+are views of that.
 
 A CPU view is as aligned as its offset in the file. CPU kernels can take another code path (and round the last bit
 differently) for data that is not 64-byte aligned, as a fresh allocation is; a writer that starts the data section
@@ -50,8 +50,9 @@ def open_rank_file(
     verify: bool,
     populate: bool = True,
 ) -> RankFile:
-    """``map_rank_file``, with the CPU mapping's pages made resident in the background once the file is checked:
-    the caller builds the model meanwhile and calls ``RankFile.wait_resident()`` before handing the weights out."""
+    """``map_rank_file``; with ``populate``, the CPU mapping's pages are made resident in the background once the file
+    is checked: the caller builds the model meanwhile and calls ``RankFile.wait_resident()`` before handing the weights
+    out."""
     return _open(root, manifest, rank, device=device, verify=verify, populate=populate)
 
 

@@ -65,10 +65,10 @@ class LoadedArtifact:
     tensors: dict[str, torch.Tensor]
     ep_mesh: DeviceMesh | None = None
     tp: int = 1  # the tp the tensors are cut for: the manifest's, or the mesh's when loaded at another world size
-    rank_file: RankFile | None = None  # its pages are made resident in the background: ``wait_resident`` before use
+    rank_file: RankFile | None = None  # with populate, paged in in the background: ``wait_resident`` before use
 
     def wait_resident(self) -> None:
-        """Return once this rank's mapped weights are resident, so that the first forward takes no page faults."""
+        """Return once this rank's mapped weights are resident if they are being populated (at once otherwise)."""
         if self.rank_file is not None:
             self.rank_file.wait_resident()
 
