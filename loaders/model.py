@@ -99,6 +99,12 @@ def _build_model(
 
     root, manifest, dtype = str(artifact.root), artifact.manifest, artifact.dtype
     config = AutoConfig.from_pretrained(root)
+    cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
+    text_config_class = config.sub_configs.get("text_config")
+    if text_config_class is not None and getattr(cls, "config_class", None) is text_config_class:
+        # a text model of a multimodal checkpoint (Qwen3_5ForCausalLM of qwen3_5) is built from the text config,
+        # as transformers' auto classes build it
+        config = config.get_text_config()
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     if experts_implementation is not None:
@@ -119,7 +125,6 @@ def _build_model(
         plan: Any = "auto" if tp_mesh is not None else None  # None: as DistributedConfig(pp_size=P) leaves it
         distributed_config = DistributedConfig(tp_size=artifact.tp, pp_size=stages, tp_plan=plan)
         config.distributed_config = distributed_config
-    cls = model_class or cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(config)])
 
     # torch's initialisers skipped while the meta model is built (transformers' own no_init_weights, which it uses
     # when it builds a model it is about to load into): every weight is replaced by the rank file's, and any the file

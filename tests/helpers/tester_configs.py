@@ -6,6 +6,10 @@ field (as the tester passes only its config's own arguments), plus the per-type 
 building and running each model on CPU: head sizes, MoE keys, per-layer lists sized to 2 layers, rope settings).
 Dropout is off everywhere, so train-mode forwards are deterministic and gradients comparable.
 
+A multimodal type in ``MULTIMODAL`` is built as its text type's tiny config plus a vision tower sized as
+transformers' own tester sizes it, and saved by its image-text-to-text class, as a Hub checkpoint of that type is
+(``model.language_model.*``, ``model.visual.*``): transformers' causal-LM class reads its text model from it.
+
 ``SKIPPED`` lists the supported types this matrix does not build, with the reason (it goes into
 docs/architectures.md). ``supported_types()`` is every built-in plan with a non-empty TP plan whose styles and key
 conversions reshard reproduces.
@@ -131,6 +135,25 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
 }
 
+# Multimodal types built here: the text model of the given text type, and a vision tower as transformers' tester
+# (tests/models/qwen3_5*/test_modeling_*.py: Qwen3_5VisionText2TextModelTester) sizes it.
+_TESTER_VISION = {
+    "depth": 2,
+    "hidden_act": "gelu_pytorch_tanh",
+    "intermediate_size": 32,
+    "out_hidden_size": 32,
+    "hidden_size": 32,
+    "num_heads": 4,
+    "patch_size": 16,
+    "spatial_merge_size": 1,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 16,
+}
+MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_5": ("qwen3_5_text", _TESTER_VISION),
+    "qwen3_5_moe": ("qwen3_5_moe_text", _TESTER_VISION),
+}
+
 # Model types whose attention has no sdpa path in transformers: compared with eager attention.
 EAGER_ATTENTION = {
     "deepseek_v4",
@@ -160,8 +183,6 @@ SKIPPED: dict[str, str] = {
             "llama4",
             "moss_transcribe_diarize",
             "phi4_multimodal",
-            "qwen3_5",
-            "qwen3_5_moe",
         )
     },
     "dots3_note_text": "heterogeneous per-layer config (per_layer_config): the tester defaults do not size it",
@@ -194,9 +215,15 @@ def supported_types() -> list[str]:
 
 
 def tiny_config(model_type: str) -> Any:
-    """The tester-sized config of ``model_type``: defaults where the config has the field, then ``OVERRIDES``."""
+    """The tester-sized config of ``model_type``: defaults where the config has the field, then ``OVERRIDES``
+    (for a ``MULTIMODAL`` type: its text type's, with the tester's vision tower)."""
     from transformers import AutoConfig
 
+    if model_type in MULTIMODAL:
+        text_type, vision = MULTIMODAL[model_type]
+        config = AutoConfig.for_model(model_type, text_config=tiny_config(text_type).to_dict(), vision_config=vision)
+        _no_dropout(config.vision_config)
+        return config
     default = AutoConfig.for_model(model_type)
     fields = {key: value for key, value in TESTER_DEFAULTS.items() if hasattr(default, key)}
     fields.update(OVERRIDES.get(model_type, {}))
@@ -221,13 +248,17 @@ def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, **overrides
     Weights are ``0.1 * randn``, norm weights ``1 + 0.2 * randn``, so a swapped or missing tensor shows.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = tiny_config(model_type)
+    text = config.get_text_config()  # the overrides size the text model (of a multimodal config too)
     for key, value in overrides.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if hasattr(text, key):
+            setattr(text, key, value)
+    if model_type in MULTIMODAL:  # image features are merged into the text model's embeddings: the same width
+        config.vision_config.out_hidden_size = text.hidden_size
+    auto = AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     total = 0
     with torch.no_grad():
