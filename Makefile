@@ -19,7 +19,7 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 # make test, then the model-type matrix (tests/test_matrix.py: every supported model type at tp 2 and 4, about
-# 13 minutes on 2 cores); it rewrites tests/fixtures/matrix_results.json, the source of docs/architectures.md's
+# 20 minutes on 2 cores); it rewrites tests/fixtures/matrix_results.json, the source of docs/architectures.md's
 # "tested" column, and regenerates that file from it.
 test-all: test
 	RESHARD_MATRIX=1 $(PYTHON) -m pytest -q tests/test_matrix.py; status=$$?; $(PYTHON) scripts/architectures_table.py; exit $$status
