@@ -48,7 +48,7 @@ def open_rank_file(
     *,
     device: torch.device,
     verify: bool,
-    populate: bool = True,
+    populate: bool = False,
 ) -> RankFile:
     """``map_rank_file``; with ``populate``, the CPU mapping's pages are made resident in the background once the file
     is checked: the caller builds the model meanwhile and calls ``RankFile.wait_resident()`` before handing the weights

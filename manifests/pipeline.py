@@ -75,7 +75,7 @@ def pipeline_split_problems(pipeline: Pipeline, names: Iterable[str]) -> list[st
     names = list(names)
     problems = []
     prefix = pipeline.prefix
-    for part in ("embed_tokens", "layers", "norm"):
+    for part in ("embed_tokens", "layers", "norm") if names else ():  # no names known: only the layer count
         if not any(name.startswith(f"{prefix}.{part}.") for name in names):
             problems.append(
                 f"the model has no {prefix}.{part} (transformers' pipeline split replaces {prefix}.embed_tokens, "

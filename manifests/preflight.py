@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reshard.manifests.errors import ShardabilityError, SourceError
+
+if TYPE_CHECKING:
+    from reshard.manifests.pipeline import Pipeline
 
 # Projections whose output holds attention heads; sharding them colwise splits heads across ranks.
 _QUERY_PROJECTIONS = ("q_proj", "query", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
@@ -191,37 +194,47 @@ def require_expert_parallel(config: dict[str, Any], tp: int, ep: int, model: str
         )
 
 
-def pipeline_verdict(config: dict[str, Any], pp: int) -> Verdict:
-    """Whether transformers' split into ``pp`` pipeline stages works for this model, and the layers each stage
-    holds (``Verdict.tp`` is ``pp`` here); never raises."""
-    from reshard.manifests.pipeline import Pipeline, base_model_prefix, describe_split, pipeline_split_problems
-    from reshard.manifests.plans import plan_for_config
+def tied_embeddings(config: dict[str, Any]) -> bool:
+    """Whether ``lm_head`` is tied to the input embeddings (the top-level flag, else the text config's)."""
+    return bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
 
-    verdict = Verdict(pp)
+
+def config_pipeline(
+    config: dict[str, Any], pp: int, names: list[str], tied: bool | None = None
+) -> tuple[Pipeline | None, list[str]]:
+    """transformers' split of this model into ``pp`` stages, and what stops it, one line each (empty: it splits).
+
+    ``names`` are the model's parameter names (a tensor table, or a built-in plan's with ``*``; empty when neither
+    is known: only the layer count is judged); ``tied`` defaults to the config's flag."""
+    from reshard.manifests.pipeline import Pipeline, base_model_prefix, pipeline_split_problems
+
     layers = text_config(config).get("num_hidden_layers")
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        verdict.problems.append("config.json has no num_hidden_layers: the layers cannot be split into stages")
-        return verdict
-    builtin = plan_for_config(config)
-    names = list(builtin.parameters) if builtin else []
+        return None, ["config.json has no num_hidden_layers: the layers cannot be split into stages"]
     try:
         prefix = base_model_prefix(names) if names else "model"
     except ShardabilityError as exc:
-        verdict.problems.append(str(exc))
-        return verdict
-    tied = bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
-    pipeline = Pipeline(pp, layers, prefix, tied)
-    if names:
-        verdict.problems.extend(pipeline_split_problems(pipeline, names))
-    elif layers < pp:
-        verdict.problems.append(f"{layers} decoder layers cannot fill {pp} pipeline stages")
-    if verdict.ok and pp > 1:
+        return None, [str(exc)]
+    pipeline = Pipeline(pp, layers, prefix, tied_embeddings(config) if tied is None else tied)
+    return pipeline, pipeline_split_problems(pipeline, names)
+
+
+def pipeline_verdict(config: dict[str, Any], pp: int) -> Verdict:
+    """Whether transformers' split into ``pp`` pipeline stages works for this model, and the layers each stage
+    holds (``Verdict.tp`` is ``pp`` here); never raises."""
+    from reshard.manifests.pipeline import describe_split
+    from reshard.manifests.plans import plan_for_config
+
+    builtin = plan_for_config(config)
+    pipeline, problems = config_pipeline(config, pp, list(builtin.parameters) if builtin else [])
+    verdict = Verdict(pp, problems)
+    if pipeline is not None and verdict.ok and pp > 1:
         verdict.notes.append(describe_split(pipeline))
-        if layers % pp:
+        if pipeline.layers % pp:
             verdict.notes.append(
-                f"{layers} layers do not split evenly into {pp} stages: as in transformers, the last stage takes the "
-                f"remaining {layers % pp}"
+                f"{pipeline.layers} layers do not split evenly into {pp} stages: as in transformers, the last stage "
+                f"takes the remaining {pipeline.layers % pp}"
             )
-        if tied:
+        if pipeline.tied:
             verdict.notes.append("tied embeddings: the first and the last stage both hold embed_tokens")
     return verdict

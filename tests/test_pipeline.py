@@ -194,6 +194,8 @@ def test_check_explains_the_split(tiny):
     command = [sys.executable, "-m", "reshard", "check", "--pp", "2", "--pp", "6", str(checkpoint(tiny, tied=True))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 5, result.stderr
+    both = subprocess.run([*command[:4], "--tp", "2", *command[4:]], capture_output=True, text=True, timeout=120)
+    assert both.stdout.startswith("tp=2   ok\n") and "pp=2   ok" in both.stdout and both.returncode == 5
     assert "stage 0: layers 0-1 (2), stage 1: layers 2-4 (3)" in result.stdout
     assert "the last stage takes the remaining 1" in result.stdout and "both hold embed_tokens" in result.stdout
     assert "pp=6   NO" in result.stdout and "tp=" not in result.stdout

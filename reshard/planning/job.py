@@ -20,9 +20,9 @@ from reshard.manifests.chunks import StoredTensor
 from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
-from reshard.manifests.pipeline import Pipeline, base_model_prefix, pipeline_split_problems
+from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.plans import plan_for_config
-from reshard.manifests.preflight import require_expert_parallel, require_shardable, text_config
+from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
@@ -133,7 +133,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
-    tied = _tied(config)
+    tied = tied_embeddings(config)
     own = set(builtin.tp_plan) if builtin else set()
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
@@ -171,23 +171,17 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
 def pipeline_split(
     config: dict[str, Any], names: Any, pp: int, tied: bool, origin: str, ep: int = 1
 ) -> Pipeline | None:
-    """transformers' split of the model into ``pp`` stages (``None`` for one), or a ``PlanError`` saying why the
-    model cannot be split that way."""
+    """transformers' split of the model into ``pp`` stages (``None`` for one), or an error saying why the model
+    cannot be split that way."""
     if pp == 1:
         return None
-    layers = text_config(config).get("num_hidden_layers")
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        raise ShardabilityError(
-            f"{origin}: config.json has no num_hidden_layers: the layers cannot be split into stages"
-        )
     if ep > 1:
         raise PlanError(
             f"{origin}: --pp {pp} with --ep {ep}: transformers does not combine expert parallelism (token dispatch) "
             "with pipeline stages; use --pp with tensor parallelism only"
         )
-    names = list(names)
-    pipeline = Pipeline(pp, layers, base_model_prefix(names), tied)
-    if problems := pipeline_split_problems(pipeline, names):
+    pipeline, problems = config_pipeline(config, pp, list(names), tied)
+    if pipeline is None or problems:
         raise ShardabilityError(f"{origin}: cannot split into {pp} pipeline stages: {problems[0]}")
     return pipeline
 
@@ -230,7 +224,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     if replication:
         table = kv_heads.forward(table, replication, old.plan)
     pp = request.pp if request.pp is not None else old.pp
-    tied = old.pipeline.tied if old.pipeline is not None else _tied(config)
+    tied = old.pipeline.tied if old.pipeline is not None else tied_embeddings(config)
     pipeline = pipeline_split(config, table, pp, tied, str(root), ep)
     dtypes = stored_dtypes(table, config, request.dtype)  # cast again: the artifact's bytes are its only source
     rewrite_config = stored is not None or replication is not None or bool(dtypes)
@@ -255,10 +249,6 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
         pipeline=pipeline,
     )
-
-
-def _tied(config: dict[str, Any]) -> bool:
-    return bool(config.get("tie_word_embeddings", text_config(config).get("tie_word_embeddings", False)))
 
 
 def _layouts(
