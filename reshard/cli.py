@@ -99,7 +99,13 @@ def cli() -> None:
     help="Pipeline stages, split as transformers' DistributedConfig(pp_size=N) splits the layers; each stage's tp "
     "rank files hold only its layers (pp x tp files) [default: 1; an artifact's own when re-sharding].",
 )
-@click.option("-o", "--output", type=click.Path(), default=None, help="Artifact folder [default: ./NAME-tpN].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Artifact folder [default: ./NAME-tpN, then -ppP, -epE, -DTYPE when given].",
+)
 @click.option(
     "--plan", default="auto", show_default=True, help="`auto`, or rules (JSON file or inline) merged into it."
 )
@@ -172,7 +178,7 @@ def convert(
     from reshard.request import ConversionRequest
     from reshard.workers import from_torchrun, solo
 
-    out = output or str(default_output(model, tp, pp))
+    out = output or str(default_output(model, tp, pp, ep, dtype))
     request = ConversionRequest(
         model,
         Path(out),

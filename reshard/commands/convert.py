@@ -36,16 +36,23 @@ from reshard.write.reader import ChunkReader, OpenFiles
 from reshard.write.staging import copy_hashed, prepare_staging, promote_staging, staging_path, write_durably
 
 
-def default_output(model: str, tp: int, pp: int | None = None) -> Path:
-    """``./NAME-tpN`` (``./NAME-tpN-ppP`` with pipeline stages) in the current folder, NAME being the last part of
-    the model path or repo id."""
-    if pp is None and (Path(model) / MANIFEST_NAME).is_file():  # re-sharding keeps the artifact's stages
+def default_output(model: str, tp: int, pp: int | None = None, ep: int = 1, dtype: str = "auto") -> Path:
+    """``./NAME-tpN`` in the current folder, NAME being the last part of the model path or repo id, followed by
+    what else makes the artifact differ: ``-ppP`` with pipeline stages, ``-epE`` with expert parallelism, ``-DTYPE``
+    when ``--dtype`` casts (``NAME-tp4-ep4-bfloat16``), so that two conversions of one model never collide."""
+    if (Path(model) / MANIFEST_NAME).is_file():  # re-sharding keeps the artifact's stages and expert parallelism
         try:
-            pp = read_manifest(model).pp
+            old = read_manifest(model)
         except ReshardError:
-            pp = None  # the conversion itself reports the bad manifest
-    stages = f"-pp{pp}" if pp is not None and pp > 1 else ""
-    return Path(f"{Path(model.rstrip('/')).name}-tp{tp}{stages}")
+            old = None  # the conversion itself reports the bad manifest
+        if old is not None:
+            pp = old.pp if pp is None else pp
+            ep = tp if old.ep_plan and ep == 1 else ep
+    parts = [f"tp{tp}"]
+    parts += [f"pp{pp}"] if pp is not None and pp > 1 else []
+    parts += [f"ep{ep}"] if ep > 1 else []
+    parts += [dtype] if dtype != "auto" else []
+    return Path("-".join([Path(model.rstrip("/")).name, *parts]))
 
 
 def convert(
@@ -70,7 +77,7 @@ def convert(
     Args:
         source: a local checkpoint folder, a Hub repo id, or a reshard artifact (a folder with manifest.json,
             whose rank files alone are then read: the original checkpoint is not needed).
-        out: the artifact folder to create (default ``./NAME-tpN``).
+        out: the artifact folder to create (default ``./NAME-tpN``, see ``default_output``).
         tp: the tensor-parallel size.
         pp: pipeline stages, split as transformers' ``DistributedConfig(pp_size=pp)`` splits the layers: each
             stage's rank files hold only its layers (default: 1, or an artifact's own when re-sharding).
@@ -99,7 +106,7 @@ def convert(
     model = os.fspath(source)
     request = ConversionRequest(
         model,
-        Path(out) if out is not None else default_output(model, tp, pp),
+        Path(out) if out is not None else default_output(model, tp, pp, ep, dtype),
         tp,
         plan,
         revision,
