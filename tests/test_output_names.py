@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,31 @@ def test_plain_ep_and_dtype_conversions_do_not_collide(tiny, tmp_path: Path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert read_manifest(tmp_path / f"{name}-tp2-ep2-tp2-ep2").ep_plan
+
+
+def test_mistyped_folder_says_both_and_suggests(tmp_path: Path):
+    """A mistyped folder is also a valid repo id: the error says neither exists, and names the folder meant."""
+    (tmp_path / "SmolLM2-135M").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command in (["--tp", "2", "smoll"], ["check", "--tp", "2", "smoll"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "reshard", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert result.returncode == 3, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line, line
+        assert f"no folder '{tmp_path / 'smoll'}'" in line and "did you mean ./SmolLM2-135M?" in line, line
+        assert "not in the local cache and downloads are off (HF_HUB_OFFLINE)" in line, line
+
+
+def test_online_message_suggests_offline_mode(tmp_path: Path, monkeypatch):
+    from reshard.source.checkpoint import not_found_anywhere
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "the Hub is unreachable (HF_HUB_OFFLINE=1 fails fast)" in not_found_anywhere("org/name")

@@ -12,6 +12,7 @@ left behind is recorded with the reason, for the manifest and ``reshard inspect`
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -122,9 +123,7 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None, str
     except RepositoryNotFoundError as exc:
         raise SourceError(f"{repo_id}: repository not found on the Hub (or it is gated and no token is set)") from exc
     except LocalEntryNotFoundError as exc:
-        raise SourceError(
-            f"{repo_id}: not in the local Hub cache and downloads are off (HF_HUB_OFFLINE) or the Hub is unreachable"
-        ) from exc
+        raise SourceError(not_found_anywhere(repo_id)) from exc
     except HfHubHTTPError as exc:
         raise SourceError(f"{repo_id}: download failed ({exc})") from exc
     folder_path = Path(folder)
@@ -283,6 +282,18 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+def not_found_anywhere(model: str) -> str:
+    """Why MODEL could be read neither as a folder nor from the Hub: both, since a mistyped folder name is also a
+    valid repo id, with the folders here it may have meant."""
+    here = Path.cwd()
+    folders = {p.name.lower(): p.name for p in here.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    near = [folders[n] for n in difflib.get_close_matches(model.rstrip("/").lower(), list(folders), n=3, cutoff=0.5)]
+    hint = f" (did you mean {', '.join(f'./{n}' for n in near)}?)" if near else ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    hub = "downloads are off (HF_HUB_OFFLINE)" if offline else "the Hub is unreachable (HF_HUB_OFFLINE=1 fails fast)"
+    return f"{model}: no folder {str(here / model)!r}{hint}, and as a Hub repo it is not in the local cache and {hub}"
+
+
 def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]:
     """config.json of MODEL without touching any weight: the local file, or just that file from the Hub."""
     path = Path(model).expanduser()
@@ -296,7 +307,7 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
     try:
         config_path = hf_hub_download(model, "config.json", revision=revision)
     except LocalEntryNotFoundError as exc:
-        raise SourceError(f"{model}: config.json is not in the local Hub cache and the Hub is unreachable") from exc
+        raise SourceError(not_found_anywhere(model)) from exc
     except HfHubHTTPError as exc:
         raise SourceError(f"{model}: cannot fetch config.json ({exc})") from exc
     return _read_config(Path(config_path).parent)
