@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,23 +28,30 @@ logger = logging.getLogger(__name__)
 
 
 def regrid_refusal(root: str | os.PathLike[str], manifest: Manifest, tp: int) -> str | None:
-    """Why the artifact cannot be loaded at ``tp`` ranks, or ``None`` if it can."""
-    if manifest.options.replicate_kv is not None:
-        return (
-            f"its KV heads were replicated for tp={manifest.tp}; re-shard it offline instead "
-            f"(reshard --tp {tp} {root} -o NEW)"
-        )
-    if manifest.options.interleaved:
-        return (
-            f"its interleaved rows were de-interleaved per rank for tp={manifest.tp} (as transformers does); re-shard "
-            f"it offline instead (reshard --tp {tp} {root} -o NEW)"
-        )
+    """Why the artifact cannot be loaded at ``tp`` ranks, or ``None`` if it can; a refusal lists the world sizes
+    it does load at."""
     try:
         config = json.loads((Path(root) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         return f"its config.json cannot be read ({exc})"
     if not isinstance(config, dict):
         return "its config.json is not a JSON object"
+    reason = _refusal(root, config, manifest, tp)
+    if reason is None:
+        return None
+    sizes = [n for n in range(1, 2 * max(manifest.tp, 4) + 1) if _refusal(root, config, manifest, n) is None]
+    sizes = sorted({*sizes, manifest.tp})
+    offline = f"reshard --tp {tp} {root}"
+    return f"{reason}; it loads on {', '.join(map(str, sizes))} ranks (or re-shard it offline: {offline})"
+
+
+def _refusal(root: str | os.PathLike[str], config: dict[str, Any], manifest: Manifest, tp: int) -> str | None:
+    if tp == manifest.tp:
+        return None
+    if manifest.options.replicate_kv is not None:
+        return f"its KV heads were replicated for tp={manifest.tp}"
+    if manifest.options.interleaved:
+        return f"its interleaved rows were de-interleaved per rank for tp={manifest.tp} (as transformers does)"
     verdict = check_shardability(config, manifest.plan, tp)
     if not verdict.ok:
         return "; ".join(verdict.problems)

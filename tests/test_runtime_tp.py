@@ -231,9 +231,43 @@ def test_what_cannot_be_cut_at_another_world_size_raises_on_every_rank(two_ranks
         error = result["replicated_on_2"]
         assert error["type"] == "MeshError" and "converted for tp=4" in error["message"], error
         assert "KV heads were replicated" in error["message"], error
+        assert error["message"].startswith("all 2 ranks: ") and "\n" not in error["message"], error
+        assert "it loads on 4 ranks (or re-shard it offline: reshard --tp 2 " in error["message"], error
     for result in four_ranks[0]:
         error = result["kv2_tp2_on_4"]
         assert error["type"] == "MeshError" and "num_key_value_heads=2 is not divisible by tp=4" in error["message"]
+        assert error["message"].startswith("all 4 ranks: ") and "\n" not in error["message"], error
+        assert "it loads on 1, 2 ranks" in error["message"], error
+
+
+def test_a_world_the_artifact_cannot_split_into_lists_the_sizes_it_can(tiny) -> None:
+    """tp 4 on 3 ranks (heads 8 and KV heads 4 divide by none of 3): the sizes that work, from config and manifest."""
+    from reshard.loaders.regrid import regrid_refusal
+
+    artifact = tiny.artifact("llama_gqa8", tp=4)
+    refusal = regrid_refusal(artifact, read_manifest(artifact), 3)
+    assert refusal is not None and "not divisible by tp=3" in refusal, refusal
+    assert f"it loads on 1, 2, 4 ranks (or re-shard it offline: reshard --tp 3 {artifact})" in refusal, refusal
+    assert regrid_refusal(artifact, read_manifest(artifact), 2) is None
+
+
+def test_ranks_failing_alike_share_one_line() -> None:
+    from reshard.loaders.consensus import _combined
+    from reshard.manifests.errors import MeshError
+
+    same = [(rank, "MeshError", "converted for tp=4, it cannot load at tp=3") for rank in range(3)]
+    error = _combined(same, 3)
+    assert isinstance(error, MeshError) and str(error) == "all 3 ranks: converted for tp=4, it cannot load at tp=3"
+    mixed = [
+        (0, "IntegrityError", "file a: bad"),
+        (2, "IntegrityError", "file c: bad"),
+        (3, "ValueError", "file a: bad"),
+    ]
+    assert str(_combined(mixed, 4)).splitlines() == [
+        "rank 0 of 4: file a: bad",
+        "rank 2 of 4: file c: bad",
+        "rank 3 of 4: ValueError: file a: bad",
+    ]
 
 
 @pytest.mark.parametrize(("fixture", "case"), [("two_ranks", "tp4_on_2"), ("four_ranks", "tp2_on_4")])
