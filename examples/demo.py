@@ -7,7 +7,8 @@
 3. ``torchrun --nproc-per-node 2 examples/demo_worker.py`` loads the artifact with ``reshard.loaders.load_model``
    and the checkpoint with transformers' ``from_pretrained(distributed_config=DistributedConfig(tp_size=2))`` and
    compares them;
-4. prints a verdict: PASS when placements, logits and generated tokens are identical.
+4. serves the artifact with ``examples/serve_tp.py`` (its word-level tokenizer travels with the artifact);
+5. prints a verdict: PASS when placements, logits and generated tokens are identical and serving ran.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def make_checkpoint(path: Path) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="20MB")
+    save_word_tokenizer(path, config.vocab_size)
+
+
+def save_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer (``<unk> <s> </s> w3 w4 ...``), so that the artifact serves offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
 
 
 def main() -> int:
@@ -63,10 +77,14 @@ def main() -> int:
     print("== 3. load under torchrun (2 ranks, gloo) and compare with transformers' own TP load")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = ROOT / "examples" / "demo_worker.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(worker)]
-    result = subprocess.run([*command, str(artifact), str(checkpoint)], env=env)
-    print("== 4. verdict:", "PASS" if result.returncode == 0 else "FAIL")
-    return result.returncode
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    result = subprocess.run([*torchrun, str(worker), str(artifact), str(checkpoint)], env=env)
+    print("== 4. serve it as a user would: examples/serve_tp.py (tokenizer carried into the artifact)")
+    serve = [*torchrun, str(ROOT / "examples" / "serve_tp.py"), str(artifact), "--prompt", "w5 w6 w7"]
+    served = subprocess.run([*serve, "--max-new-tokens", "8"], env=env)
+    passed = result.returncode == 0 and served.returncode == 0
+    print("== 5. verdict:", "PASS" if passed else "FAIL")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     reshard --tp 2 HuggingFaceTB/SmolLM2-135M -o ./SmolLM2-135M-tp2
     torchrun --nproc-per-node 2 examples/serve_tp.py ./SmolLM2-135M-tp2 --prompt "The capital of France is"
 
+Offline, on the demo's artifact (``make demo`` writes it; its tokenizer knows the words ``w3`` to ``w8002``)::
+
+    torchrun --nproc-per-node 2 examples/serve_tp.py demo-out/tiny-llama-tp2 --prompt "w5 w6 w7"
+
 On CPU the processes talk over gloo and the weights stay views of the mapped rank files; on GPUs (nccl) each
 rank's bytes are streamed from its file to its device. Rank 0 prints the greedy completion and the load time.
 """
