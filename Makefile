@@ -5,9 +5,21 @@ export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test test-all lint compat bench-convert bench-coldstart clean
 
+# PyPI serves Linux torch wheels built for CUDA (several GB of NVIDIA libraries); PyTorch's own CPU index serves the
+# CPU build. `make setup TORCH_INDEX=` installs from your pip configuration alone (e.g. where it already serves the
+# CPU wheel), `TORCH_INDEX=https://download.pytorch.org/whl/cu128` a CUDA build.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+
 setup:
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@echo "make setup [1/2]: torch $(TORCH_VERSION) from $(or $(TORCH_INDEX),your pip configuration)"
+	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+		&& echo "  already installed" \
+		|| $(PIP) install --disable-pip-version-check --progress-bar on --no-deps --retries 1 -c constraints.txt \
+			$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
+	@echo "make setup [2/2]: reshard (editable), torch's dependencies and the test tools: transformers, moto, ruff, mypy, ..."
+	@$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@echo "make setup: done"
 
 demo: setup
 	$(PYTHON) examples/demo.py
