@@ -28,6 +28,7 @@ test: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
+	$(PYTHON) -m pytest -q -p no:cacheprovider --doctest-modules manifests reshard loaders --ignore=reshard/__main__.py
 	$(PYTHON) -m pytest -q
 
 # make test, then the model-type matrix (tests/test_matrix.py: every supported model type at tp 2 and 4, about
