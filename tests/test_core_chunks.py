@@ -46,7 +46,7 @@ def test_any_byte_run_is_located_in_the_rank_slices(style: str, shape: tuple[int
 
 
 def test_a_byte_no_chunk_holds_is_an_error():
-    whole, files, chunks = sliced((2, 6, 2), "colwise", 2, seed=1)
+    whole, _, chunks = sliced((2, 6, 2), "colwise", 2, seed=1)
     missing_rank1 = tuple(c for c in chunks if c.file != "rank1")
     from reshard.manifests.errors import FileFormatError
 
@@ -64,8 +64,8 @@ def test_shifted_chunks_place_a_part_inside_a_fused_tensor():
 
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_column_runs_cover_every_column_of_each_block(tp: int):
-    """Blocks of a tensor sliced along its middle dim (a rowwise weight's columns), as column runs of the rank files: every run's bytes are its columns of
-    every block, so scattering them rebuilds the blocks."""
+    """Blocks of a tensor sliced along its middle dim (a rowwise weight's columns), as column runs of the rank
+    files: each run holds its columns of every block, so scattering them rebuilds the blocks."""
     outer, length, inner = 4, 10, 3
     whole, files, chunks = sliced((outer, length, inner), "colwise", tp, seed=tp)
     row = inner * ITEMSIZE
