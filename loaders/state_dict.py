@@ -66,6 +66,7 @@ class LoadedArtifact:
     ep_mesh: DeviceMesh | None = None
     tp: int = 1  # the tp the tensors are cut for: the manifest's, or the mesh's when loaded at another world size
     rank_file: RankFile | None = None  # with populate, paged in in the background: ``wait_resident`` before use
+    auto_dtype: bool = False  # dtype "auto" (or None) was asked: load_model builds in config.json's, as transformers
 
     def wait_resident(self) -> None:
         """Return once this rank's mapped weights are resident if they are being populated (at once otherwise)."""
@@ -187,7 +188,8 @@ def open_artifact(
         entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
         for entry in manifest.held_by(rank)
     }
-    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened)
+    auto = dtype is None or dtype == "auto"
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened, auto)
 
 
 def manifest_digest_of(manifest: Manifest) -> str:
