@@ -166,6 +166,28 @@ def test_pickle_only_checkpoint_names_a_command_that_works(tmp_path: Path) -> No
     assert run_cli("--tp", "2", str(written), "-o", str(tmp_path / "a")).returncode == 0
 
 
+def test_hub_repo_without_safetensors_names_the_command_for_the_repo(tiny, tmp_path: Path) -> None:
+    """A Hub download fetches no pickles: a repo with none of its weights in safetensors gets the same command."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--pickled"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copy(tiny.checkpoint("qwen2") / "config.json", snapshot / "config.json")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "reshard", "--tp", "2", "acme/pickled", "-o", str(tmp_path / "a")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    line = one_error_line(result, 3)
+    command = shlex.split(line[line.index("python -c ") : line.index(" (then copy")])
+    assert command[2] == (
+        'import transformers; transformers.Qwen2ForCausalLM.from_pretrained("acme/pickled")'
+        '.save_pretrained("pickled-safetensors")'
+    )
+
+
 @pytest.mark.parametrize(
     ("where", "value", "fragment"),
     [

@@ -217,7 +217,7 @@ def _weights(root: Path, config: dict[str, Any], model: str) -> tuple[Path | Non
     if _regular_file(root / INDEX_NAME, "the index"):
         return root / INDEX_NAME, []
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
-    if pickles:
+    if pickles or not Path(model).expanduser().exists():  # a Hub download fetches no pickles
         raise SourceError(bin_refusal(root, model, config, pickles))
     raise SourceError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are supported)")
 

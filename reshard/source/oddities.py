@@ -18,17 +18,23 @@ CONVERT_SPACE = "https://huggingface.co/spaces/safetensors/convert"
 
 
 def bin_refusal(root: Path, model: str, config: dict[str, Any], pickles: list[str]) -> str:
-    """The one-line refusal of a pickle-only checkpoint, with the command that writes its safetensors."""
+    """The one-line refusal of a checkpoint without safetensors weights, with the command that writes them: its
+    pickles (``pickles``), or a Hub repo whose download had no safetensors (pickles are never fetched)."""
     architectures = config.get("architectures")
     named = architectures[0] if isinstance(architectures, list) and architectures else None
     cls = named if isinstance(named, str) and named.isidentifier() else "AutoModelForCausalLM"
-    source = model if not Path(model).expanduser().exists() else str(root)
+    local = Path(model).expanduser().exists()
+    source = str(root) if local else model
     target = f"{source.rstrip('/').rsplit('/', 1)[-1]}-safetensors"
     load = f"transformers.{cls}.from_pretrained({json.dumps(source)})"
     code = f"import transformers; {load}.save_pretrained({json.dumps(target)})"
+    found = (
+        f"{root}: only pickle weights ({', '.join(pickles[:3])}), which reshard never loads (unpickling runs code)"
+        if pickles
+        else f"{model}: no model.safetensors or index in the repo (reshard never loads pickle weights)"
+    )
     return (
-        f"{root}: only pickle weights ({', '.join(pickles[:3])}), which reshard never loads (unpickling runs code); "
-        f"write safetensors in a trusted environment: python -c {shlex.quote(code)} "
+        f"{found}; write safetensors in a trusted environment: python -c {shlex.quote(code)} "
         f"(then copy the tokenizer files into {target} and convert it), or use {CONVERT_SPACE}"
     )
 
