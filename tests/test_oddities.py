@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
-PROMPT = [[1, 5, 77, 900, 1000, 3, 42, 500, 250]]
+PROMPT = [[1, 5, 77, 90, 98, 3, 42, 50, 25]]  # inside every vocabulary here (qwen3_5 tester: 99)
 ODD = {  # beside GPT-NeoX's own old buffers: every kind of tensor with no ordinary shape
     "odd.int64_scalar": torch.tensor(7, dtype=torch.int64),
     "odd.bool_scalar": torch.tensor(True),
@@ -218,6 +218,7 @@ def test_fields_transformers_cannot_load_are_refused_in_one_line(tiny, tmp_path:
 def runtime_sources(tiny, root: Path) -> dict[str, Path]:
     """Each runtime case's source folder, as the Hub could ship it."""
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.tester_configs import make_tiny_checkpoint
 
     def config_edit(folder: Path, **fields: Any) -> None:
         config = json.loads((folder / "config.json").read_text())
@@ -243,6 +244,12 @@ def runtime_sources(tiny, root: Path) -> dict[str, Path]:
     index = json.loads(index_path.read_text())
     index["metadata"]["dtype"] = "float32"
     index_path.write_text(json.dumps(index))
+    # a multimodal checkpoint's text model is built from its text config: that level's dtype counts
+    composite = make_tiny_checkpoint("qwen3_5", root / "text_config_dtype")
+    config = json.loads((composite / "config.json").read_text())
+    config["dtype"], config["text_config"]["dtype"] = "float16", "bfloat16"
+    (composite / "config.json").write_text(json.dumps(config))
+    sources["text_config_dtype"] = composite
     # model.safetensors (seed 1) beside an index and shards (seed 0): transformers reads model.safetensors
     both = make_checkpoint("llama", root / "single_and_index", seed=1, max_shard_size="10MB")
     for file in tiny.checkpoint("llama").glob("model-*"):
@@ -278,6 +285,7 @@ def test_parity_with_from_pretrained_under_torchrun(tiny, tmp_path: Path) -> Non
     run_torchrun(__file__, str(tmp_path / "spec.json"), str(tmp_path), nproc=2, timeout=600)
     wanted = {
         "config_dtype": "torch.bfloat16",
+        "text_config_dtype": "torch.bfloat16",
         "weights_dtype": "torch.float32",
         "index_dtype": "torch.float32",
         "single_and_index": "torch.bfloat16",
