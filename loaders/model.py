@@ -53,7 +53,8 @@ def load_model(
 
     Args:
         path, device_mesh, device, dtype, verify, populate: as for ``load_state_dict`` (with ``populate`` the rank
-            file is read in the background while the model is built).
+            file is read in the background while the model is built), except that ``dtype="auto"`` builds the model
+            in the dtype ``from_pretrained(dtype="auto")`` would (``model_dtype``), weights cast where stored otherwise.
         attn_implementation, experts_implementation: as for ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         model_class: the ``PreTrainedModel`` class to build; default ``AutoModelForCausalLM``'s for the config.
         ep_implementation: for an expert-parallel artifact, how tokens reach the experts, as
@@ -202,7 +203,8 @@ def model_dtype(config: Any, artifact: LoadedArtifact) -> torch.dtype:
         return artifact.dtype
     if configured not in CASTABLE:
         raise ManifestError(
-            f"{artifact.root}/config.json: dtype {config.dtype} is not a dtype a model can be built in; pass dtype="
+            f"{artifact.root}/config.json: dtype {config.dtype} is not a dtype a model can be built in; pass a "
+            "floating dtype= (float32, bfloat16, float16)"
         )
     if configured != artifact.dtype and any(
         t.dtype in ("F64", "F32", "F16", "BF16") for t in artifact.manifest.tensors

@@ -103,7 +103,8 @@ def load_state_dict(
             experts go on a ``("ep",)`` mesh over the tp group.
         device: where the tensors go (default: the mesh's device, CPU in a plain single process). On CPU they
             stay zero-copy views of the mapped file.
-        dtype: ``"auto"``/``None`` (as stored), or a floating dtype: floating tensors stored in another one are
+        dtype: ``"auto"``/``None`` (as stored; ``load_model`` builds its model in config.json's dtype instead, as
+            ``from_pretrained(dtype="auto")`` does), or a floating dtype: floating tensors stored in another one are
             cast as ``from_pretrained(..., dtype=)`` casts them, and are then copies, not views of the mapped file
             (logged once; ``reshard --dtype`` stores the artifact in the dtype it will be loaded in).
         verify: check every tensor's xxh3-128 against the manifest while mapping.
