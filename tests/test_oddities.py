@@ -196,7 +196,11 @@ def test_hub_repo_without_safetensors_names_the_command_for_the_repo(tiny, tmp_p
         ("config", {"dtype": 16}, "dtype is 16"),
         ("config", {"transformers_weights": "../elsewhere.safetensors"}, "leads outside"),
         ("config", {"transformers_weights": "weights.pt"}, "transformers_weights must name"),
+        ("config", {"torch_dtype": "auto"}, 'torch_dtype is "auto"'),
+        ("config", {"transformers_weights": 5}, "transformers_weights must name"),
+        ("config", {"transformers_weights": "missing.safetensors"}, "missing, but config.json"),
         ("index", {"dtype": "float8_e5m2"}, "metadata.dtype"),
+        ("index", {"dtype": ["bfloat16"]}, "metadata.dtype"),
     ],
 )
 def test_fields_transformers_cannot_load_are_refused_in_one_line(tiny, tmp_path: Path, where, value, fragment):

@@ -171,7 +171,7 @@ def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
             tensors[name] = tensor  # the later file's, as transformers' loader keeps it
     for name, file_name in (weight_map or {}).items():
         if name not in tensors:
-            raise SourceError(f"{root / file_name}: {INDEX_NAME} names tensor {name!r} but no weights file holds it")
+            raise SourceError(f"{root / file_name}: the index names tensor {name!r} but no weights file holds it")
 
     used = set(files) | ({index_path} if index_path is not None else set())
     extra, skipped = extra_files(root, used)

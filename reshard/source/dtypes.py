@@ -30,7 +30,7 @@ def check_config_dtypes(config: dict[str, Any], origin: str) -> None:
     for level, sub in _levels(config):
         for key in ("dtype", "torch_dtype"):
             value = sub.get(key)
-            if value is None or value in MODEL_DTYPE_NAMES or value in _ALIASES:
+            if value is None or (isinstance(value, str) and (value in MODEL_DTYPE_NAMES or value in _ALIASES)):
                 continue
             raise SourceError(
                 f"{origin}: {level}{key} is {shown(value)}, which transformers cannot build a model in (one of "
@@ -48,7 +48,7 @@ def index_dtype(metadata: dict[str, Any], origin: str) -> str | None:
     value = metadata.get("dtype")
     if value is None:
         return None
-    if value not in MODEL_DTYPE_NAMES and value not in _ALIASES:
+    if not isinstance(value, str) or (value not in MODEL_DTYPE_NAMES and value not in _ALIASES):
         raise SourceError(
             f"{origin}: metadata.dtype is {shown(value)}, which transformers would build the model in (config.json "
             f"names none); it must be one of {', '.join(MODEL_DTYPE_NAMES)}"
