@@ -197,6 +197,8 @@ def test_hub_repo_without_safetensors_names_the_command_for_the_repo(tiny, tmp_p
         ("config", {"transformers_weights": "../elsewhere.safetensors"}, "leads outside"),
         ("config", {"transformers_weights": "weights.pt"}, "transformers_weights must name"),
         ("config", {"torch_dtype": "auto"}, 'torch_dtype is "auto"'),
+        ("config", {"dtype": {"": "bfloat16"}}, "dtype is {"),
+        ("config", {"text_config": {"model_type": "llama", "dtype": "uint8"}}, 'text_config.dtype is "uint8"'),
         ("config", {"transformers_weights": 5}, "transformers_weights must name"),
         ("config", {"transformers_weights": "missing.safetensors"}, "missing, but config.json"),
         ("index", {"dtype": "float8_e5m2"}, "metadata.dtype"),
