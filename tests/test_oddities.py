@@ -256,6 +256,13 @@ def runtime_sources(tiny, root: Path) -> dict[str, Path]:
     config["dtype"], config["text_config"]["dtype"] = "float16", "bfloat16"
     (composite / "config.json").write_text(json.dumps(config))
     sources["text_config_dtype"] = composite
+    # a model with a persistent 1-element buffer of its own (each decoder layer's layer_scalar)
+    sources["gemma4_text"] = make_tiny_checkpoint("gemma4_text", root / "gemma4_text")
+    for file in sources["gemma4_text"].glob("*.safetensors"):  # values its initialisation (ones) cannot give
+        tensors = load_file(file)
+        scalars = {n: torch.full_like(t, 0.5 + int(n.split(".")[2])) for n, t in tensors.items() if "layer_scalar" in n}
+        if scalars:
+            save_file({**tensors, **scalars}, file, metadata={"format": "pt"})
     # model.safetensors (seed 1) beside an index and shards (seed 0): transformers reads model.safetensors
     both = make_checkpoint("llama", root / "single_and_index", seed=1, max_shard_size="10MB")
     for file in tiny.checkpoint("llama").glob("model-*"):
@@ -292,6 +299,7 @@ def test_parity_with_from_pretrained_under_torchrun(tiny, tmp_path: Path) -> Non
     wanted = {
         "config_dtype": "torch.bfloat16",
         "text_config_dtype": "torch.bfloat16",
+        "gemma4_text": "torch.float32",
         "weights_dtype": "torch.float32",
         "index_dtype": "torch.float32",
         "single_and_index": "torch.bfloat16",
@@ -305,6 +313,7 @@ def test_parity_with_from_pretrained_under_torchrun(tiny, tmp_path: Path) -> Non
         for case in cases:
             seen = results[case["name"]]
             ok = seen["names"] and seen["unequal"] == [] and seen["logits_equal"] and seen["odd_unequal"] == []
+            ok = ok and seen["buffers_unequal"] == [] and seen["buffers"] > 0
             if not ok or seen["dtypes"] != [wanted[case["name"]]] * 2:
                 failed[f"{case['name']} rank {rank}"] = seen
     assert failed == {}
@@ -342,7 +351,12 @@ def _worker() -> None:
             logits_equal = torch.equal(theirs(torch.tensor(PROMPT)).logits, ours(torch.tensor(PROMPT)).logits)
         state = load_state_dict(case["artifact"])  # as stored: the odd tensors whole on every rank
         full = {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in state.items() if n.startswith("odd.")}
+        their_buffers, our_buffers = dict(theirs.named_buffers()), dict(ours.named_buffers())
         results[case["name"]] = {
+            "buffers": len(their_buffers),
+            "buffers_unequal": sorted(
+                n for n, t in their_buffers.items() if n not in our_buffers or not same(t, our_buffers[n])
+            ),
             "names": sorted(their_params) == sorted(our_params),
             "unequal": sorted(
                 n for n in their_params if n not in our_params or not same(their_params[n], our_params[n])
