@@ -34,6 +34,22 @@ ITEMSIZES: dict[str, int] = {
     "F8_E5M2": 1,
 }
 
+# The floating dtypes a model is built in (torch's names): float8 is quantized data, never a model's dtype.
+MODEL_DTYPES: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def weights_dtype(dtypes_by_name: dict[str, str]) -> str | None:
+    """The model dtype transformers derives from one file's tensors (``get_state_dict_dtype``, for
+    ``dtype="auto"`` when config.json names none): the first floating tensor's, float8 skipped, in name order
+    (the order ``safe_open(...).keys()`` gives); ``None`` when there is none to build a model in.
+
+    Example:
+        >>> weights_dtype({"model.norm.weight": "F32", "lm_head.weight": "BF16", "a.scale": "F8_E4M3"})
+        'bfloat16'
+    """
+    floating = [name for name in sorted(dtypes_by_name) if dtypes_by_name[name] in MODEL_DTYPES]
+    return MODEL_DTYPES[dtypes_by_name[floating[0]]] if floating else None
+
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 

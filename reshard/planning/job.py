@@ -28,7 +28,7 @@ from reshard.manifests.transforms import Transforms
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
 from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
-from reshard.source.checkpoint import INDEX_NAME, read_model_config
+from reshard.source.checkpoint import artifact_config, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
 from reshard.transforms import Table, experts, interleave, kv_heads, renames, row_blocks
 
@@ -138,11 +138,12 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
     pipeline = pipeline_split(config, table, request.pp or 1, tied, model, request.ep)
-    index = checkpoint.root / INDEX_NAME
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     dtypes = stored_dtypes(table, config, request.dtype)
     if dtypes:
         new_config = with_dtype(new_config or config, request.dtype)
+    model_dtype = request.dtype if dtypes else checkpoint.weights_dtype
+    new_config = artifact_config(new_config or config, model_dtype) or new_config
     return ConversionJob(
         tp=tp,
         ep=request.ep,
@@ -162,7 +163,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
             "repo": [checkpoint.repo_id, checkpoint.commit],
         },
         weight_files=checkpoint.weight_files,
-        hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *([index] if index.exists() else [])]),
+        hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *filter(None, [checkpoint.index])]),
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
         pipeline=pipeline,
     )
