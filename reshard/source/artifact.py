@@ -14,7 +14,7 @@ from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_file
 from reshard.manifests.rank_header import rank_header_problems
 from reshard.manifests.safetensors import ITEMSIZES, read_header
-from reshard.source.checkpoint import SourceHashes
+from reshard.source.source_hashes import SourceHashes
 from reshard.transforms import Table
 
 

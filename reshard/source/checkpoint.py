@@ -17,14 +17,12 @@ import json
 import os
 import re
 import stat
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.errors import SourceError, shown
-from reshard.manifests.hashing import hash_file
 from reshard.manifests.preflight import validate_config
 from reshard.manifests.safetensors import HeaderEntry, read_header, weights_dtype
 from reshard.source.dtypes import check_config_dtypes, index_dtype, needs_weights_dtype, with_weights_dtype
@@ -365,40 +363,3 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
     except HfHubHTTPError as exc:
         raise SourceError(f"{model}: cannot fetch config.json ({exc})") from exc
     return _read_config(Path(config_path).parent)
-
-
-class SourceHashes:
-    """xxh3-128 of whole source files, computed on a background thread while the rank files are written.
-
-    The thread reads each file once, in order, from a read-only mapping (no copy out of the page cache), so on
-    a cold cache it also reads the checkpoint ahead of the writers. ``digest`` waits for a file's hash, or
-    hashes the file itself if the thread was never started (a worker that only writes some of the ranks).
-    """
-
-    def __init__(self, files: list[Path]) -> None:
-        self._files = list(files)
-        self._digests: dict[Path, tuple[int, str]] = {}
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="reshard-source-hashes", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for path in self._files:
-                self._digests[path] = hash_file(path)
-        except BaseException as exc:  # raised again by digest(), in the caller's thread
-            self._error = exc
-
-    def digest(self, path: Path) -> tuple[int, str]:
-        """Size and xxh3-128 of ``path``."""
-        if self._thread is not None:
-            self._thread.join()
-            if self._error is not None:
-                raise self._error
-        if path not in self._digests:
-            self._digests[path] = hash_file(path)
-        return self._digests[path]
