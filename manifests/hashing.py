@@ -29,6 +29,29 @@ def hash_open(fd: int, on_bytes: Callable[[int], None] = lambda n: None) -> tupl
     return size, digest.hexdigest()
 
 
+def hash_regions(
+    fd: int, regions: list[tuple[str, int, int]], on_bytes: Callable[[int], None] = lambda n: None
+) -> tuple[int, str, dict[str, str]]:
+    """Size and xxh3-128 of the file open as ``fd``, and of each ``(name, offset, nbytes)`` region of it, from one
+    pass over its windows (a rank file's hash and its tensors' hashes from the same read)."""
+    import xxhash
+
+    whole = xxhash.xxh3_128()
+    ordered = sorted(regions, key=lambda region: region[1])
+    parts = {name: xxhash.xxh3_128() for name, _, _ in ordered}
+    size = 0
+    for start, part in open_windows(fd):
+        stop = start + len(part)
+        whole.update(part)
+        for name, offset, nbytes in ordered:  # each region gets its bytes in order, window after window
+            lo, hi = max(start, offset), min(stop, offset + nbytes)
+            if lo < hi:
+                parts[name].update(part[lo - start : hi - start])
+        size = stop
+        on_bytes(len(part))
+    return size, whole.hexdigest(), {name: digest.hexdigest() for name, digest in parts.items()}
+
+
 def mapped_windows(path: str | os.PathLike[str], window: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
     """``(offset, view)`` of each window of a file in order, through one read-only mapping: no copy into this
     process, and each window is dropped from it once the caller moves on, so resident memory stays one window."""
