@@ -72,7 +72,7 @@ def offset_rule(converter: ConverterRecord) -> tuple[str, str, int] | None:
 def claims_problem(manifest: Manifest) -> Problem | None:
     """The first record of ``manifest`` that is not what it claims, or None."""
     builtin = _builtin(manifest.model_type)
-    for check in (_plan_problem, _style_problem, _rename_problem, _row_block_problem, _kv_problem):
+    for check in (_style_problem, _plan_problem, _rename_problem, _row_block_problem, _kv_problem):
         if problem := check(manifest, builtin):
             return problem
     return None

@@ -112,10 +112,27 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
 
 
 def check_config(manifest: Manifest, config: dict[str, Any], origin: str = MANIFEST_NAME) -> None:
-    """The artifact's ``config.json`` against its manifest, for the readers that read it (``claims.config_problem``);
-    ``ManifestError`` naming the field otherwise."""
+    """The artifact's ``config.json`` against its manifest (``claims.config_problem``); ``ManifestError`` naming the
+    field otherwise."""
     if problem := config_problem(manifest, config):
         Fields(origin).fail(*problem)
+
+
+def check_artifact_config(manifest: Manifest, root: str | os.PathLike[str]) -> None:
+    """``check_config`` with ``root/config.json``, read only when a record depends on it (replicated KV heads)."""
+    if manifest.options.replicate_kv is None:
+        return
+    path = os.path.join(root, "config.json")
+    try:
+        with open(path, "rb") as handle:
+            config = json.loads(handle.read())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ManifestError(
+            f"{path}: cannot be read as JSON ({exc}); the manifest records replicated KV heads"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path}: not a JSON object")
+    check_config(manifest, config, os.path.join(root, MANIFEST_NAME))
 
 
 def _check_mesh(f: Fields, manifest: Manifest) -> None:
