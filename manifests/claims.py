@@ -260,8 +260,11 @@ def _copies_problem(index: int, tensor: TensorEntry, record: KvReplication) -> P
 
 
 def config_problem(manifest: Manifest, config: dict[str, Any]) -> Problem | None:
-    """The artifact's ``config.json`` against the manifest: with replicated KV heads it must say the replicated
-    number (what the stored k/v_proj hold), as the conversion wrote it."""
+    """The artifact's ``config.json`` against the manifest: the same ``model_type`` (whose built-in plan and
+    converters the records were checked against; the runtime builds the model from the config), and with replicated
+    KV heads the replicated number (what the stored k/v_proj hold), as the conversion wrote it."""
+    if config.get("model_type") != manifest.model_type:
+        return "model_type", f"{shown(manifest.model_type)}, but config.json says {shown(config.get('model_type'))}"
     record = manifest.options.replicate_kv
     if record is None:
         return None

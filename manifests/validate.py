@@ -119,8 +119,10 @@ def check_config(manifest: Manifest, config: dict[str, Any], origin: str = MANIF
 
 
 def check_artifact_config(manifest: Manifest, root: str | os.PathLike[str]) -> None:
-    """``check_config`` with ``root/config.json``, read only when a record depends on it (replicated KV heads)."""
-    if manifest.options.replicate_kv is None:
+    """``check_config`` with ``root/config.json`` when the manifest lists one (a small file; required when a record
+    depends on it, as replicated KV heads do)."""
+    listed = any(entry.path == "config.json" and entry.rank is None for entry in manifest.files)
+    if not listed and manifest.options.replicate_kv is None:
         return
     path = os.path.join(root, "config.json")
     try:
@@ -128,7 +130,7 @@ def check_artifact_config(manifest: Manifest, root: str | os.PathLike[str]) -> N
             config = json.loads(handle.read())
     except (OSError, ValueError, RecursionError) as exc:
         raise ManifestError(
-            f"{path}: cannot be read as JSON ({exc}); the manifest records replicated KV heads"
+            f"{path}: cannot be read as JSON ({exc}); the manifest's records are checked against it"
         ) from exc
     if not isinstance(config, dict):
         raise ManifestError(f"{path}: not a JSON object")

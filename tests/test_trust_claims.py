@@ -108,6 +108,11 @@ ATTACKS: dict[str, tuple[str, Edit, str]] = {
     "chunked gate/up on llama": ("plain", chunked, r"options\.chunked\..*no Chunk converter of 'llama'"),
     "concatenated on llama": ("plain", concatenated, r"options\.concatenated\..*no Concatenate converter"),
     "interleaved on llama": ("plain", interleaved, r"options\.interleaved\..*no Interleave converter"),
+    "model_type not the config's": (
+        "plain",
+        lambda data: data.update(model_type="mistral"),
+        r"model_type: \"mistral\", but config\.json says \"llama\"",
+    ),
 }
 
 
