@@ -13,6 +13,7 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
+from reshard.manifests.claims import offset_rule, prefix_rule
 from reshard.manifests.plans import ConverterRecord
 from reshard.manifests.transforms import RenameRules as Rules
 from reshard.manifests.transforms import checkpoint_key, model_key
@@ -56,16 +57,6 @@ def prefix_changes(converters: tuple[ConverterRecord, ...], keys: Iterable[str])
     return tuple(rules)
 
 
-def prefix_rule(converter: ConverterRecord) -> tuple[str, str] | None:
-    """A ``PrefixChange(prefix_to_remove=...)`` as a literal rename rule (source ``^model\\.language_model\\.(.+)``,
-    target ``model.\\1`` → ``(^model\\.language_model\\., model.)``), or None for any other converter."""
-    if converter.kind != "PrefixChange" or len(converter.sources) != 1 or len(converter.targets) != 1:
-        return None
-    source = re.fullmatch(r"(\^(?:\w|\\\.)+)\(\.\+\)", converter.sources[0])
-    target = re.fullmatch(r"((?:\w|\.)*)\\1", converter.targets[0])
-    return (source.group(1), target.group(1)) if source and target else None
-
-
 def index_offsets(converters: tuple[ConverterRecord, ...], keys: Iterable[str]) -> Rules:
     """An index-shifting rename (inkling2's ``attn_res.attn_queries.0`` → ``layers.1.attention_input.query``,
     ``Inkling2IndexOffsetWeightRename``) as one literal rule per index the checkpoint's keys hold, longest index
@@ -83,16 +74,4 @@ def index_offsets(converters: tuple[ConverterRecord, ...], keys: Iterable[str]) 
     return tuple(rules)
 
 
-def offset_rule(converter: ConverterRecord) -> tuple[str, str, int] | None:
-    """An ``Inkling2IndexOffsetWeightRename`` as (literal pattern with one ``(\\d+)``, target with ``\\1``, offset), or
-    None for any other converter (or one whose patterns are not literal around the index)."""
-    if converter.kind != "Inkling2IndexOffsetWeightRename" or len(converter.sources) != 1:
-        return None
-    offsets = [args.get("offset") for name, args in converter.operations if name == "IndexOffset"]
-    source, target = converter.sources[0], converter.targets[0] if len(converter.targets) == 1 else ""
-    literal = re.compile(r"(?:\w|\\\.|\.)+")
-    if len(offsets) != 1 or not isinstance(offsets[0], int) or source.count(r"(\d+)") != 1 or target.count("\\1") != 1:
-        return None
-    if not all(literal.fullmatch(part) or not part for part in [*source.split(r"(\d+)"), *target.split("\\1")]):
-        return None
-    return source, target, offsets[0]
+__all__ = ["forward", "index_offsets", "offset_rule", "prefix_changes", "prefix_rule", "reverse"]
