@@ -143,6 +143,20 @@ def test_a_tensor_stored_twice_with_other_bytes_is_refused_naming_both_files(tin
     assert not (tmp_path / "a").exists()
 
 
+def test_an_index_naming_a_tensor_no_read_file_holds_is_refused(tiny, tmp_path: Path) -> None:
+    """transformers reads only the files the index names: a tensor alone in a file the index no longer names would
+    be initialised at random there; here it is refused."""
+    source = Path(shutil.copytree(tiny.checkpoint("llama"), tmp_path / "src"))
+    index_path = source / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = sorted(index["weight_map"].values())
+    name, alone = next((n, f) for n, f in sorted(index["weight_map"].items()) if files.count(f) == 1)
+    index["weight_map"][name] = next(f for f in files if f != alone)
+    index_path.write_text(json.dumps(index))
+    line = one_error_line(run_cli("--tp", "2", str(source), "-o", str(tmp_path / "a")), 3)
+    assert name in line and "no weights file holds it" in line
+
+
 def test_pickle_only_checkpoint_names_a_command_that_works(tmp_path: Path) -> None:
     """The command in the refusal, run as printed, writes a checkpoint that converts to transformers' model."""
     from transformers import AutoModelForCausalLM
@@ -277,6 +291,15 @@ def runtime_sources(tiny, root: Path) -> dict[str, Path]:
     tensors = load_file(twice / other)
     save_file({**tensors, name: load_file(twice / first)[name]}, twice / other, metadata={"format": "pt"})
     sources["stored_twice"] = twice
+    # the index says another file than the one holding a tensor: transformers reads every tensor of every file
+    misplaced = Path(shutil.copytree(tiny.checkpoint("llama"), root / "index_misplaced"))
+    index_path = misplaced / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = sorted(index["weight_map"].values())
+    name, first = next((n, f) for n, f in sorted(index["weight_map"].items()) if files.count(f) > 1)  # file stays read
+    index["weight_map"][name] = next(f for f in sorted(set(files)) if f != first)
+    index_path.write_text(json.dumps(index))
+    sources["index_misplaced"] = misplaced
     return sources
 
 
@@ -304,6 +327,7 @@ def test_parity_with_from_pretrained_under_torchrun(tiny, tmp_path: Path) -> Non
         "index_dtype": "torch.float32",
         "single_and_index": "torch.bfloat16",
         "stored_twice": "torch.bfloat16",
+        "index_misplaced": "torch.bfloat16",
         "odd_neox": "torch.float32",
         "odd_neox_from_tp4": "torch.float32",
     }
