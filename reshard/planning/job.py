@@ -30,7 +30,7 @@ from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.transforms import Table, experts, interleave, kv_heads, renames, row_blocks
+from reshard.transforms import Table, experts, interleave, keymap, kv_heads, renames, row_blocks
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,14 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
     converters = builtin.key_converters if builtin else ()
-    rename_rules = (renames.prefix_changes(converters, stored) + builtin.key_renames) if builtin else ()
-    rename_rules += renames.index_offsets(converters, stored)
-    table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
+    names = keymap.model_names(stored, builtin) if builtin else {}
+    table, renamed = renames.forward(stored, names)
     table, concatenated, chunked = row_blocks.forward(table, converters)
     blocks = interleave.blocks_for(lambda name: style_of(name, {**plan, **ep_plan}), tp)
     interleaved = interleave.records(table, converters, blocks)
     table = interleave.forward(table, interleaved)
-    table, fused = experts.forward(table, builtin.key_converters if builtin else ())
+    table, fused = experts.forward(table, converters)
+    keymap.require_same(table, names, builtin, model)
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
@@ -153,7 +153,13 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
         transforms=Transforms(
-            rename_rules, fused or None, replication, concatenated or None, chunked or None, interleaved or None
+            (),
+            fused or None,
+            replication,
+            concatenated or None,
+            chunked or None,
+            interleaved or None,
+            renamed or None,
         ),
         extra_files=checkpoint.extra_files,
         source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),

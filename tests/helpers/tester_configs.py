@@ -208,7 +208,8 @@ def supported_types() -> list[str]:
             continue
         if any(style not in STYLES for style in plan["styles"]):
             continue
-        if not all(replayable(ConverterRecord.from_json(c)) for c in plan.get("key_converters", [])):
+        conversions = [*plan.get("renamings", []), *plan.get("key_converters", [])]
+        if not all(replayable(ConverterRecord.from_json(c)) for c in conversions):
             continue
         types.append(plan["model_type"])
     return types
