@@ -51,13 +51,16 @@ def replayable(record: ConverterRecord) -> bool:
     return record.kind in RENAMING_KINDS and bool(record.pattern)
 
 
-def model_names(keys: Iterable[str], plan: BuiltinPlan) -> dict[str, KeyName]:
-    """Every checkpoint key's name in the model, as transformers' loader derives it."""
+def model_names(
+    keys: Iterable[str], plan: BuiltinPlan, parameters: tuple[str, ...] | None = None
+) -> dict[str, KeyName]:
+    """Every checkpoint key's name in the model, as transformers' loader derives it (``parameters``: the model's
+    names, layer numbers as ``*``; the plan's, recorded from the default config, when not given)."""
     if bad := [r for r in (*plan.renamings, *plan.key_converters) if not r.pattern]:
         raise PlanError(f"the built-in plan of {plan.model_type} records no search pattern for {bad[0].to_json()}")
     if bad := [r for r in plan.renamings if not replayable(r)]:
         raise PlanError(f"reshard cannot replay transformers' renaming {bad[0].to_json()} ({plan.model_type})")
-    known = frozenset(plan.parameters)
+    known = frozenset(plan.parameters if parameters is None else parameters)
     return {key: _model_name(key, plan, known) for key in keys}
 
 
@@ -146,11 +149,11 @@ def _rename(record: ConverterRecord, key: str) -> tuple[str, str | None]:
     return renamed, record.sources[int(group[1:])]
 
 
-def require_same(table: dict[str, object], names: dict[str, KeyName], plan: BuiltinPlan | None, origin: str) -> None:
+def require_same(table: dict[str, object], names: dict[str, KeyName], origin: str) -> None:
     """Refuse a conversion whose tensors, after reshard's replays, are not the ones transformers' loader fills: every
     name it loads must be in the table, and no name in the table may be one of the model's that it does not load
     (a tensor the model lacks is kept under the name transformers reports it by)."""
-    if not names or plan is None:
+    if not names:
         return
     expected = {name: key for key, found in names.items() if found.loaded for name in found.final}
     if missing := sorted(name for name in expected if name not in table):
@@ -160,7 +163,7 @@ def require_same(table: dict[str, object], names: dict[str, KeyName], plan: Buil
             "replay of its conversions does not make that tensor; this model type cannot be converted exactly"
         )
     loaded = {name for found in names.values() for name in found.final if found.loaded}
-    known = set(plan.parameters)
+    known = {generic_name(name) for name in loaded}
     if extra := sorted(name for name in table if name not in loaded and generic_name(name) in known):
         raise PlanError(
             f"{origin}: reshard's replay makes {extra[0]!r}, a tensor transformers' loader does not fill from this "
