@@ -149,9 +149,32 @@ _TESTER_VISION = {
     "temporal_patch_size": 2,
     "num_position_embeddings": 16,
 }
-MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen3_5": ("qwen3_5_text", _TESTER_VISION),
-    "qwen3_5_moe": ("qwen3_5_moe_text", _TESTER_VISION),
+# gemma3's SigLIP tower and got_ocr2's SAM-like one, sized down the same way (2 layers, hidden 32, 4 heads).
+_SIGLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+_GOT_OCR2_VISION = {
+    "hidden_size": 32,
+    "output_channels": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 16,
+    "window_size": 2,
+    "global_attn_indexes": [1],
+    "mlp_dim": 37,
+}
+# type -> (its text type, vision config, other fields of the composite config)
+MULTIMODAL: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "qwen3_5": ("qwen3_5_text", _TESTER_VISION, {}),
+    "qwen3_5_moe": ("qwen3_5_moe_text", _TESTER_VISION, {}),
+    "gemma3": ("gemma3_text", _SIGLIP, {"mm_tokens_per_image": 4}),
+    "got_ocr2": ("qwen2", _GOT_OCR2_VISION, {}),
 }
 
 # Model types whose attention has no sdpa path in transformers: compared with eager attention.
@@ -162,6 +185,7 @@ EAGER_ATTENTION = {
     "inkling2_text",
     "gemma2",
     "gpt_oss",
+    "got_ocr2",
     "granite_swa",
     "granitemoe_swa",
     "mimo_v2_flash",
@@ -176,10 +200,8 @@ SKIPPED: dict[str, str] = {
         for t in (
             "dots3_note",
             "emu3",
-            "gemma3",
             "gemma4",
             "gemma4_unified",
-            "got_ocr2",
             "llama4",
             "moss_transcribe_diarize",
             "phi4_multimodal",
@@ -221,8 +243,9 @@ def tiny_config(model_type: str) -> Any:
     from transformers import AutoConfig
 
     if model_type in MULTIMODAL:
-        text_type, vision = MULTIMODAL[model_type]
-        config = AutoConfig.for_model(model_type, text_config=tiny_config(text_type).to_dict(), vision_config=vision)
+        text_type, vision, extra = MULTIMODAL[model_type]
+        text_config = tiny_config(text_type).to_dict()
+        config = AutoConfig.for_model(model_type, text_config=text_config, vision_config=vision, **extra)
         _no_dropout(config.vision_config)
         return config
     default = AutoConfig.for_model(model_type)
@@ -256,8 +279,8 @@ def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, **overrides
     for key, value in overrides.items():
         if hasattr(text, key):
             setattr(text, key, value)
-    if model_type in MULTIMODAL:  # image features are merged into the text model's embeddings: the same width
-        config.vision_config.out_hidden_size = text.hidden_size
+    if hasattr(config, "vision_config") and hasattr(config.vision_config, "out_hidden_size"):
+        config.vision_config.out_hidden_size = text.hidden_size  # image features join the text embeddings
     auto = AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
@@ -286,4 +309,12 @@ _BOTH["hrm_text"] = (
     "(gate_proj 19 rows, up_proj 18 on rank 0 at tp 2); reshard's TP model is close to the unsharded one (logits "
     "at 5e-3, the same 25 greedy tokens)"
 )
-KNOWN_FAILURES: dict[str, dict[str, str]] = {"tp2": _BOTH, "tp4": {**_BOTH, "laguna": _THEIRS_FORWARD}}
+# Parameters, placements, logits and the 25 greedy tokens equal; the first step's scores differ by one ulp
+# (3.6e-7): the tied lm_head's gemv on the last position depends on where the weight lies in memory (transformers'
+# local shard of this checkpoint sits at 24 mod 64 bytes, reshard's mapped slice at 0; the same shard copied to an
+# aligned address gives reshard's scores bit for bit).
+_ALIGNMENT = "first generate step's scores differ by one ulp: the lm_head gemv depends on the weight's alignment"
+KNOWN_FAILURES: dict[str, dict[str, str]] = {
+    "tp2": {**_BOTH, "gemma3": _ALIGNMENT},
+    "tp4": {**_BOTH, "laguna": _THEIRS_FORWARD, "got_ocr2": _ALIGNMENT},
+}
