@@ -65,7 +65,10 @@ def test_renamed_keys_are_recorded_and_consolidate_back(layouts, layout: str, tm
     renamed = manifest.options.renamed or {}
     assert sorted(renamed.values()) == sorted(original)  # every key of these layouts is renamed at load
     assert all(name.startswith("model.") for name in renamed)
-    consolidate(artifact, tmp_path / "back", progress=False)
-    back = tensors_of(tmp_path / "back")
-    assert sorted(back) == sorted(original)
-    assert all(torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)) for k, v in original.items())
+    resharded = tmp_path / "tp1"  # re-sharding keeps the record: the re-sharded artifact consolidates back as well
+    assert reshard.convert(artifact, resharded, tp=1, progress=False).options.renamed == renamed
+    for folder in (artifact, resharded):
+        consolidate(folder, tmp_path / f"back-{folder.name}", progress=False)
+        back = tensors_of(tmp_path / f"back-{folder.name}")
+        assert sorted(back) == sorted(original)
+        assert all(torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)) for k, v in original.items())
