@@ -257,7 +257,7 @@ class _ConversionsOnFirstUse(list):  # type: ignore[type-arg]
     def __init__(self, model: PreTrainedModel, manifest: Manifest) -> None:
         super().__init__()
         options = manifest.options
-        self._pending = (model, manifest) if options.key_renames or options.fused else None
+        self._pending = (model, manifest) if options.key_renames or options.renamed or options.fused else None
 
     def _found(self) -> _ConversionsOnFirstUse:
         if self._pending is not None:

@@ -15,28 +15,15 @@ from collections import Counter
 from typing import Any
 
 from reshard.manifests.errors import shown
+from reshard.manifests.keymap import model_names
 from reshard.manifests.manifest import Manifest, TensorEntry
+from reshard.manifests.names import generic_name, style_of
 from reshard.manifests.plans import BuiltinPlan, ConverterRecord, builtin_plan, builtin_plan_names, expert_rule_matcher
 from reshard.manifests.transforms import KvReplication, checkpoint_key
 
 Problem = tuple[str, str]
 KV_PROJECTIONS = ("k_proj", "v_proj")
-_LAYER_NUMBER = re.compile(r"\.\d+(\.|$)")
 _LITERAL = re.compile(r"(?:\w|\\\.|\.)+")
-
-
-def generic_name(name: str) -> str:
-    """``model.layers.3.mlp.up_proj.weight`` → ``model.layers.*.mlp.up_proj.weight`` (transformers' rule)."""
-    return _LAYER_NUMBER.sub(lambda m: ".*" + m.group(1), name)
-
-
-def style_of(tensor_name: str, plan: dict[str, str]) -> str | None:
-    """The style a plan gives a tensor: a rule on the parameter itself, else on its module (transformers' lookup)."""
-    generic = generic_name(tensor_name)
-    if generic in plan:
-        return plan[generic]
-    module = generic.rpartition(".")[0]
-    return plan.get(module) if module else None
 
 
 def is_kv_tensor(name: str, plan: dict[str, str]) -> bool:
@@ -118,27 +105,35 @@ def _style_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem |
 
 
 def _rename_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem | None:
-    """``key_renames`` must be the model type's: its prefix-removing converters' rules (some of them, in order), its
-    own renames, then its index-offset rules expanded per index; and undoing them must give every tensor its own
-    checkpoint key (two model names from one key would lose a tensor on the way back)."""
+    """Each renamed key must be what transformers' loader makes of the checkpoint key (``options.renamed``: the
+    model type's renamings and base-model prefix replayed by ``keymap``; older manifests' ``key_renames`` rules:
+    each one of the model type's renamings, prefix-removing or index-offset converters); and undoing them must give
+    every tensor its own checkpoint key (two model names from one key would lose a tensor on the way back)."""
+    renamed = manifest.options.renamed or {}
+    if renamed:
+        if builtin is None:
+            name = sorted(renamed)[0]
+            return f"options.renamed.{name}", f"model_type {manifest.model_type!r} has no renamings to record"
+        # the model's names: the plan's (default config) and the tensors this conversion made, as the loader saw them
+        known = (*builtin.parameters, *(generic_name(t.name) for t in manifest.tensors), *map(generic_name, renamed))
+        names = model_names(list(renamed.values()), builtin, tuple(sorted(set(known))))
+        for name, key in sorted(renamed.items()):
+            if names[key].renamed != name:
+                return (
+                    f"options.renamed.{name}",
+                    f"checkpoint key {key!r} loads as {names[key].renamed!r} in model_type "
+                    f"{manifest.model_type!r}, not as {name!r}",
+                )
     recorded = list(manifest.options.key_renames)
     converters = builtin.key_converters if builtin else ()
-    own = list(builtin.key_renames) if builtin else []
-    prefixes = [rule for c in converters if (rule := prefix_rule(c))]
-    offsets = [offset for c in converters if (offset := offset_rule(c))]
-    start = 0
-    while start < len(recorded) and recorded[start] in prefixes and recorded[start] not in own:
-        start += 1
-    end = start + len(own)
-    if (
-        not _is_ordered_subset(recorded[:start], prefixes)
-        or recorded[start:end] != own
-        or not all(_is_offset_expansion(rule, offsets) for rule in recorded[end:])
-    ):
+    renamings = builtin.renamings if builtin else ()
+    own = [(r.sources[0], r.targets[0]) for r in renamings if len(r.sources) == 1 and len(r.targets) == 1]
+    own += [rule for c in (*renamings, *converters) if (rule := prefix_rule(c))]
+    offsets = [offset for c in (*renamings, *converters) if (offset := offset_rule(c))]
+    if bad := [rule for rule in recorded if rule not in own and not _is_offset_expansion(rule, offsets)]:
         return (
             "options.key_renames",
-            f"{shown([list(r) for r in recorded])} are not the renames model_type {manifest.model_type!r}'s "
-            "converters make",
+            f"{shown(list(bad[0]))} is not a renaming model_type {manifest.model_type!r}'s conversions make",
         )
     keys: Counter[str] = Counter()
     for tensor in manifest.tensors:
@@ -151,16 +146,6 @@ def _rename_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem 
         if count > 1 and cut.get(key) != count:
             return "options.key_renames", f"{count} tensors go back to one checkpoint key {key!r}"
     return None
-
-
-def _is_ordered_subset(rules: list[tuple[str, str]], allowed: list[tuple[str, str]]) -> bool:
-    position = 0
-    for rule in rules:
-        try:
-            position = allowed.index(rule, position) + 1
-        except ValueError:
-            return False
-    return True
 
 
 def _is_offset_expansion(rule: tuple[str, str], offsets: list[tuple[str, str, int]]) -> bool:

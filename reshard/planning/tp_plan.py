@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from reshard.manifests.claims import generic_name, style_of
 from reshard.manifests.errors import PlanError
 from reshard.manifests.layout import STYLES
+from reshard.manifests.names import generic_name, style_of
 from reshard.manifests.plans import builtin_plan, expert_rule_matcher, plan_for_config
 
 
