@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from reshard.manifests.errors import shown
+from reshard.manifests.errors import ReshardError, shown
 from reshard.manifests.manifest import Manifest, TensorEntry
 from reshard.manifests.plans import BuiltinPlan, ConverterRecord, builtin_plan, builtin_plan_names, expert_rule_matcher
 from reshard.manifests.transforms import KvReplication, checkpoint_key
@@ -141,8 +141,11 @@ def _rename_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem 
             "converters make",
         )
     keys: Counter[str] = Counter()
-    for tensor in manifest.tensors:
-        keys.update(set(manifest.options.checkpoint_keys([tensor.name])))
+    try:
+        for tensor in manifest.tensors:
+            keys.update(set(manifest.options.checkpoint_keys([tensor.name])))
+    except ReshardError:  # a rule of the model type's own that cannot be undone: consolidate refuses it anyway
+        return None
     cut = {
         checkpoint_key(key, manifest.options.key_renames): len(r.parts)
         for key, r in (manifest.options.chunked or {}).items()
