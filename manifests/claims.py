@@ -85,6 +85,8 @@ def _builtin(model_type: str | None) -> BuiltinPlan | None:
 def _plan_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem | None:
     """``plan`` (and ``ep_plan``) must be the model type's own, with ``plan_overrides`` merged as transformers
     merges ``DistributedConfig(tp_plan=...)``, and expert rules moved to ``ep_plan`` under expert parallelism."""
+    if manifest.tp > 1 and not manifest.plan and not manifest.ep_plan:
+        return "plan", f"empty at tp={manifest.tp}: no rule shards anything, and transformers refuses such a load"
     own = builtin.tp_plan if builtin else {}
     overrides = manifest.plan_overrides
     expected = dict(own) if overrides is None else ({**own, **overrides} if overrides else {})
