@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from reshard.manifests.errors import shown
+from reshard.manifests.errors import ReshardError, shown
 from reshard.manifests.keymap import model_names
 from reshard.manifests.manifest import Manifest, TensorEntry
 from reshard.manifests.names import generic_name, style_of
@@ -72,6 +72,8 @@ def _builtin(model_type: str | None) -> BuiltinPlan | None:
 def _plan_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem | None:
     """``plan`` (and ``ep_plan``) must be the model type's own, with ``plan_overrides`` merged as transformers
     merges ``DistributedConfig(tp_plan=...)``, and expert rules moved to ``ep_plan`` under expert parallelism."""
+    if manifest.tp > 1 and not manifest.plan and not manifest.ep_plan:
+        return "plan", f"empty at tp={manifest.tp}: no rule shards anything, and transformers refuses such a load"
     own = builtin.tp_plan if builtin else {}
     overrides = manifest.plan_overrides
     expected = dict(own) if overrides is None else ({**own, **overrides} if overrides else {})
@@ -136,8 +138,11 @@ def _rename_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem 
             f"{shown(list(bad[0]))} is not a renaming model_type {manifest.model_type!r}'s conversions make",
         )
     keys: Counter[str] = Counter()
-    for tensor in manifest.tensors:
-        keys.update(set(manifest.options.checkpoint_keys([tensor.name])))
+    try:
+        for tensor in manifest.tensors:
+            keys.update(set(manifest.options.checkpoint_keys([tensor.name])))
+    except ReshardError:  # a rule of the model type's own that cannot be undone: consolidate refuses it anyway
+        return None
     cut = {
         checkpoint_key(key, manifest.options.key_renames): len(r.parts)
         for key, r in (manifest.options.chunked or {}).items()

@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,16 +315,40 @@ def checkpoint_key(model_key: str, rules: RenameRules) -> str:
     """Undo the renames, last first. A literal pattern (``^embed_out\\.``) gives its text back; one with a capturing
     group (``(convolution|sconv)\\.weight(?!_)`` → ``\\1.conv1d.weight``) is reversed as transformers reverses it
     for ``save_pretrained``: its target, the group standing for itself, becomes the pattern (lookarounds dropped)."""
-    for pattern, target in reversed(rules):
-        model_key = _undone(model_key, pattern, target)
+    undo = _undo_all(tuple(rules))
+    if undo is None:  # a rule that cannot be undone: raise as that rule is reached
+        for pattern, target in reversed(rules):
+            model_key = _undo(pattern, target)[1](model_key)
+        return model_key
+    anywhere, steps = undo
+    if not anywhere.search(model_key):  # no rule applies to the key, so none applies after another did nothing
+        return model_key
+    for step in steps:
+        model_key = step(model_key)
     return model_key
 
 
-def _undone(key: str, pattern: str, target: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _undo_all(rules: RenameRules) -> tuple[re.Pattern[str], list[Callable[[str], str]]] | None:
+    """Every rule's reverse, last first, and one pattern matching wherever any of them could apply (the validator
+    undoes every tensor's name: working the rules out per name would cost a second on a large model); ``None``
+    if a rule cannot be undone (``checkpoint_key`` then raises on the names it is asked for)."""
+    try:
+        undone = [_undo(pattern, target) for pattern, target in reversed(rules)]
+    except ReshardError:
+        return None
+    return re.compile("|".join(f"(?:{search.pattern})" for search, _ in undone) or "(?!)"), [f for _, f in undone]
+
+
+@functools.lru_cache(maxsize=1024)
+def _undo(pattern: str, target: str) -> tuple[re.Pattern[str], Callable[[str], str]]:
+    """The reverse of one rule: where it applies, and the function of a key that undoes it."""
     anchor = "^" if pattern.startswith("^") else ""
     body = pattern.removeprefix("^")
     if _LITERAL_PATTERN.fullmatch(pattern):
-        return re.sub(anchor + re.escape(target), body.replace("\\.", ".").replace("\\", "\\\\"), key)
+        literal = re.compile(anchor + re.escape(target))
+        replacement = body.replace("\\.", ".").replace("\\", "\\\\")
+        return literal, lambda key: literal.sub(replacement, key)
     body = re.sub(r"\(\?.+?\)?\)", "", body)  # transformers' process_target_pattern drops lookarounds
     group = re.search(r"\(.+?\)", body)
     parts = body.split(group.group(0), 1) if group else []
@@ -334,5 +360,5 @@ def _undone(key: str, pattern: str, target: str) -> str:
         raise ReshardError(f"cannot undo the key rename {pattern!r} -> {target!r} (not a literal pattern)")
     before, after = target.split("\\1")
     head, tail = (part.replace("\\.", ".") for part in parts)
-    search = anchor + re.escape(before) + group.group(0) + re.escape(after)
-    return re.sub(search, lambda match: head + match.group(1) + tail, key, count=1)
+    search = re.compile(anchor + re.escape(before) + group.group(0) + re.escape(after))
+    return search, lambda key: search.sub(lambda match: head + match.group(1) + tail, key, count=1)

@@ -98,6 +98,15 @@ def interleaved(data: dict[str, Any]) -> None:
     data["options"]["interleaved"] = {LAYER0 + "mlp.gate_proj.weight": record}
 
 
+def no_plan(data: dict[str, Any]) -> None:
+    """An empty custom plan and every tensor unplanned (placement plain, the whole tensor on every rank)."""
+    data.update(plan={}, plan_overrides={})
+    for entry in data["tensors"]:
+        entry.update(style=None, placement={"kind": "plain"})
+        for piece in entry["slices"]:
+            piece.update(ranges=[[0, entry["shape"][0]]] if entry["shape"] else [], shape=entry["shape"])
+
+
 ATTACKS: dict[str, tuple[str, Edit, str]] = {
     "plan only (lm_head colwise)": ("plain", plan_only, r"tensors\[\d+\]\.style: \"colwise_gather_output\""),
     "plan and style": ("plain", plan_and_style, r"plan\.lm_head: \"colwise\", but model_type 'llama'"),
@@ -108,6 +117,7 @@ ATTACKS: dict[str, tuple[str, Edit, str]] = {
     "chunked gate/up on llama": ("plain", chunked, r"options\.chunked\..*no Chunk converter of 'llama'"),
     "concatenated on llama": ("plain", concatenated, r"options\.concatenated\..*no Concatenate converter"),
     "interleaved on llama": ("plain", interleaved, r"options\.interleaved\..*no Interleave converter"),
+    "empty plan, every tensor whole": ("plain", no_plan, r"plan: empty at tp=2"),
     "model_type not the config's": (
         "plain",
         lambda data: data.update(model_type="mistral"),
