@@ -28,7 +28,7 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_prefix_removal_is_a_literal_rename_and_prefix_addition_is_not_replayed():
-    change = next(c for c in builtin_plan("qwen3_5_text").key_converters if c.kind == "PrefixChange")
+    change = next(c for c in builtin_plan("qwen3_5_text", "5.23").key_converters if c.kind == "PrefixChange")
     assert prefix_rule(change) == (r"^model\.language_model\.", "model.")
     assert replayable(change)
     adding = ConverterRecord(

@@ -21,7 +21,7 @@ from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests.pipeline import Pipeline
-from reshard.manifests.plans import plan_for_config
+from reshard.manifests.plans import UNRECORDED_VERSION, plan_for_config, plans_version
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
@@ -59,6 +59,7 @@ class ConversionJob:
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     lineage: dict[str, Any] | None = None
     pipeline: Pipeline | None = None  # with pipeline stages: transformers' split of the layers
+    transformers_version: str | None = None  # the release whose built-in plan and conversions it follows
 
     @property
     def pp(self) -> int:
@@ -88,6 +89,7 @@ class ConversionJob:
             **({"pipeline": self.pipeline.to_json() | {"stages": self.pp}} if self.pipeline is not None else {}),
             "plan": self.plan,
             "ep_plan": self.ep_plan,
+            **({"transformers": self.transformers_version} if self.transformers_version is not None else {}),
             "identity": self.identity,
             "layouts": [[t.name, t.dtype, list(t.shape), t.style] for t in self.layouts],
         }
@@ -106,9 +108,10 @@ def build_job(request: ConversionRequest) -> ConversionJob:
 def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
     tp, model = request.tp, request.source
+    version = plans_version(request.transformers)  # the release whose plans and conversions the artifact follows
     config = read_model_config(model, request.revision)
-    rules = load_plan(request.plan, config)
-    plan = merged_plan(rules, config) if request.custom_plan else rules
+    rules = load_plan(request.plan, config, version)
+    plan = merged_plan(rules, config, version) if request.custom_plan else rules
     if tp > 1 and not plan:
         raise PlanError(
             f"{model}: tp_size={tp} was requested, but the plan is empty: it applies no tensor-parallel rule, and "
@@ -117,10 +120,10 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     ep_plan: dict[str, str] = {}
     if request.ep > 1:
         require_expert_parallel(config, tp, request.ep, model)
-        plan, ep_plan = split_expert_parallel(config, plan)
+        plan, ep_plan = split_expert_parallel(config, plan, version)
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
-    builtin = plan_for_config(config)
+    builtin = plan_for_config(config, version)
     converters = builtin.key_converters if builtin else ()
     rename_rules = (renames.prefix_changes(converters, stored) + builtin.key_renames) if builtin else ()
     rename_rules += renames.index_offsets(converters, stored)
@@ -165,6 +168,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *([index] if index.exists() else [])]),
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
         pipeline=pipeline,
+        transformers_version=version,
     )
 
 
@@ -194,7 +198,8 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     root, tp = Path(request.source), request.tp
     old, manifest_digest = manifest_and_digest(root)
     config = read_model_config(str(root))
-    if request.custom_plan and merged_plan(load_plan(request.plan, config), config) != old.plan:
+    version = old.transformers_version or UNRECORDED_VERSION  # re-sharding keeps the plans the artifact follows
+    if request.custom_plan and merged_plan(load_plan(request.plan, config, version), config, version) != old.plan:
         raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to change it")
     stored = old.options.replicate_kv
     if stored:
@@ -248,6 +253,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         config_bytes=kv_heads.config_json(new_config) if rewrite_config else None,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
         pipeline=pipeline,
+        transformers_version=old.transformers_version,
     )
 
 
@@ -339,9 +345,9 @@ def source_files(job: ConversionJob, digest: Any, progress: bool) -> SourceInfo:
     return SourceInfo(job.source.repo_id, job.source.revision, job.source.commit, entries, job.source.skipped)
 
 
-def architecture(config: dict[str, object]) -> str | None:
+def architecture(config: dict[str, Any], version: str) -> str | None:
     architectures = config.get("architectures")
     if isinstance(architectures, list) and architectures:
         return str(architectures[0])
-    builtin = plan_for_config(config)
+    builtin = plan_for_config(config, version)
     return builtin.architecture if builtin else None

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -196,21 +195,20 @@ def attention(model_type: str) -> str:
 
 
 def supported_types() -> list[str]:
-    """Every built-in plan with a non-empty TP plan that reshard converts (sorted)."""
+    """Every built-in plan of the installed transformers with a non-empty TP plan that reshard converts (sorted)."""
     from reshard.manifests.layout import STYLES
-    from reshard.manifests.plans import ConverterRecord
+    from reshard.manifests.plans import builtin_plan, builtin_plan_names, plans_version
     from reshard.transforms.converters import replayable
 
+    version = plans_version()
     types = []
-    for path in sorted((ROOT / "manifests" / "plans").glob("*.json")):
-        plan = json.loads(path.read_text())
-        if path.name == "INDEX.json" or not plan.get("tp_plan"):
+    for model_type in builtin_plan_names(version):
+        plan = builtin_plan(model_type, version)
+        if not plan.tp_plan or any(style not in STYLES for style in plan.tp_plan.values()):
             continue
-        if any(style not in STYLES for style in plan["styles"]):
+        if not all(replayable(converter) for converter in plan.key_converters):
             continue
-        if not all(replayable(ConverterRecord.from_json(c)) for c in plan.get("key_converters", [])):
-            continue
-        types.append(plan["model_type"])
+        types.append(model_type)
     return types
 
 
