@@ -3,9 +3,10 @@
 An artifact follows the built-in plan and load-time key conversions of one transformers release (the manifest's
 ``transformers_version``). Another release may place a parameter differently (5.24 shards lfm2's embeddings, which
 5.23 keeps whole) or convert the checkpoint's keys differently (5.24 renames inkling2's attention modules). Loading
-such an artifact would give another model than the installed transformers' ``from_pretrained``, or one that crashes
-in its first forward, so ``check_release`` refuses it with one line: the first difference and the command that
-converts again. Where the two releases' plans and conversions agree, the artifact loads under either.
+such an artifact would give another model than the installed transformers' ``from_pretrained`` (a tied lfm2 made for
+5.23 and loaded under 5.24 computes other logits), so ``check_release`` refuses it with one line: the first
+difference and the command that converts again. Where the two releases' plans and conversions agree, the artifact
+loads under either.
 """
 
 from __future__ import annotations

@@ -216,8 +216,8 @@ def test_other_plan_is_refused_on_every_rank_with_one_line(across_releases) -> N
 
 @pytest.mark.parametrize("name", ["lfm2_installed", "llama_other"])
 def test_same_plan_loads_as_the_installed_transformers(across_releases, name: str) -> None:
-    """The installed release's own artifact (tied lfm2, which crashed in its first forward under 5.24 when reshard
-    kept 5.23's plan) and a llama made for the other release (the same plan and conversions in both) load as
+    """The installed release's own artifact (tied lfm2, whose logits differed from from_pretrained's under 5.24 when
+    reshard kept 5.23's plan) and a llama made for the other release (the same plan and conversions in both) load as
     from_pretrained(tp_plan="auto") under the installed transformers: parameters, logits equal, greedy generate."""
     results, _ = across_releases
     for result in (r[name] for r in results):
