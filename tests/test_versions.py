@@ -107,8 +107,12 @@ def test_the_installed_release_is_chosen_and_recorded(tmp_path: Path, monkeypatc
     assert made.plan == builtin_plan("lfm2", INSTALLED).tp_plan
     chosen = reshard.convert(source, tmp_path / "chosen", tp=2, progress=False, transformers="5.24")
     assert chosen.transformers_version == "5.24" and chosen.plan["model.embed_tokens"] == "embedding_rowwise"
+    resharded = reshard.convert(tmp_path / "chosen", tmp_path / "resharded", tp=1, progress=False)
+    assert resharded.transformers_version == "5.24" and resharded.plan == chosen.plan  # re-sharding keeps both
     with pytest.raises(PlanError, match=r"transformers 5\.25\.0 was asked for .* 5\.23, 5\.24 only"):
         reshard.convert(source, tmp_path / "newer", tp=2, progress=False, transformers="5.25.0")
+    with pytest.raises(PlanError, match=r"transformers version 'abc' was asked for .*: not a release number"):
+        reshard.convert(source, tmp_path / "garbage", tp=2, progress=False, transformers="abc")
     monkeypatch.setattr("reshard.manifests.plans.installed_transformers", lambda: None)
     assert plans_version() == plan_sets().versions[-1]  # without transformers: the newest release reshard knows
     monkeypatch.setattr("reshard.manifests.plans.installed_transformers", lambda: "5.22.2")
