@@ -279,6 +279,10 @@ _BOTH = {
     "lfm2": _THEIRS_BACKWARD,
     "lfm3": _THEIRS_BACKWARD,
     "llama4_text": _THEIRS_BACKWARD,
+    # new in transformers 5.24: its own TP model raises in forward (RuntimeError: the size of tensor a (16) must match
+    # the size of tensor b (64) at non-singleton dimension 3), at tp 2 and 4
+    "gptj": _THEIRS_FORWARD,
+    "codegen": _THEIRS_FORWARD,
 }
 _BOTH["hrm_text"] = (
     "transformers' own TP load fails: it cuts the fused checkpoint tensor per rank before its Chunk converter "
