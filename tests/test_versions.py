@@ -226,3 +226,17 @@ def test_same_plan_loads_as_the_installed_transformers(across_releases, name: st
     results, _ = across_releases
     for result in (r[name] for r in results):
         check_identical_to_transformers(result)
+
+
+def test_a_converter_reshard_does_not_replay_is_refused() -> None:
+    """5.24's sarvam_moe splits a fused query_key_value at load: converting it unconverted would leave q/k/v_proj to
+    be initialised at random by transformers, so the conversion is refused (the 5.24 records, as data)."""
+    from reshard.planning.job import refuse_unreplayed
+
+    converters = builtin_plan("sarvam_moe", "5.24").key_converters
+    fused = {"model.layers.0.self_attn.query_key_value.weight": None, "model.norm.weight": None}
+    with pytest.raises(PlanError, match=r"'model\.layers\.0\.self_attn\.query_key_value\.weight': .* \(Split\)"):
+        refuse_unreplayed(fused, converters, "ckpt", "5.24.0")  # type: ignore[arg-type]
+    refuse_unreplayed({"model.layers.0.self_attn.q_proj.weight": None}, converters, "ckpt", "5.24.0")  # type: ignore[arg-type]
+    replayed = builtin_plan("qwen3_moe", "5.23").key_converters  # per-expert fusing: replayed, never refused
+    refuse_unreplayed({"model.layers.0.mlp.experts.0.gate_proj.weight": None}, replayed, "ckpt", "5.23.0")  # type: ignore[arg-type]

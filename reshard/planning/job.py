@@ -133,6 +133,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     interleaved = interleave.records(table, converters, blocks)
     table = interleave.forward(table, interleaved)
     table, fused = experts.forward(table, builtin.key_converters if builtin else ())
+    refuse_unreplayed(table, converters, model, version)
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
@@ -170,6 +171,28 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         pipeline=pipeline,
         transformers_version=version,
     )
+
+
+def refuse_unreplayed(table: Table, converters: tuple[Any, ...], origin: str, version: str) -> None:
+    """A tensor that one of transformers' load-time converters reshard does not replay (a ``Split`` of a fused
+    projection, a layer collapse, vocabulary unpadding) would reach the runtime unconverted, and transformers' model
+    would initialise the parameters it expects from it at random: refused, naming the tensor and the converter."""
+    from reshard.transforms.converters import replayable
+
+    for converter in converters:
+        if replayable(converter):
+            continue
+        for source in converter.sources:
+            try:
+                pattern = re.compile(source)  # transformers' sources are regexes, searched in each key
+            except re.error:
+                pattern = re.compile(re.escape(source))
+            if hit := next((name for name in table if pattern.search(name)), None):
+                operations = ", ".join(name for name, _ in converter.operations) or converter.kind
+                raise PlanError(
+                    f"{origin}: tensor {hit!r}: transformers {version} converts it at load ({operations}), which "
+                    "reshard does not replay; the artifact would be another model"
+                )
 
 
 def pipeline_split(
