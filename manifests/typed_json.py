@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from reshard.manifests.errors import ManifestError, shown
+from reshard.manifests.load_report import parse_load_report
 from reshard.manifests.manifest import FileEntry, Manifest, Placement, RankSlice, SourceInfo, TensorEntry
 from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.safetensors import ITEMSIZES
@@ -121,6 +122,7 @@ def typed_manifest(f: Fields, data: dict[str, Any]) -> Manifest:
         plan_overrides=f.opt(data.get("plan_overrides"), "plan_overrides", f.str_map),
         artifact=f.string(f.req(data, "artifact", ""), "artifact", _ARTIFACT_ID),
         pipeline=_pipeline(f, pipeline, mesh_sizes.get("pp", 1)) if pipeline is not None else None,
+        load_report=parse_load_report(f, data.get("load_report")),
     )
 
 

@@ -152,6 +152,7 @@ def cli() -> None:
     help="Store floating tensors in this dtype (cast like torch's .to), the one the runtime will load them in, "
     "so that loading stays zero-copy. `auto` keeps each tensor's dtype.",
 )
+@click.option("--allow-missing", is_flag=True, help="Convert even if some parameters would load at random.")
 @click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
@@ -170,6 +171,7 @@ def convert(
     push_to: str | None,
     no_fsync: bool,
     dtype: str,
+    allow_missing: bool,
     worker_slot: str | None,
 ) -> None:
     from pathlib import Path
@@ -193,6 +195,7 @@ def convert(
         durable=not no_fsync,
         dtype=dtype,
         pp=pp,
+        allow_missing=allow_missing,
     )
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))

@@ -35,6 +35,7 @@ class ConversionRequest:
     durable: bool = True
     dtype: str = "auto"
     pp: int | None = None  # pipeline stages; ``None``: 1 for a checkpoint, an artifact's own when re-sharding
+    allow_missing: bool = False  # convert although parameters would be initialised at random (as transformers)
     custom_plan: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,4 +59,5 @@ class ConversionRequest:
         argv += [] if self.durable else ["--no-fsync"]
         argv += [] if self.dtype == "auto" else ["--dtype", self.dtype]
         argv += [] if self.pp is None else ["--pp", str(self.pp)]
+        argv += ["--allow-missing"] if self.allow_missing else []
         return ["convert", *argv, "--worker", f"{index}/{size}", "--quiet"]

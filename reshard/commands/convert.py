@@ -28,6 +28,7 @@ from reshard.manifests.layout import Geometry
 from reshard.manifests.progress import progress_bar
 from reshard.manifests.rank_header import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
+from reshard.planning.unused import write_unused
 from reshard.request import ConversionRequest
 from reshard.source.checkpoint import SourceHashes
 from reshard.workers import WorkerGroup, from_torchrun, run_workers, solo, worker_command
@@ -71,6 +72,7 @@ def convert(
     durable: bool = True,
     dtype: str = "auto",
     pp: int | None = None,
+    allow_missing: bool = False,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -94,6 +96,8 @@ def convert(
         dtype: ``"auto"`` (as the source stores them) or the floating dtype to store floating tensors in
             (``"bfloat16"``, ``"float16"``, ``"float32"``), cast as torch's ``.to`` casts: load with that dtype
             and the weights stay views of the mapped files.
+        allow_missing: convert although parameters of the model are not in the checkpoint (transformers would
+            initialise them at random); without it such a checkpoint is refused (``SourceError``).
 
     Returns:
         The manifest written into ``out``.
@@ -118,6 +122,7 @@ def convert(
         durable=durable,
         dtype=dtype,
         pp=pp,
+        allow_missing=allow_missing,
     )
     return run(request, group or from_torchrun() or solo())
 
@@ -275,6 +280,8 @@ def _finish(
         written.append(record)
         _record_path(path).unlink()
     extras = copy_hashed([p for p in job.extra_files if not (job.config_bytes and p.name == "config.json")], staging)
+    if (unused := write_unused(job.unused, staging, request.durable)) is not None:
+        extras = sorted([*extras, unused], key=lambda f: f.path)
     if job.config_bytes is not None:
         write_durably(staging / "config.json", job.config_bytes)
         extras = sorted(
@@ -297,6 +304,7 @@ def _finish(
         tensors=_tensor_entries(job, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
         artifact=job_id,  # the id every rank file's header repeats (write_part's metadata)
+        load_report=job.load_report,
     )
     manifest.validate(str(staging / MANIFEST_NAME))  # what every reader will check, before it is written
     write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,12 +20,14 @@ from reshard.manifests.chunks import StoredTensor
 from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
+from reshard.manifests.load_report import LoadReport
 from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.plans import plan_for_config
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
+from reshard.planning.unused import checked_table
 from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME, read_model_config
@@ -40,6 +42,8 @@ class ConversionJob:
     ``tensors`` holds where each output tensor's bytes are (chunks of source files), ``layouts`` where they go.
     ``source`` is what the manifest records of the source; for a checkpoint its ``files`` are filled in by hashing
     ``hashed_files`` (the weights, ``weight_files``, on a background thread while the rank files are written).
+    ``unused`` are the checkpoint's tensors the model does not load (``load_report`` says why), kept out of
+    ``tensors`` and ``layouts``.
     """
 
     tp: int
@@ -59,6 +63,8 @@ class ConversionJob:
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     lineage: dict[str, Any] | None = None
     pipeline: Pipeline | None = None  # with pipeline stages: transformers' split of the layers
+    load_report: LoadReport | None = None
+    unused: Table = field(default_factory=dict)  # tensors the model does not use: stored once, in no rank file
 
     @property
     def pp(self) -> int:
@@ -133,13 +139,14 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
+    new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
+    table, unused, load_report = checked_table(table, new_config or config, request.allow_missing, model)
     tied = tied_embeddings(config)
     own = set(builtin.tp_plan) if builtin else set()
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
     pipeline = pipeline_split(config, table, request.pp or 1, tied, model, request.ep)
     index = checkpoint.root / INDEX_NAME
-    new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     dtypes = stored_dtypes(table, config, request.dtype)
     if dtypes:
         new_config = with_dtype(new_config or config, request.dtype)
@@ -165,6 +172,8 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *([index] if index.exists() else [])]),
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
         pipeline=pipeline,
+        load_report=load_report,
+        unused=unused,
     )
 
 
@@ -248,6 +257,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         config_bytes=kv_heads.config_json(new_config) if rewrite_config else None,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
         pipeline=pipeline,
+        load_report=old.load_report,  # its unused file is one of the old artifact's other files, copied as they are
     )
 
 
