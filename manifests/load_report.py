@@ -87,7 +87,7 @@ class LoadReport:
             lines.append(f"tied (filled by tying): {', '.join(self.tied)}")
         if self.ignored_missing:
             lines.append(f"missing, ignored by the model's own rules: {', '.join(self.ignored_missing[:5])}")
-        where = f"stored once in {self.unused_file}" if self.unused_file else "left out"
+        where = f"not loaded, kept in {self.unused_file}" if self.unused_file else "not loaded"
         for reason in UNUSED_REASONS:
             names = [u.name for u in self.unused if u.reason == reason]
             if names:

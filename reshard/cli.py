@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError
+from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError, SourceError
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
 
@@ -265,10 +265,10 @@ def inspect(artifact: str, as_json: bool) -> None:
 def check(
     model: str, tps: tuple[int, ...], plan: str, revision: str | None, replicate_kv: bool, pps: tuple[int, ...]
 ) -> None:
-    """Say whether MODEL can be split at each tp (and into each number of pipeline stages), from config.json alone
-    (no weights are read).
+    """Say whether MODEL can be split at each tp (and into each number of pipeline stages), from config.json and,
+    for a local folder, whether transformers would load every parameter from it (headers only, no weights read).
 
-    Exits non-zero if any requested tp or pp would not work.
+    Exits non-zero if any requested tp or pp would not work (5), or the checkpoint would be refused (3).
 
     \b
       reshard check --tp 8 HuggingFaceTB/SmolLM2-1.7B
@@ -280,8 +280,8 @@ def check(
     sizes = tps or (() if pps else tuple(range(1, 17)))
     lines, failed = check_report(model, sizes, pps, plan, revision, replicate_kv)
     click.echo("\n".join(lines))
-    if failed and (tps or pps):
-        sys.exit(ShardabilityError.exit_code)
+    if failed and (tps or pps or "load   NO" in lines):
+        sys.exit(SourceError.exit_code if "load   NO" in lines else ShardabilityError.exit_code)
 
 
 @cli.command()

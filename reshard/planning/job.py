@@ -126,22 +126,15 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         plan, ep_plan = split_expert_parallel(config, plan)
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
-    builtin = plan_for_config(config)
-    converters = builtin.key_converters if builtin else ()
-    rename_rules = (renames.prefix_changes(converters, stored) + builtin.key_renames) if builtin else ()
-    rename_rules += renames.index_offsets(converters, stored)
-    table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
-    table, concatenated, chunked = row_blocks.forward(table, converters)
     blocks = interleave.blocks_for(lambda name: style_of(name, {**plan, **ep_plan}), tp)
-    interleaved = interleave.records(table, converters, blocks)
-    table = interleave.forward(table, interleaved)
-    table, fused = experts.forward(table, builtin.key_converters if builtin else ())
+    table, (rename_rules, concatenated, chunked, interleaved, fused) = model_table(stored, config, blocks)
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     table, unused, load_report = checked_table(table, new_config or config, request.allow_missing, model)
     tied = tied_embeddings(config)
+    builtin = plan_for_config(config)
     own = set(builtin.tp_plan) if builtin else set()
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
@@ -175,6 +168,22 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         load_report=load_report,
         unused=unused,
     )
+
+
+def model_table(stored: Table, config: dict[str, Any], blocks: interleave.Blocks | None = None) -> tuple[Table, Any]:
+    """A checkpoint's tensors under the model's names, as transformers' load-time conversions make them (renames,
+    dim-0 joins and cuts, de-interleaved rows in ``blocks``, fused experts), and the records of what was done:
+    ``(rename_rules, concatenated, chunked, interleaved, fused)``. Names and shapes only: no byte is read."""
+    builtin = plan_for_config(config)
+    converters = builtin.key_converters if builtin else ()
+    rename_rules = (renames.prefix_changes(converters, stored) + builtin.key_renames) if builtin else ()
+    rename_rules += renames.index_offsets(converters, stored)
+    table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
+    table, concatenated, chunked = row_blocks.forward(table, converters)
+    interleaved = interleave.records(table, converters, blocks or interleave.blocks_for(lambda name: None, 1))
+    table = interleave.forward(table, interleaved)
+    table, fused = experts.forward(table, converters)
+    return table, (rename_rules, concatenated, chunked, interleaved, fused)
 
 
 def pipeline_split(
