@@ -176,7 +176,7 @@ def test_the_validator_refuses_a_lying_report(cases, tmp_path: Path, lie: str):
     art = tmp_path / "art"
     reshard.convert(cases("old_rotary"), art, tp=2, progress=False)
     change, message = LIES[lie]
-    with pytest.raises(ManifestError, match="manifest.json: ") as caught:
+    with pytest.raises(ManifestError, match=r"manifest\.json: ") as caught:
         read_manifest(_edited(art, tmp_path / "lie", change))
     assert message in str(caught.value)
 
