@@ -185,3 +185,56 @@ def test_a_manifest_written_before_reports_still_loads(tiny, tmp_path: Path):
     old = _edited(tiny.artifact("llama", tp=2), tmp_path / "old", lambda d: d.pop("load_report"))
     assert read_manifest(old).load_report is None
     assert "none (written before reshard checked the load)" in cli("inspect", str(old)).stdout
+
+
+def _only_what_a_rank_fetches(artifact: Path, rank: int, target: Path) -> Path:
+    """The files ``rank`` downloads of a published artifact (``needed_files``): not the unused file."""
+    from reshard.loaders.fetch import needed_files
+
+    target.mkdir(parents=True)
+    manifest = read_manifest(artifact)
+    for entry in needed_files(manifest, rank):
+        os.link(artifact / entry.path, target / entry.path)
+    os.link(artifact / MANIFEST_NAME, target / MANIFEST_NAME)
+    assert not (target / UNUSED_FILE).exists()
+    return target
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cases, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Artifacts with unused tensors against transformers under torchrun: tp 2 (``tp_plan="auto"``) and pp 2
+    (``DistributedConfig(pp_size=2)``), each rank holding only what it fetches."""
+    from tests.test_runtime_tp import run
+
+    root = tmp_path_factory.mktemp("load-runtime")
+    spec = []
+    for kind, tp, pp in (("tied_copy", 2, None), ("mtp", 2, None), ("mtp", 1, 2), ("old_rotary", 1, 2)):
+        name = f"{kind}-tp{tp}-pp{pp}"
+        artifact = root / name
+        reshard.convert(cases(kind), artifact, tp=tp, pp=pp, progress=False)
+        stripped = [str(_only_what_a_rank_fetches(artifact, rank, root / f"{name}-{rank}")) for rank in range(2)]
+        case = {"name": name, "kind": "compare", "source": str(cases(kind)), "stripped": stripped}
+        case |= {"pp": pp} if pp else {}
+        case |= {"experts_implementation": "eager"} if kind == "mtp" else {}
+        spec.append(case)
+    return run(spec, 2, root / "out", timeout=400)
+
+
+@pytest.mark.parametrize("case", ["tied_copy-tp2-ppNone", "mtp-tp2-ppNone", "mtp-tp1-pp2", "old_rotary-tp1-pp2"])
+def test_artifacts_with_unused_tensors_load_as_transformers(two_ranks, case: str):
+    from tests.test_runtime_tp import check_identical_to_transformers
+
+    for result in (r[case] for r in two_ranks):
+        check_identical_to_transformers(result)
+        assert not any(".layers.2." in name or "inv_freq" in name for name in result["state"])
+    if case.startswith("tied_copy"):
+        assert all(r[case]["tied"] == [True, True] for r in two_ranks)
+
+
+def test_check_pp_and_the_conversion_agree_on_the_mtp_layer(cases, tmp_path: Path):
+    checked = cli("check", "--pp", "2", str(cases("mtp")))
+    assert checked.returncode == 0 and "pp=2   ok" in checked.stdout and "extra_layer" in checked.stdout
+    converted = cli("--tp", "1", "--pp", "2", str(cases("mtp")), "-o", str(tmp_path / "art"), "-q")
+    assert converted.returncode == 0, converted.stderr
+    manifest = read_manifest(tmp_path / "art")
+    assert manifest.pipeline is not None and manifest.pipeline.layers == 2

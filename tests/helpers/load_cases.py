@@ -9,9 +9,9 @@ Kinds (``make_case(kind, tiny, root)``):
     ``half_q``      llama whose layer-1 q_proj lost its second half (a shard missing)
     ``deeper``      llama with a third layer its config (2 layers, nothing declared) does not have
     ``base``        llama saved by ``AutoModel`` (``layers.*``, no ``model.`` prefix, no ``lm_head``)
-    ``mtp``         deepseek_v3 (2 layers, the second MoE) with the MTP layer ``model.layers.2.*`` its config declares
-                    (``num_nextn_predict_layers=1``): per-expert keys, ``eh_proj``, ``enorm``/``hnorm``,
-                    ``shared_head``, its own ``embed_tokens``, as DeepSeek-V3's layer 61
+    ``mtp``         deepseek_v3 (2 layers, the second MoE, vocabulary 1001) with the MTP layer ``model.layers.2.*``
+                    its config declares (``num_nextn_predict_layers=1``): per-expert keys, ``eh_proj``,
+                    ``enorm``/``hnorm``, ``shared_head``, its own ``embed_tokens``, as DeepSeek-V3's layer 61
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def make_case(kind: str, tiny: Any, root: Path) -> Path:
     if kind == "mtp":
         from tests.helpers.tester_configs import make_tiny_checkpoint
 
-        plain = make_tiny_checkpoint("deepseek_v3", root / "mtp-plain", num_hidden_layers=2, first_k_dense_replace=1)
+        plain = make_tiny_checkpoint(
+            "deepseek_v3", root / "mtp-plain", num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1001
+        )
         config = json.loads((plain / "config.json").read_text())
         hidden = config["hidden_size"]
         return rewritten(plain, target, lambda t: _mtp_layer(t, 2, hidden), num_nextn_predict_layers=1)
