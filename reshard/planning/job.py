@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import reshard
 from reshard.manifests import FileEntry, SourceInfo, resolve_in
@@ -26,6 +26,7 @@ from reshard.manifests.plans import plan_for_config
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
+from reshard.planning.model_keys import meta_model
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
 from reshard.planning.unused import checked_table
 from reshard.request import STORED_DTYPES, ConversionRequest
@@ -310,25 +311,17 @@ def _kept_in_float32(config: dict[str, Any], dtype: str) -> re.Pattern[str] | No
     ``dtype_plan`` of the model ``load_model`` builds (on the meta device, where children add their own rules)."""
     try:
         import torch
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
         from transformers.core_model_loading import build_glob_alternation
-        from transformers.utils.generic import ContextManagers
     except ImportError as exc:
         raise ReshardError(
             "--dtype needs transformers (pip install 'reshard[transformers]'): it keeps some modules in float32 "
             "when it casts, and the stored bytes must be the ones it would make"
         ) from exc
-    model_type = str(config.get("model_type"))
-    if model_type not in CONFIG_MAPPING:
-        raise ReshardError(f"--dtype: transformers does not know model_type {model_type!r}")
-    model_config = CONFIG_MAPPING[model_type].from_dict(config)
     try:
-        cls = cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(model_config)])
-    except KeyError:
-        raise ReshardError(f"--dtype: transformers has no causal LM class for model_type {model_type!r}") from None
-    torch_dtype = getattr(torch, dtype)
-    with ContextManagers(cls.get_init_context(torch_dtype, False, False, False)):
-        plan = cls(model_config)._get_dtype_plan(torch_dtype)
+        model = meta_model(json.dumps(config, sort_keys=True), dtype)
+    except ReshardError as exc:
+        raise ReshardError(f"--dtype: {exc}") from None
+    plan = model._get_dtype_plan(getattr(torch, dtype))
     return build_glob_alternation(list(plan))[0] if plan else None
 
 
