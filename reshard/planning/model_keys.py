@@ -47,12 +47,16 @@ class ModelKeys:
 
 
 def model_keys(config: dict[str, Any]) -> ModelKeys:
-    """The keys of the model ``load_model`` builds for ``config``; the built-in plan's names without transformers."""
+    """The keys of the model ``load_model`` builds for ``config``; the built-in plan's names when transformers is
+    not installed or cannot build that model (``ReshardError`` when neither is known)."""
     try:
         import transformers  # noqa: F401
     except ImportError:
-        return _builtin_keys(config)
-    return _transformers_keys(json.dumps(config, sort_keys=True))
+        return _builtin_keys(config, "transformers not installed")
+    try:
+        return _transformers_keys(json.dumps(config, sort_keys=True))
+    except ReshardError as exc:
+        return _builtin_keys(config, str(exc))
 
 
 def _layer_counts(config: dict[str, Any]) -> tuple[int, int]:
@@ -107,20 +111,17 @@ def _alternation(patterns: Any) -> str | None:
     return "|".join(f"({pattern})" for pattern in patterns) if patterns else None
 
 
-def _builtin_keys(config: dict[str, Any]) -> ModelKeys:
+def _builtin_keys(config: dict[str, Any], why: str) -> ModelKeys:
     builtin = plan_for_config(config)
     if builtin is None or not builtin.parameters:
-        raise ReshardError(
-            f"model_type {config.get('model_type')!r}: without transformers installed, reshard knows no parameter "
-            "names to check the checkpoint against; pip install 'reshard[transformers]'"
-        )
+        raise ReshardError(f"model_type {config.get('model_type')!r}: {why}, and there is no built-in plan")
     patterns = frozenset(builtin.parameters)
     prefix = next((p.partition("layers.*.")[0] for p in patterns if "layers.*." in p), "model.")
     tied = {"lm_head.weight": f"{prefix}embed_tokens.weight"} if tied_embeddings(config) else {}
     layers, extra = _layer_counts(config)
     return ModelKeys(
-        checked_against=f"the built-in plan's parameter names ({builtin.model_type}; transformers not installed: "
-        "no shapes, no ignore rules)",
+        checked_against=f"the built-in plan's parameter names of {builtin.model_type} (no shapes, no ignore rules: "
+        f"{why})",
         shapes=None,
         patterns=patterns,
         tied={k: v for k, v in tied.items() if k in patterns and v in patterns},
@@ -148,7 +149,10 @@ def meta_model(config_json: str, dtype: str) -> PreTrainedModel:
     model_type = str(config.get("model_type"))
     if model_type not in CONFIG_MAPPING:
         raise ReshardError(f"transformers does not know model_type {model_type!r}")
-    model_config = CONFIG_MAPPING[model_type].from_dict(config)
+    try:
+        model_config = CONFIG_MAPPING[model_type].from_dict(config)
+    except Exception as exc:  # transformers' own config checks: from_pretrained would fail the same way
+        raise ReshardError(f"transformers cannot read config.json as {model_type!r} ({_first_line(exc)})") from exc
     try:
         cls = cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(model_config)])
     except KeyError:
@@ -158,5 +162,13 @@ def meta_model(config_json: str, dtype: str) -> PreTrainedModel:
         model_config = model_config.get_text_config()  # as load_model (and transformers' auto classes) build it
     torch_dtype = getattr(torch, dtype)
     contexts = [*cls.get_init_context(torch_dtype, False, False, False), no_init_weights(), torch.device("meta")]
-    with ContextManagers(contexts):
-        return cls(model_config)
+    try:
+        with ContextManagers(contexts):
+            return cls(model_config)
+    except Exception as exc:
+        raise ReshardError(f"transformers cannot build {cls.__name__} from config.json ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
