@@ -139,7 +139,12 @@ def load_report_problem(report: LoadReport, tensors: set[str], other_files: set[
     """What makes a typed report inconsistent with its manifest, as (JSON path, message), or ``None``.
 
     An unused tensor must not also be a rank file's tensor (the runtime would load it), must be listed once, and
-    its file must be one of the artifact's non-rank files; unused tensors without a file are allowed (left out)."""
+    its file must be ``unused.safetensors``, one of the artifact's non-rank files (the runtime skips it, so no
+    other file may be named); unused tensors without a file are allowed (left out). A missing parameter is not
+    one of the tensors."""
+    for i, name in enumerate(report.missing):
+        if name in tensors:
+            return f"load_report.missing[{i}]", f"{name!r} is a tensor of the rank files, not missing"
     seen: set[str] = set()
     for i, unused in enumerate(report.unused):
         if unused.name in tensors:
@@ -148,6 +153,8 @@ def load_report_problem(report: LoadReport, tensors: set[str], other_files: set[
             return f"load_report.unused[{i}].name", f"{unused.name!r} is listed twice"
         seen.add(unused.name)
     if report.unused_file is not None:
+        if report.unused_file != UNUSED_FILE:
+            return "load_report.unused_file", f"{report.unused_file!r}: the unused tensors' file is {UNUSED_FILE!r}"
         if report.unused_file not in other_files:
             return "load_report.unused_file", f"{report.unused_file!r} is not one of the artifact's other files"
         if not report.unused:

@@ -155,9 +155,17 @@ LIES: dict[str, tuple[Any, str]] = {
         lambda d: d["load_report"]["unused"][0].__setitem__("reason", "because"),
         "load_report.unused[0].reason: expected unexpected or ignored",
     ),
+    "file_renamed": (
+        lambda d: d["load_report"].__setitem__("unused_file", "config.json"),  # would stop ranks fetching it
+        "load_report.unused_file: 'config.json': the unused tensors' file is 'unused.safetensors'",
+    ),
     "file_not_listed": (
-        lambda d: d["load_report"].__setitem__("unused_file", "elsewhere.safetensors"),
-        "load_report.unused_file: 'elsewhere.safetensors' is not one of the artifact's other files",
+        lambda d: d.__setitem__("files", [f for f in d["files"] if f["path"] != "unused.safetensors"]),
+        "load_report.unused_file: 'unused.safetensors' is not one of the artifact's other files",
+    ),
+    "missing_but_present": (
+        lambda d: d["load_report"].__setitem__("missing", ["model.norm.weight"]),
+        "load_report.missing[0]: 'model.norm.weight' is a tensor of the rank files, not missing",
     ),
     "shape_as_string": (
         lambda d: d["load_report"]["unused"][0].__setitem__("shape", "16"),
