@@ -143,9 +143,11 @@ def default_cache_dir() -> Path:
 
 
 def needed_files(manifest: Manifest, rank: int) -> list[FileEntry]:
-    """What ``rank`` downloads: every non-rank file and its own rank file, nothing of another rank."""
+    """What ``rank`` downloads: every non-rank file and its own rank file, nothing of another rank, nor the
+    tensors the model does not use."""
     own = manifest.rank_file(rank)  # raises ManifestError for a rank the artifact does not have
-    return [entry for entry in manifest.files if entry.rank is None] + [own]
+    unused = manifest.load_report.unused_file if manifest.load_report is not None else None
+    return [entry for entry in manifest.files if entry.rank is None and entry.path != unused] + [own]
 
 
 def _fetch_s3(location: S3Location, rank: RankArg, root: Path, progress: bool) -> Path:

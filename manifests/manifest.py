@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reshard.manifests.errors import ManifestError
+from reshard.manifests.load_report import LoadReport
 from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.transforms import Transforms
 
@@ -149,9 +150,10 @@ class Manifest:
     ``transformers_version`` is the transformers release whose built-in plan and load-time key conversions the
     artifact follows (``None`` in manifests written before the field, which all followed 5.23's); the runtime
     refuses the artifact under a release that would build another model from it. ``artifact`` identifies the
-    conversion; every rank file's ``__metadata__["reshard.artifact"]`` repeats it, so
-    a rank file from another conversion is refused at load. The JSON also carries ``manifest_xxh3``, the digest of
-    everything else in it (``manifest_digest``), so any edit is refused on read.
+    conversion; every rank file's ``__metadata__["reshard.artifact"]`` repeats it, so a rank file from another
+    conversion is refused at load. ``load_report`` (``manifests.load_report``) is the checkpoint compared with the
+    model at conversion, and names the tensors kept out of the rank files. The JSON also carries ``manifest_xxh3``,
+    the digest of everything else in it (``manifest_digest``), so any edit is refused on read.
     """
 
     tool_version: str
@@ -170,6 +172,7 @@ class Manifest:
     plan_overrides: dict[str, str] | None = None
     pipeline: Pipeline | None = None
     transformers_version: str | None = None
+    load_report: LoadReport | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -237,6 +240,8 @@ class Manifest:
         }
         if self.pipeline is not None:  # only pipeline artifacts carry the field: others stay as they were
             data["pipeline"] = self.pipeline.to_json()
+        if self.load_report is not None:  # absent from manifests written before reports existed
+            data["load_report"] = self.load_report.to_json()
         data = {DIGEST_FIELD: manifest_digest(data), **data}
         return _one_item_per_line(data)
 

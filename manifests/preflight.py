@@ -219,14 +219,17 @@ def config_pipeline(
     return pipeline, pipeline_split_problems(pipeline, names)
 
 
-def pipeline_verdict(config: dict[str, Any], pp: int, version: str) -> Verdict:
+def pipeline_verdict(config: dict[str, Any], pp: int, version: str, names: list[str] | None = None) -> Verdict:
     """Whether transformers' split into ``pp`` pipeline stages works for this model, and the layers each stage
-    holds (``Verdict.tp`` is ``pp`` here); never raises."""
+    holds (``Verdict.tp`` is ``pp`` here); never raises. ``names`` are the tensors the stages would hold (default:
+    the built-in plan's parameter names)."""
     from reshard.manifests.pipeline import describe_split
     from reshard.manifests.plans import plan_for_config
 
-    builtin = plan_for_config(config, version)
-    pipeline, problems = config_pipeline(config, pp, list(builtin.parameters) if builtin else [])
+    if names is None:
+        builtin = plan_for_config(config, version)
+        names = list(builtin.parameters) if builtin else []
+    pipeline, problems = config_pipeline(config, pp, names)
     verdict = Verdict(pp, problems)
     if pipeline is not None and verdict.ok and pp > 1:
         verdict.notes.append(describe_split(pipeline))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from reshard.manifests.errors import ManifestError, shown
+from reshard.manifests.load_report import parse_load_report
 from reshard.manifests.manifest import FileEntry, Manifest, Placement, RankSlice, SourceInfo, TensorEntry
 from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.safetensors import ITEMSIZES
@@ -124,6 +125,7 @@ def typed_manifest(f: Fields, data: dict[str, Any]) -> Manifest:
         transformers_version=f.opt(
             data.get("transformers_version"), "transformers_version", lambda v, p: _transformers_version(f, v, p)
         ),
+        load_report=parse_load_report(f, data.get("load_report")),
     )
 
 

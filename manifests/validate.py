@@ -19,6 +19,7 @@ from typing import Any
 from reshard.manifests.claims import claims_problem, config_problem
 from reshard.manifests.errors import ManifestError, PlanError, shown
 from reshard.manifests.layout import STYLES, tensor_layout
+from reshard.manifests.load_report import load_report_problem
 from reshard.manifests.manifest import (
     DIGEST_FIELD,
     FORMAT_NAME,
@@ -95,7 +96,13 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
         for stage in tensor.stages if tensor.stages is not None else range(manifest.pp):
             for piece in tensor.slices:
                 rank_bytes[stage * tp + piece.rank] += math.prod(piece.shape) * itemsize
-    if problem := manifest.options.problem({t.name: (t.dtype, t.shape) for t in manifest.tensors}):
+    known = {t.name: (t.dtype, t.shape) for t in manifest.tensors}
+    if (report := manifest.load_report) is not None:
+        other_files = {entry.path for entry in manifest.files if entry.rank is None}
+        if problem := load_report_problem(report, names, other_files):
+            f.fail(*problem)
+        known.update({u.name: (u.dtype, u.shape) for u in report.unused if report.unused_file is not None})
+    if problem := manifest.options.problem(known):
         f.fail(*problem)
     if problem := claims_problem(manifest):
         f.fail(*problem)

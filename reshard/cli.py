@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from reshard.commands.default_group import DefaultToConvert
-from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError
+from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError, SourceError
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
 
@@ -129,6 +129,7 @@ def cli() -> None:
     "dtype, as transformers does, casting what is stored otherwise).",
 )
 @_TRANSFORMERS
+@click.option("--allow-missing", is_flag=True, help="Convert even if some parameters would load at random.")
 @click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
@@ -148,6 +149,7 @@ def convert(
     no_fsync: bool,
     dtype: str,
     transformers_version: str | None,
+    allow_missing: bool,
     worker_slot: str | None,
 ) -> None:
     from pathlib import Path
@@ -172,6 +174,7 @@ def convert(
         dtype=dtype,
         pp=pp,
         transformers=transformers_version,
+        allow_missing=allow_missing,
     )
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
@@ -240,10 +243,10 @@ def inspect(artifact: str, as_json: bool) -> None:
 @click.option("--pp", "pps", type=click.IntRange(min=1), multiple=True, help="Pipeline stage counts to check.")
 @_TRANSFORMERS
 def check(model: str, tps: tuple[int, ...], pps: tuple[int, ...], **options: Any) -> None:
-    """Say whether MODEL can be split at each tp (and into each number of pipeline stages), from config.json alone
-    (no weights are read).
+    """Say whether MODEL can be split at each tp (and into each number of pipeline stages), from config.json and,
+    for a local folder, whether transformers would load every parameter from it (headers only, no weights read).
 
-    Exits non-zero if any requested tp or pp would not work.
+    Exits non-zero if any requested tp or pp would not work (5), or the checkpoint would be refused (3).
 
     \b
       reshard check --tp 8 HuggingFaceTB/SmolLM2-1.7B
@@ -255,8 +258,8 @@ def check(model: str, tps: tuple[int, ...], pps: tuple[int, ...], **options: Any
     sizes = tps or (() if pps else tuple(range(1, 17)))
     lines, failed = check_report(model, sizes, pps, **options)  # plan, revision, replicate_kv, transformers_version
     click.echo("\n".join(lines))
-    if failed and (tps or pps):
-        sys.exit(ShardabilityError.exit_code)
+    if failed and (tps or pps or "load   NO" in lines):
+        sys.exit(SourceError.exit_code if "load   NO" in lines else ShardabilityError.exit_code)
 
 
 @cli.command()

@@ -36,6 +36,7 @@ class ConversionRequest:
     dtype: str = "auto"
     pp: int | None = None  # pipeline stages; ``None``: 1 for a checkpoint, an artifact's own when re-sharding
     transformers: str | None = None  # the release whose plans it follows; ``None``: the installed one
+    allow_missing: bool = False  # convert although parameters would be initialised at random (as transformers)
     custom_plan: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,4 +61,5 @@ class ConversionRequest:
         argv += [] if self.dtype == "auto" else ["--dtype", self.dtype]
         argv += [] if self.pp is None else ["--pp", str(self.pp)]
         argv += [] if self.transformers is None else ["--transformers", self.transformers]
+        argv += ["--allow-missing"] if self.allow_missing else []
         return ["convert", *argv, "--worker", f"{index}/{size}", "--quiet"]

@@ -1,14 +1,14 @@
 """Seeded fuzz of an artifact's manifest and rank-file headers: ``python scripts/fuzz.py --iterations 5000``.
 
 Each mutant is one of: 1-3 random byte edits of ``manifest.json``; a field edit of its JSON (a value's type
-swapped, a number moved by one, two list items swapped, a key dropped); 1-3 byte edits of a rank file's header;
-a forged record (a plan rule, a tensor's style, key renames, a KV-replication, row-block or interleave record, plan
-overrides or an expert plan) in a manifest re-sealed with its digest recomputed, as anyone who can write the folder
-can. The mutant is checked in-process with ``reshard verify`` (``reshard.cli.main``). The outcome must be exit 0
-only when the parsed manifest is unchanged (and the rank file too) or, for a forged record, when the mutant is
-provably harmless (it consolidates to the original's tensors, and everything the runtime reads of the manifest
-is the original's), else the documented exit code of a ReshardError; anything else (another exception, a hang)
-is a finding. Prints the count of each outcome.
+swapped, a number moved by one, two list items swapped, a key dropped), anywhere or in its load report; 1-3 byte
+edits of a rank file's header or of the unused tensors' file's header; a forged record (a plan rule, a tensor's
+style, key renames, a KV-replication, row-block or interleave record, plan overrides or an expert plan) in a manifest
+re-sealed with its digest recomputed, as anyone who can write the folder can. The mutant is checked in-process with
+``reshard verify`` (``reshard.cli.main``). The outcome must be exit 0 only when the parsed manifest is unchanged (and
+the rank file too) or, for a forged record, when the mutant is provably harmless (it consolidates to the original's
+tensors, and everything the runtime reads of the manifest is the original's), else the documented exit code of a
+ReshardError; anything else (another exception, a hang) is a finding. Prints the count of each outcome.
 """
 
 from __future__ import annotations
@@ -117,22 +117,30 @@ def forge_record(data: dict[str, Any], rng: random.Random) -> str:
 
 
 def mutate(artifact: Path, rng: random.Random) -> str:
-    """Mutate one file of ``artifact`` in place; return the kind of mutation."""
+    """Mutate one file of ``artifact`` in place; return the kind of mutation. An artifact whose load report names
+    unused tensors also gets edits of that report's fields and of its unused file's header."""
     from reshard.manifests.manifest import DIGEST_FIELD, manifest_digest
 
     manifest = artifact / "manifest.json"
-    kind = rng.choice(("manifest bytes", "manifest field", "rank header", "forged record"))
+    kinds = ["manifest bytes", "manifest field", "rank header", "forged record"]
+    data = json.loads(manifest.read_text())
+    if (data.get("load_report") or {}).get("unused"):
+        kinds += ["load report field", "unused header"]
+    kind = rng.choice(kinds)
     if kind == "forged record":
-        data = json.loads(manifest.read_text())
         kind = f"forged {forge_record(data, rng)}"
         data[DIGEST_FIELD] = manifest_digest(data)
         manifest.write_text(json.dumps(data))
     elif kind == "manifest bytes":
         manifest.write_bytes(byte_edits(manifest.read_bytes(), rng))
     elif kind == "manifest field":
-        manifest.write_text(json.dumps(field_edit(json.loads(manifest.read_text()), rng)))
+        manifest.write_text(json.dumps(field_edit(data, rng)))
+    elif kind == "load report field":
+        data["load_report"] = field_edit({"load_report": data["load_report"]}, rng).get("load_report")
+        manifest.write_text(json.dumps(data))
     else:
-        rank_file = rng.choice(sorted(artifact.glob("rank-*.safetensors")))
+        pattern = "unused.safetensors" if kind == "unused header" else "rank-*.safetensors"
+        rank_file = rng.choice(sorted(artifact.glob(pattern)))
         raw = rank_file.read_bytes()
         length = int.from_bytes(raw[:8], "little")
         rank_file.write_bytes(byte_edits(raw, rng, 0, 8 + length))
@@ -241,13 +249,16 @@ def run(original: Path, iterations: int, seed: int, work: Path) -> Counter[str]:
 
 
 def build_artifact(root: Path) -> Path:
-    """The llama tp=2 artifact of the tests."""
+    """The llama tp=2 artifact of the tests, from a checkpoint with old rotary buffers (a load report with unused
+    tensors and an unused file to mutate too)."""
     import reshard
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.checkpoints import CheckpointCache
+    from tests.helpers.load_cases import make_case
 
-    reshard.convert(make_checkpoint("llama", root / "src"), root / "art", tp=2, progress=False)
+    source = make_case("old_rotary", CheckpointCache(root / "tiny"), root)
+    reshard.convert(source, root / "art", tp=2, progress=False)
     return root / "art"
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.plans import builtin_plan, builtin_plan_names, plans_version
-from reshard.planning.job import converted
+from reshard.planning.conversions import converted
 from reshard.planning.meta_names import names_for
 from reshard.transforms.converters import replayable
 

@@ -11,6 +11,7 @@ import pytest
 
 import reshard
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.load_cases import make_case
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz.py"
 
@@ -23,12 +24,16 @@ def load_fuzz():  # type: ignore[no-untyped-def]
     return module
 
 
-@pytest.mark.parametrize(("seed", "pp"), [(0, None), (1, None), (2, 2)])
-def test_no_mutant_crashes_hangs_or_passes_changed(tmp_path: Path, seed: int, pp: int | None) -> None:
-    """Seed 2 mutates an artifact with pipeline stages (the stage split, each tensor's stages, 4 rank files)."""
+@pytest.mark.parametrize(("seed", "pp"), [(0, None), (1, None), (2, 2), (3, None)])
+def test_no_mutant_crashes_hangs_or_passes_changed(tiny, tmp_path: Path, seed: int, pp: int | None) -> None:
+    """Seed 2 mutates an artifact with pipeline stages (the stage split, each tensor's stages, 4 rank files); seed 3
+    one with unused tensors (its load report's entries and the unused file's header)."""
     fuzz = load_fuzz()
     original = tmp_path / "art"
-    source = make_checkpoint("llama", tmp_path / "src", num_hidden_layers=3)
+    if seed == 3:
+        source = make_case("old_rotary", tiny, tmp_path)
+    else:
+        source = make_checkpoint("llama", tmp_path / "src", num_hidden_layers=3)
     reshard.convert(source, original, tp=2, pp=pp, progress=False)
     outcomes = fuzz.run(original, 200, seed, tmp_path / "mutants")
     findings = {key: count for key, count in outcomes.items() if key.startswith("FINDING")}

@@ -239,7 +239,7 @@ def test_same_plan_loads_as_the_installed_transformers(across_releases, name: st
 def test_a_converter_reshard_does_not_replay_is_refused() -> None:
     """5.24's sarvam_moe splits a fused query_key_value at load: converting it unconverted would leave q/k/v_proj to
     be initialised at random by transformers, so the conversion is refused (the 5.24 records, as data)."""
-    from reshard.planning.job import refuse_unreplayed
+    from reshard.planning.conversions import refuse_unreplayed
 
     converters = builtin_plan("sarvam_moe", "5.24").key_converters
     fused = {"model.layers.0.self_attn.query_key_value.weight": None, "model.norm.weight": None}

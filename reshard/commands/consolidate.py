@@ -17,6 +17,7 @@ from reshard.manifests.errors import OutputExistsError
 from reshard.manifests.layout import Geometry, TensorLayout, file_order, tensor_layout
 from reshard.manifests.progress import progress_bar
 from reshard.manifests.safetensors import ITEMSIZES
+from reshard.planning.unused import unused_tensors
 from reshard.source.artifact import InputCheck, artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME
 from reshard.transforms import experts, interleave, kv_heads, renames, row_blocks
@@ -49,7 +50,8 @@ def consolidate(
     manifest, _ = manifest_and_digest(root)
     inputs = InputCheck(root, manifest)  # every input byte checked against the manifest before promotion
     files = OpenFiles()
-    total = sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in manifest.tensors)
+    unused = manifest.load_report.unused if manifest.load_report and manifest.load_report.unused_file else ()
+    total = sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in [*manifest.tensors, *unused])
     try:
         outputs = _checkpoint_tensors(root, manifest, files)
         shards = _group_into_shards([outputs[name] for name in sorted(outputs)], max_shard_bytes)
@@ -75,7 +77,8 @@ def consolidate(
             if len(shards) > 1:
                 index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 write_durably(staging / INDEX_NAME, (json.dumps(index_doc, indent=2) + "\n").encode())
-            extras = [resolve_in(root, f.path) for f in manifest.files if f.rank is None]
+            unused_file = manifest.load_report.unused_file if manifest.load_report else None
+            extras = [resolve_in(root, f.path) for f in manifest.files if f.rank is None and f.path != unused_file]
             stored = manifest.options.replicate_kv
             copy_hashed([p for p in extras if not (stored and p.name == "config.json")], staging)
             if stored:  # the config the checkpoint had: its own number of KV heads
@@ -93,14 +96,15 @@ def _checkpoint_tensors(
     root: Path, manifest: Manifest, files: OpenFiles
 ) -> dict[str, tuple[TensorLayout, ChunkReader]]:
     """Every tensor of the original checkpoint under its name there: the transforms' reverse halves (KV heads
-    folded, fused experts split, renames undone) applied to the artifact's tensors, each laid out whole.
+    folded, fused experts split, renames undone) applied to the artifact's tensors and to those the model does not
+    use (its unused file), each laid out whole.
 
     A tensor keeps its style's placement dim (a fused part its fused tensor's style), so the engine reads the rank
     files' pieces in the geometry they were cut in.
     """
     options = manifest.options
     styles = {t.name: t.style for t in manifest.tensors}
-    table = artifact_tensors(root, manifest)
+    table = {**artifact_tensors(root, manifest), **unused_tensors(root, manifest)}  # the unused ones were converted too
     if options.replicate_kv:
         table = kv_heads.reverse(table, options.replicate_kv, manifest.plan)
     if options.fused:

@@ -29,6 +29,7 @@ from reshard.manifests.plans import UNRECORDED_VERSION
 from reshard.manifests.progress import progress_bar
 from reshard.manifests.rank_header import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
+from reshard.planning.unused import write_unused
 from reshard.request import ConversionRequest
 from reshard.source.source_hashes import SourceHashes
 from reshard.workers import WorkerGroup, from_torchrun, run_workers, solo, worker_command
@@ -73,6 +74,7 @@ def convert(
     dtype: str = "auto",
     pp: int | None = None,
     transformers: str | None = None,
+    allow_missing: bool = False,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -100,6 +102,8 @@ def convert(
             (recorded in the manifest; ``load_model`` refuses the artifact under a release that would build another
             model). Default: the installed one, or the newest release reshard has plans for when transformers is
             not installed.
+        allow_missing: convert although parameters of the model are not in the checkpoint (transformers would
+            initialise them at random); without it such a checkpoint is refused (``SourceError``).
 
     Returns:
         The manifest written into ``out``.
@@ -125,6 +129,7 @@ def convert(
         dtype=dtype,
         pp=pp,
         transformers=transformers,
+        allow_missing=allow_missing,
     )
     return run(request, group or from_torchrun() or solo())
 
@@ -282,6 +287,8 @@ def _finish(
         written.append(record)
         _record_path(path).unlink()
     extras = copy_hashed([p for p in job.extra_files if not (job.config_bytes and p.name == "config.json")], staging)
+    if (unused := write_unused(job.unused, staging, request.durable)) is not None:
+        extras = sorted([*extras, unused], key=lambda f: f.path)
     if job.config_bytes is not None:
         write_durably(staging / "config.json", job.config_bytes)
         extras = sorted(
@@ -305,6 +312,7 @@ def _finish(
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
         artifact=job_id,  # the id every rank file's header repeats (write_part's metadata)
         transformers_version=job.transformers_version,
+        load_report=job.load_report,
     )
     manifest.validate(str(staging / MANIFEST_NAME))  # what every reader will check, before it is written
     write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())

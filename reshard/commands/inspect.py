@@ -32,6 +32,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "options": manifest.options.to_json(),
         "lineage": manifest.lineage,
         "pipeline": manifest.pipeline.to_json() if manifest.pipeline is not None else None,
+        "load_report": manifest.load_report.to_json() if manifest.load_report is not None else None,
         "rank_files": [
             {"rank": f.rank, "stage": manifest.stage_of(f.rank), "path": f.path, "bytes": f.size}
             for f in manifest.files
@@ -58,6 +59,8 @@ def render_text(manifest: Manifest) -> str:
         "plan",
         *(f"  {rule:<48} {style}" for rule, style in sorted(manifest.plan.items())),
         *([f"stages       {describe_split(manifest.pipeline)}"] if manifest.pipeline is not None else []),
+        "load report" + ("" if manifest.load_report else "  none (written before reshard checked the load)"),
+        *(f"  {line}" for line in (manifest.load_report.summary() if manifest.load_report else [])),
         "rank files",
         *(
             f"  {f['path']:<40} {format_size(f['bytes']):>10}" + (f"  stage {f['stage']}" if manifest.pp > 1 else "")

@@ -10,28 +10,31 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import reshard
-from reshard.manifests import FileEntry, SourceInfo, keymap, resolve_in
+from reshard.manifests import FileEntry, SourceInfo, resolve_in
 from reshard.manifests.chunks import StoredTensor
 from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
+from reshard.manifests.load_report import LoadReport
 from reshard.manifests.pipeline import Pipeline
-from reshard.manifests.plans import UNRECORDED_VERSION, BuiltinPlan, plan_for_config, plans_version
+from reshard.manifests.plans import UNRECORDED_VERSION, plan_for_config, plans_version
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
-from reshard.planning.meta_names import names_for
-from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
+from reshard.planning.conversions import converted
+from reshard.planning.model_keys import meta_model
+from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel
+from reshard.planning.unused import checked_table
 from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import artifact_config, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.transforms import Table, experts, interleave, kv_heads, renames, row_blocks
+from reshard.transforms import Table, interleave, kv_heads
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class ConversionJob:
     ``tensors`` holds where each output tensor's bytes are (chunks of source files), ``layouts`` where they go.
     ``source`` is what the manifest records of the source; for a checkpoint its ``files`` are filled in by hashing
     ``hashed_files`` (the weights, ``weight_files``, on a background thread while the rank files are written).
+    ``unused`` are the checkpoint's tensors the model does not load (``load_report`` says why), kept out of
+    ``tensors`` and ``layouts``.
     """
 
     tp: int
@@ -61,6 +66,8 @@ class ConversionJob:
     lineage: dict[str, Any] | None = None
     pipeline: Pipeline | None = None  # with pipeline stages: transformers' split of the layers
     transformers_version: str | None = None  # the release whose built-in plan and conversions it follows
+    load_report: LoadReport | None = None
+    unused: Table = field(default_factory=dict)  # tensors the model does not use: stored once, in no rank file
 
     @property
     def pp(self) -> int:
@@ -129,12 +136,14 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
+    new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
+    table, unused, load_report = checked_table(table, new_config or config, request.allow_missing, model)
     tied = tied_embeddings(config)
+    builtin = plan_for_config(config, version)
     own = set(builtin.tp_plan) if builtin else set()
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
     pipeline = pipeline_split(config, table, request.pp or 1, tied, model, request.ep)
-    new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     dtypes = stored_dtypes(table, config, request.dtype)
     if dtypes:
         new_config = with_dtype(new_config or config, request.dtype)
@@ -161,61 +170,9 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
         pipeline=pipeline,
         transformers_version=version,
+        load_report=load_report,
+        unused=unused,
     )
-
-
-def converted(
-    stored: Table,
-    builtin: BuiltinPlan | None,
-    plan: dict[str, str],
-    tp: int,
-    origin: str,
-    config: dict[str, Any] | None = None,
-    version: str = UNRECORDED_VERSION,
-) -> tuple[Table, Transforms]:
-    """The checkpoint's tensors as the model's, by the conversions transformers' loader applies to their keys
-    (renamings, then converters), and the records of what was done; refused when the replay does not give the
-    tensors transformers fills."""
-    converters = builtin.key_converters if builtin else ()
-    names = names_for(stored, builtin, config) if builtin else {}
-    table, renamed = renames.forward(stored, names)
-    table, concatenated, chunked = row_blocks.forward(table, converters)
-    blocks = interleave.blocks_for(lambda name: style_of(name, plan), tp)
-    interleaved = interleave.records(table, converters, blocks)
-    table = interleave.forward(table, interleaved)
-    table, fused = experts.forward(table, converters)
-    refuse_unreplayed(table, converters, origin, version)
-    keymap.require_same(table, names, origin)
-    records = Transforms(
-        fused=fused or None,
-        concatenated=concatenated or None,
-        chunked=chunked or None,
-        interleaved=interleaved or None,
-        renamed=renamed or None,
-    )
-    return table, records
-
-
-def refuse_unreplayed(table: Table, converters: tuple[Any, ...], origin: str, version: str) -> None:
-    """A tensor that one of transformers' load-time converters reshard does not replay (a ``Split`` of a fused
-    projection, a layer collapse, vocabulary unpadding) would reach the runtime unconverted, and transformers' model
-    would initialise the parameters it expects from it at random: refused, naming the tensor and the converter."""
-    from reshard.transforms.converters import replayable
-
-    for converter in converters:
-        if replayable(converter):
-            continue
-        for source in converter.sources:
-            try:
-                pattern = re.compile(source)  # transformers' sources are regexes, searched in each key
-            except re.error:
-                pattern = re.compile(re.escape(source))
-            if hit := next((name for name in table if pattern.search(name)), None):
-                operations = ", ".join(name for name, _ in converter.operations) or converter.kind
-                raise PlanError(
-                    f"{origin}: tensor {hit!r}: transformers {version} converts it at load ({operations}), which "
-                    "reshard does not replay; the artifact would be another model"
-                )
 
 
 def pipeline_split(
@@ -300,6 +257,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
         pipeline=pipeline,
         transformers_version=old.transformers_version,
+        load_report=old.load_report,  # its unused file is one of the old artifact's other files, copied as they are
     )
 
 
@@ -343,25 +301,17 @@ def _kept_in_float32(config: dict[str, Any], dtype: str) -> re.Pattern[str] | No
     ``dtype_plan`` of the model ``load_model`` builds (on the meta device, where children add their own rules)."""
     try:
         import torch
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
         from transformers.core_model_loading import build_glob_alternation
-        from transformers.utils.generic import ContextManagers
     except ImportError as exc:
         raise ReshardError(
             "--dtype needs transformers (pip install 'reshard[transformers]'): it keeps some modules in float32 "
             "when it casts, and the stored bytes must be the ones it would make"
         ) from exc
-    model_type = str(config.get("model_type"))
-    if model_type not in CONFIG_MAPPING:
-        raise ReshardError(f"--dtype: transformers does not know model_type {model_type!r}")
-    model_config = CONFIG_MAPPING[model_type].from_dict(config)
     try:
-        cls = cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(model_config)])
-    except KeyError:
-        raise ReshardError(f"--dtype: transformers has no causal LM class for model_type {model_type!r}") from None
-    torch_dtype = getattr(torch, dtype)
-    with ContextManagers(cls.get_init_context(torch_dtype, False, False, False)):
-        plan = cls(model_config)._get_dtype_plan(torch_dtype)
+        model = meta_model(json.dumps(config, sort_keys=True), dtype)
+    except ReshardError as exc:
+        raise ReshardError(f"--dtype: {exc}") from None
+    plan = model._get_dtype_plan(getattr(torch, dtype))
     return build_glob_alternation(list(plan))[0] if plan else None
 
 

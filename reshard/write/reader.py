@@ -228,3 +228,23 @@ class CastReader(ChunkReader):
             source = torch.frombuffer(raw, dtype=getattr(torch, _TORCH_NAMES[self.tensor.dtype]))
             torch.frombuffer(out, dtype=getattr(torch, _TORCH_NAMES[self.dtype])).copy_(source)
             del source  # releases its export of raw before raw is released
+
+
+def tensor_xxh3(tensor: StoredTensor, block: int = 8 * 1024 * 1024) -> str:
+    """xxh3-128 of a stored tensor's row-major bytes, read piece by piece (to compare two tensors' bytes)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    nbytes = ITEMSIZES[tensor.dtype]
+    for dim in tensor.shape:
+        nbytes *= dim
+    files = OpenFiles()
+    try:
+        for lo in range(0, nbytes, block):
+            for piece in locate(tensor.chunks, lo, min(lo + block, nbytes), tensor.name):
+                buffer = bytearray(piece.nbytes)
+                files.read(Path(piece.file), tensor.name, memoryview(buffer), piece.offset)
+                digest.update(buffer)
+    finally:
+        files.close()
+    return digest.hexdigest()
