@@ -7,11 +7,12 @@ configured the way that package and fsspec configure themselves, never by reshar
 files and ``FSSPEC_<SCHEME>_<OPTION>`` variables. Each store is a fresh instance (``skip_instance_cache``), not
 fsspec's shared one, whose listings may be stale after another process wrote.
 
-What the store keeps of each guarantee: an upload is opened with ``autocommit=False`` and committed only after every
-byte sent matched the manifest (an S3 multipart upload, a GCS resumable upload, an Azure block list: nothing is
-visible before); where the backend keeps user metadata on objects (those with ``getxattr``: s3fs, gcsfs, adlfs), the
-upload that sends a file also records its xxh3 (``x-amz-meta-xxh3``, GCS and Azure ``metadata.xxh3``), so a retried
-publish skips a matching file without reading it; elsewhere a file already there is re-hashed.
+What the store keeps of each guarantee: an upload is written inside an fsspec transaction and committed only after
+every byte sent matched the manifest (an S3 multipart upload, a GCS resumable upload, an Azure block list, a memory
+file: nothing is visible before; on an error it is discarded, which aborts the S3 upload). Where the backend keeps
+user metadata on objects (those with ``getxattr``: s3fs, gcsfs, adlfs), the upload that sends a file also records
+its xxh3 (``x-amz-meta-xxh3``, GCS and Azure ``metadata.xxh3``), so a retried publish skips a matching file
+without reading it; elsewhere a file already there is re-hashed.
 """
 
 from __future__ import annotations
@@ -148,7 +149,10 @@ class Store:
                     bucket = self.fs.split_path(self.base)[0]
                     if not self.fs.exists(bucket):
                         scheme = self.location.protocol
-                        raise StorageError(f"{scheme}://{bucket}: no such bucket (or no access to it); create it first")
+                        raise StorageError(
+                            f"{scheme}://{bucket}: no such bucket (or no access to it: check the credentials); "
+                            "create it first"
+                        )
                 found = self.fs.find(self.base, detail=True)
             self._listing = {self._relative(name): info for name, info in found.items()}
         return self._listing
@@ -182,16 +186,16 @@ class Store:
         options = {}
         if self._keeps_metadata():
             options["Metadata" if "s3" in _protocols(self.fs) else "metadata"] = {XXH3_METADATA: entry.xxh3}
+        handle: Any = None
         with store_errors(uri, "cannot write"):
-            handle = self.fs.open(self.key(entry.path), "wb", autocommit=False, block_size=PART_BYTES, **options)
             try:
-                send(handle.write)
-                handle.close()  # sends the last part; nothing is visible before commit() (adlfs commits here)
-                handle.commit()
+                with self.fs.transaction:  # commits the file on a clean exit, discards (aborts) it on an exception
+                    handle = self.fs.open(self.key(entry.path), "wb", block_size=PART_BYTES, **options)
+                    send(handle.write)
+                    handle.close()  # sends the last part; nothing is visible before the commit (adlfs commits here)
             except BaseException:
-                with contextlib.suppress(Exception):  # the original error matters more than a failed abort
-                    handle.discard()
-                handle.closed = True  # else the file's __del__ would flush the bytes it still holds: a new upload
+                with contextlib.suppress(AttributeError):  # None, or a BytesIO (memory://): nothing to flush
+                    handle.closed = True  # else its __del__ would flush the bytes it still holds: a new upload
                 raise
 
     def put_bytes(self, path: str, data: bytes) -> None:
