@@ -50,7 +50,9 @@ class GcsEmulator:
                         outer.requests.append((self.command, self.path))
                 return ok
 
-        self._httpd = server.server.HTTPServer(("127.0.0.1", 0), lambda *a: Recording(storage, *a))
+        # a thread per connection: torchrun's ranks download at the same time (the emulator's own server is serial)
+        self._httpd = server.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Recording(storage, *a))
+        self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
@@ -73,7 +75,10 @@ class GcsEmulator:
 def use_gcs(emulator: GcsEmulator, monkeypatch: Any) -> None:
     """Point gcsfs at ``emulator`` the standard way, anonymous, in this process and its children."""
     import fsspec.config
+    import gcsfs
 
+    if gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":  # imported before the variable was set: it would wait 60 s
+        raise RuntimeError("gcsfs was imported without GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (see tests/conftest.py)")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.endpoint)
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     monkeypatch.setenv("FSSPEC_GS_TOKEN", "anon")
