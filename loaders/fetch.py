@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from reshard.manifests.errors import IntegrityError, StorageError
-from reshard.manifests.hashing import hash_bytes, hash_file
+from reshard.manifests.hashing import hash_bytes, hash_file, hash_open
 from reshard.manifests.locations import HubLocation, StoreLocation, parse_location
 from reshard.manifests.manifest import MANIFEST_NAME, FileEntry, Manifest, resolve_in
 from reshard.manifests.progress import progress_bar
@@ -170,8 +170,8 @@ def _fetch_store(location: StoreLocation, rank: RankArg, root: Path, progress: b
                     continue
                 object_uri = location.uri(entry.path)
                 fill = functools.partial(store.stream, entry.path)
-                _download(fill, target, entry, object_uri, bar.update)
-                _write_marker(_marker(folder, entry.path), target, entry)
+                written = _download(fill, target, entry, object_uri, bar.update)
+                _write_marker(_marker(folder, entry.path), written, entry)
     manifest_path = folder / MANIFEST_NAME  # last: a cache folder with a manifest has this rank's files
     with _locked(_state(folder, MANIFEST_NAME, ".lock")):
         if not (manifest_path.is_file() and manifest_path.read_bytes() == data):
@@ -220,10 +220,11 @@ def _download(
     entry: FileEntry,
     object_uri: str,
     on_bytes: Callable[[int], None],
-) -> None:
+) -> os.stat_result:
     """Stream an object into a temporary file beside ``target`` while hashing it; rename only if it matches.
 
-    ``fill(sink)`` calls ``sink`` with the object's bytes in order.
+    ``fill(sink)`` calls ``sink`` with the object's bytes in order. Returns the stat of the file written (taken from
+    its own descriptor, so its marker vouches for those bytes even if another file is renamed over ``target``).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.*.partial"):  # left by a killed process; we hold the lock
@@ -237,36 +238,46 @@ def _download(
 
         fill(sink)
         stream.check()
+        out.flush()
+        written = os.fstat(out.fileno())  # a rename keeps the inode and the mtime
+    return written
 
 
 def _is_cached(path: Path, marker: Path, entry: FileEntry) -> bool:
     """True if ``path`` holds exactly the manifest's bytes: its marker matches its stat, or a re-hash agrees.
 
-    A file that exists but does not match is removed, so it is downloaded again.
+    The stat compared and the bytes hashed are of one open descriptor, so a file renamed over ``path`` meanwhile is
+    never vouched for by another file's marker or hash. A file that exists but does not match is removed, so it is
+    downloaded again.
     """
     try:
-        stat = path.stat()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return False
-    if stat.st_size == entry.size:
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(marker.read_text()) == _marker_record(path, entry):
+    try:
+        info = os.fstat(fd)
+        if info.st_size == entry.size:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(marker.read_text()) == _marker_record(info, entry):
+                    return True
+            if hash_open(fd) == (entry.size, entry.xxh3):
+                _write_marker(marker, info, entry)
                 return True
-        if hash_file(path) == (entry.size, entry.xxh3):
-            _write_marker(marker, path, entry)
-            return True
+    finally:
+        os.close(fd)
     path.unlink()
     marker.unlink(missing_ok=True)
     return False
 
 
-def _marker_record(path: Path, entry: FileEntry) -> dict[str, Any]:
-    stat = path.stat()  # of the real file (a Hub snapshot entry is a symlink to its blob)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "xxh3": entry.xxh3}
+def _marker_record(info: os.stat_result, entry: FileEntry) -> dict[str, Any]:
+    """What a marker vouches for: the stat of the real file that was hashed (a Hub snapshot entry is a symlink to
+    its blob, and ``path`` is resolved before it is opened)."""
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino, "xxh3": entry.xxh3}
 
 
-def _write_marker(marker: Path, path: Path, entry: FileEntry) -> None:
-    atomic_write(marker, json.dumps(_marker_record(path, entry)).encode(), durable=False)
+def _write_marker(marker: Path, info: os.stat_result, entry: FileEntry) -> None:
+    atomic_write(marker, json.dumps(_marker_record(info, entry)).encode(), durable=False)
 
 
 def _state(folder: Path, path: str, suffix: str) -> Path:

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from reshard.loaders.consensus import agreed
-from reshard.loaders.state_dict import DeviceArg, DtypeArg, LoadedArtifact, cast_tensor, open_artifact
+from reshard.loaders.state_dict import CASTABLE, DeviceArg, DtypeArg, LoadedArtifact, cast_tensor, open_artifact
 from reshard.manifests.errors import ManifestError
 from reshard.manifests.plans import expert_rule_matcher
 
@@ -53,7 +53,8 @@ def load_model(
 
     Args:
         path, device_mesh, device, dtype, verify, populate: as for ``load_state_dict`` (with ``populate`` the rank
-            file is read in the background while the model is built).
+            file is read in the background while the model is built), except that ``dtype="auto"`` builds the model
+            in the dtype ``from_pretrained(dtype="auto")`` would (``model_dtype``), weights cast where stored otherwise.
         attn_implementation, experts_implementation: as for ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         model_class: the ``PreTrainedModel`` class to build; default ``AutoModelForCausalLM``'s for the config.
         ep_implementation: for an expert-parallel artifact, how tokens reach the experts, as
@@ -110,6 +111,7 @@ def _build_model(
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
     config.name_or_path = root
+    dtype = model_dtype(config, artifact) if artifact.auto_dtype else dtype
     config.dtype = dtype
     for key in config.sub_configs:
         if (sub_config := getattr(config, key, None)) is not None:
@@ -188,6 +190,35 @@ def _build_model(
     return model
 
 
+def model_dtype(config: Any, artifact: LoadedArtifact) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype="auto")`` builds the model in: the dtype of the config it is built from
+    (the text config of a multimodal checkpoint's text model), which the conversion records where the source's
+    config names none; for an artifact whose config still names none, its stored floating dtype.
+
+    Weights stored in another dtype are cast, as transformers casts them: copies, said once with the remedy."""
+    configured = config.dtype
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if configured is None:
+        return artifact.dtype
+    if configured not in CASTABLE:
+        raise ManifestError(
+            f"{artifact.root}/config.json: dtype {config.dtype} is not a dtype a model can be built in; pass a "
+            "floating dtype= (float32, bfloat16, float16)"
+        )
+    if configured != artifact.dtype and any(
+        t.dtype in ("F64", "F32", "F16", "BF16") for t in artifact.manifest.tensors
+    ):
+        name = str(configured).removeprefix("torch.")
+        logger.warning(
+            "%s: config.json builds the model in %s (as transformers' dtype=\"auto\" does) over %s weights: they are "
+            "cast, copies rather than views of the mapped rank file; convert with reshard --dtype %s to load "
+            "without copies",
+            artifact.root, name, str(artifact.dtype).removeprefix("torch."), name,
+        )  # fmt: skip
+    return cast("torch.dtype", configured)
+
+
 def _apply_stages(model: PreTrainedModel, pp_mesh: DeviceMesh, artifact: LoadedArtifact) -> PreTrainedModel:
     """transformers' own pipeline split (``apply_pipeline_parallelism``), which must be the one the artifact's
     stages were cut by: the same layer count, base model and tied embeddings."""
@@ -226,7 +257,7 @@ class _ConversionsOnFirstUse(list):  # type: ignore[type-arg]
     def __init__(self, model: PreTrainedModel, manifest: Manifest) -> None:
         super().__init__()
         options = manifest.options
-        self._pending = (model, manifest) if options.key_renames or options.fused else None
+        self._pending = (model, manifest) if options.key_renames or options.renamed or options.fused else None
 
     def _found(self) -> _ConversionsOnFirstUse:
         if self._pending is not None:

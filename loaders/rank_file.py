@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 import torch
 
-from reshard.loaders.tensors import Residency, map_file, tensor_view
+from reshard.loaders.tensors import Residency, map_open, tensor_view
 from reshard.loaders.transfer import copy_to_device
 from reshard.manifests import Manifest, resolve_in
 from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.rank_header import rank_header_problems
-from reshard.manifests.safetensors import SafetensorsHeader, read_header
+from reshard.manifests.safetensors import SafetensorsHeader, read_header_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,16 +86,28 @@ def _open(
 def _open_checked(
     path: Path, recorded_size: int, manifest: Manifest, rank: int, *, device: torch.device, verify: bool, populate: bool
 ) -> RankFile:
-    if not path.is_file():
-        raise IntegrityError(f"{path}: missing; the manifest lists it as the file of rank {rank}")
-    size = path.stat().st_size
-    if size != recorded_size:
-        raise IntegrityError(
-            f"{path}: {size} bytes, but the manifest records {recorded_size} (truncated, or from another conversion)"
-        )
-    header = _read_header(path)
-    _check_header(header, manifest, rank)
-    flat = map_file(path)
+    # One descriptor from the size check to the mapping: a file renamed over ``path`` meanwhile (a sync tool, ``cp``
+    # then rename, a cache refresh) is either the one checked and mapped, or not seen at all.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing; the manifest lists it as the file of rank {rank}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IntegrityError(f"{path}: not a regular file; the manifest lists it as the file of rank {rank}")
+        if info.st_size != recorded_size:
+            raise IntegrityError(
+                f"{path}: {info.st_size} bytes, but the manifest records {recorded_size} (truncated, or from another "
+                "conversion)"
+            )
+        header = _read_header(fd, path)
+        _check_header(header, manifest, rank)
+        flat = map_open(fd)
+    finally:
+        os.close(fd)
+    if flat.numel() != header.file_size:  # the descriptor's file changed size between fstat and mmap
+        raise IntegrityError(f"{path}: changed while it was opened (truncated or rewritten in place)")
     if verify:
         _verify(flat, header, manifest, rank)
     if device.type == "cpu":
@@ -115,10 +128,10 @@ def _check_header(header: SafetensorsHeader, manifest: Manifest, rank: int) -> N
         raise IntegrityError(f"{header.path}: {problems[0]}")
 
 
-def _read_header(path: Path) -> SafetensorsHeader:
-    """``read_header``, with a header whose ``__metadata__`` is not a string map refused like any other lie."""
+def _read_header(fd: int, path: Path) -> SafetensorsHeader:
+    """``read_header_at``, with a header whose ``__metadata__`` is not a string map refused like any other lie."""
     try:
-        header = read_header(path)
+        header = read_header_at(fd, path)
     except (TypeError, ValueError) as exc:  # dict() of a malformed __metadata__
         raise IntegrityError(f"{path}: header __metadata__ is not an object of strings ({exc})") from exc
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.metadata.items()):

@@ -66,6 +66,7 @@ class LoadedArtifact:
     ep_mesh: DeviceMesh | None = None
     tp: int = 1  # the tp the tensors are cut for: the manifest's, or the mesh's when loaded at another world size
     rank_file: RankFile | None = None  # with populate, paged in in the background: ``wait_resident`` before use
+    auto_dtype: bool = False  # dtype "auto" (or None) was asked: load_model builds in config.json's, as transformers
 
     def wait_resident(self) -> None:
         """Return once this rank's mapped weights are resident if they are being populated (at once otherwise)."""
@@ -102,7 +103,8 @@ def load_state_dict(
             experts go on a ``("ep",)`` mesh over the tp group.
         device: where the tensors go (default: the mesh's device, CPU in a plain single process). On CPU they
             stay zero-copy views of the mapped file.
-        dtype: ``"auto"``/``None`` (as stored), or a floating dtype: floating tensors stored in another one are
+        dtype: ``"auto"``/``None`` (as stored; ``load_model`` builds its model in config.json's dtype instead, as
+            ``from_pretrained(dtype="auto")`` does), or a floating dtype: floating tensors stored in another one are
             cast as ``from_pretrained(..., dtype=)`` casts them, and are then copies, not views of the mapped file
             (logged once; ``reshard --dtype`` stores the artifact in the dtype it will be loaded in).
         verify: check every tensor's xxh3-128 against the manifest while mapping.
@@ -187,7 +189,8 @@ def open_artifact(
         entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
         for entry in manifest.held_by(rank)
     }
-    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened)
+    auto = dtype is None or dtype == "auto"
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened, auto)
 
 
 def manifest_digest_of(manifest: Manifest) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 import threading
-from typing import cast
+import warnings
 
 import torch
 
@@ -34,15 +35,28 @@ def torch_dtype(dtype: str) -> torch.dtype:
 
 
 def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Map a whole file read-only as a flat uint8 tensor; slices of it are views of the page cache, not copies.
+    """Map a whole file read-only as a flat uint8 tensor (``map_open`` of the file opened once)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return map_open(fd)
+    finally:
+        os.close(fd)
 
-    ``shared=False`` maps the file private: nothing written to a view can reach the file on disk.
+
+def map_open(fd: int) -> torch.Tensor:
+    """Map the whole file open as ``fd`` as a flat uint8 tensor; slices of it are views of the page cache, not copies.
+
+    The mapping is of the descriptor's file, whatever is renamed over its path meanwhile, so a header read from
+    the same descriptor describes exactly these bytes; the descriptor may be closed once this returns (the mapping
+    keeps the file). The mapping is private (copy on write): nothing written to a view can reach the file on disk.
     """
-    size = os.path.getsize(path)
+    size = os.fstat(fd).st_size
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
-    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
-    return torch.empty(0, dtype=torch.uint8).set_(cast(torch.UntypedStorage, storage))  # typed as _StorageBase
+    mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    with warnings.catch_warnings():  # the copy-on-write mapping is writable; torch warns for read-only buffers only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapping, dtype=torch.uint8)  # holds a reference: the mapping lives as long as views
 
 
 def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:

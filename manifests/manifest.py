@@ -283,8 +283,8 @@ def resolve_in(root: str | os.PathLike[str], path: str, origin: str = MANIFEST_N
 
 
 def read_manifest(root: str | os.PathLike[str]) -> Manifest:
-    """Read and validate ``root/manifest.json``, and check its file paths against the folder; a folder without one
-    is not a (complete) artifact."""
+    """Read and validate ``root/manifest.json``, and check its file paths (and the ``config.json`` its records depend
+    on) against the folder; a folder without one is not a (complete) artifact."""
     path = Path(root) / MANIFEST_NAME
     try:
         text = path.read_bytes()
@@ -294,7 +294,11 @@ def read_manifest(root: str | os.PathLike[str]) -> Manifest:
         ) from exc
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return Manifest.from_json(text, origin=str(path), root=root)
+    manifest = Manifest.from_json(text, origin=str(path), root=root)
+    from reshard.manifests.validate import check_artifact_config
+
+    check_artifact_config(manifest, root)  # the records that config.json must agree with
+    return manifest
 
 
 def rank_file_name(rank: int, world_size: int) -> str:

@@ -25,51 +25,68 @@ from reshard.manifests.errors import PlanError
 
 @dataclass(frozen=True)
 class ConverterRecord:
-    """One of transformers' load-time weight converters (``WeightConverter``), as data reshard can replay:
-    checkpoint ``sources`` patterns (``*`` an expert index) merged by ``operations`` into ``targets``."""
+    """One of transformers' load-time weight transforms, as data reshard can replay: a renaming (``WeightRenaming``,
+    ``PrefixChange``, ...) or a converter (``WeightConverter``: checkpoint ``sources`` patterns, ``*`` an expert
+    index, merged by ``operations`` into ``targets``).
+
+    ``pattern`` is transformers' compiled search (``compiled_sources.pattern``: one named group ``g<i>`` per source,
+    longest first); ``scope_prefix`` and ``base_model_prefix`` confine a sub-model's transform to its keys, as
+    ``get_model_conversion_mapping`` sets them (``None``: the top-level model's, matching anywhere)."""
 
     kind: str
     sources: tuple[str, ...]
     targets: tuple[str, ...]
     operations: tuple[tuple[str, dict[str, Any]], ...]
+    pattern: str = ""
+    scope_prefix: str | None = None
+    base_model_prefix: str | None = None
 
     @property
     def operation_names(self) -> frozenset[str]:
         return frozenset(name for name, _ in self.operations)
 
     def to_json(self) -> dict[str, Any]:
+        scope = {"scope_prefix": self.scope_prefix, "base_model_prefix": self.base_model_prefix}
         return {
             "kind": self.kind,
             "sources": list(self.sources),
             "targets": list(self.targets),
             "operations": [[name, dict(args)] for name, args in self.operations],
+            **({"pattern": self.pattern} if self.pattern else {}),
+            **({key: value for key, value in scope.items() if value is not None}),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConverterRecord:
+        scope, base = data.get("scope_prefix"), data.get("base_model_prefix")
         return cls(
             str(data["kind"]),
             tuple(data["sources"]),
             tuple(data["targets"]),
             tuple((str(name), dict(args)) for name, args in data["operations"]),
+            str(data.get("pattern") or ""),
+            None if scope is None else str(scope),
+            None if base is None else str(base),
         )
 
 
 @dataclass(frozen=True)
 class BuiltinPlan:
-    """The resolved plans of one model type: ``tp_plan`` and ``ep_plan`` as ``model._tp_plan`` / ``_ep_plan``,
-    the checkpoint-key renames (regex, replacement) and weight converters transformers applies at load, and the
-    model's own parameter names (a rename whose result is none of them leaves a key as it is, as transformers'
-    loader does)."""
+    """The resolved plans of one model type: ``tp_plan`` and ``ep_plan`` as ``model._tp_plan`` / ``_ep_plan``;
+    the renamings and weight converters transformers' loader applies to checkpoint keys
+    (``get_model_conversion_mapping``: the sub-models' too, each in order), the model's ``base_model_prefix``
+    (added to or removed from a key as ``from_pretrained`` does), and the model's own parameter names (a rename whose
+    result is none of them leaves a key as it is, as transformers' loader does)."""
 
     model_type: str
     architecture: str
     transformers_version: str
     tp_plan: dict[str, str]
     ep_plan: dict[str, str] = field(default_factory=dict)
-    key_renames: tuple[tuple[str, str], ...] = ()
+    renamings: tuple[ConverterRecord, ...] = ()
     key_converters: tuple[ConverterRecord, ...] = ()
     parameters: tuple[str, ...] = ()  # the model's state-dict names, layer numbers as ``*`` (default config)
+    base_model_prefix: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of ``<model_type>.json``."""
@@ -80,9 +97,10 @@ class BuiltinPlan:
             "tp_plan": dict(self.tp_plan),
             "ep_plan": dict(self.ep_plan),
             "styles": sorted(set(self.tp_plan.values())),
-            "key_renames": [list(r) for r in self.key_renames],
+            "renamings": [r.to_json() for r in self.renamings],
             "key_converters": [c.to_json() for c in self.key_converters],
             "parameters": list(self.parameters),
+            "base_model_prefix": self.base_model_prefix,
         }
 
     @classmethod
@@ -93,9 +111,10 @@ class BuiltinPlan:
             transformers_version=str(data["transformers_version"]),
             tp_plan=dict(data["tp_plan"]),
             ep_plan=dict(data.get("ep_plan") or {}),
-            key_renames=tuple((str(a), str(b)) for a, b in data.get("key_renames") or []),
+            renamings=tuple(ConverterRecord.from_json(r) for r in data.get("renamings") or []),
             key_converters=tuple(ConverterRecord.from_json(c) for c in data.get("key_converters") or []),
             parameters=tuple(str(p) for p in data.get("parameters") or []),
+            base_model_prefix=str(data.get("base_model_prefix") or ""),
         )
 
 

@@ -34,6 +34,22 @@ ITEMSIZES: dict[str, int] = {
     "F8_E5M2": 1,
 }
 
+# The floating dtypes a model is built in (torch's names): float8 is quantized data, never a model's dtype.
+MODEL_DTYPES: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def weights_dtype(dtypes_by_name: dict[str, str]) -> str | None:
+    """The model dtype transformers derives from one file's tensors (``get_state_dict_dtype``, for
+    ``dtype="auto"`` when config.json names none): the first floating tensor's, float8 skipped, in name order
+    (the order ``safe_open(...).keys()`` gives); ``None`` when there is none to build a model in.
+
+    Example:
+        >>> weights_dtype({"model.norm.weight": "F32", "lm_head.weight": "BF16", "a.scale": "F8_E4M3"})
+        'bfloat16'
+    """
+    floating = [name for name in sorted(dtypes_by_name) if dtypes_by_name[name] in MODEL_DTYPES]
+    return MODEL_DTYPES[dtypes_by_name[floating[0]]] if floating else None
+
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
@@ -77,24 +93,40 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     try:
         # Opened non-blocking so that a FIFO cannot hang us before fstat tells what it is.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with open(fd, "rb") as handle:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise FileFormatError(f"{path}: not a regular file (a FIFO, device or folder), cannot be safetensors")
-            os.set_blocking(fd, True)
-            file_size = info.st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise FileFormatError(f"{path}: {file_size} bytes is too short to be a safetensors file")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
-                raise FileFormatError(
-                    f"{path}: header claims {header_len} bytes but the file has {file_size} "
-                    "(truncated, or not a safetensors file)"
-                )
-            raw = handle.read(header_len)
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        return read_header_at(fd, path)
+    finally:
+        os.close(fd)
+
+
+def read_header_at(fd: int, path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """``read_header`` of the file open as ``fd`` (``path`` only names it in messages and in the result).
+
+    A caller that maps or hashes the bytes afterwards reads the header from that same descriptor: a file renamed
+    over ``path`` meanwhile can then never pair this header with another file's bytes. ``file_size`` is ``fstat``'s.
+    """
+    path = Path(path)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileFormatError(f"{path}: not a regular file (a FIFO, device or folder), cannot be safetensors")
+        file_size = info.st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise FileFormatError(f"{path}: {file_size} bytes is too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
+            raise FileFormatError(
+                f"{path}: header claims {header_len} bytes but the file has {file_size} "
+                "(truncated, or not a safetensors file)"
+            )
+        raw = _pread_exactly(fd, header_len, 8)
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(raw) != header_len:
+        raise FileFormatError(f"{path}: truncated while its header was read ({len(raw)} of {header_len} bytes)")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,6 +149,16 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     ordered = dict(sorted(entries.items(), key=lambda item: (item[1].offset, item[1].nbytes)))
     _check_coverage(path, ordered, data_start, data_size)
     return SafetensorsHeader(path, ordered, dict(metadata), data_start, file_size)
+
+
+def _pread_exactly(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``, fewer only at the end of the file (``pread`` may return short reads)."""
+    parts: list[bytes] = []
+    while length > 0 and (part := os.pread(fd, length, offset)):
+        parts.append(part)
+        length -= len(part)
+        offset += len(part)
+    return b"".join(parts)
 
 
 def _check_coverage(path: Path, ordered: dict[str, HeaderEntry], data_start: int, data_size: int) -> None:

@@ -6,7 +6,9 @@ Each record is written by the forward half of a transform (``reshard/transforms/
 ``replicate_kv`` (KV heads duplicated so that every rank holds whole heads), ``concatenated`` (checkpoint tensors
 joined along dim 0 into one model tensor, transformers' ``Concatenate(dim=0)``) and ``chunked`` (one checkpoint
 tensor cut along dim 0 into several model tensors, ``Chunk(dim=0)``) and ``interleaved`` (a checkpoint tensor whose
-rows alternate gate, up, de-interleaved per rank as transformers' ``Interleave`` does at load).
+rows alternate gate, up, de-interleaved per rank as transformers' ``Interleave`` does at load), and ``renamed``
+(checkpoint keys renamed at load, transformers' renamings and base-model prefix as its loader applied them: name
+before any converter -> the checkpoint's own key; older manifests record ``key_renames`` rules instead).
 
 Example:
     >>> Transforms.from_json({"replicate_kv": {"original_kv_heads": 2, "replicated_kv_heads": 4, "head_dim": 16}})
@@ -16,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +120,13 @@ class Transforms:
     concatenated: dict[str, RowBlocks] | None = None  # model tensor -> the checkpoint tensors joined into it
     chunked: dict[str, RowBlocks] | None = None  # checkpoint tensor -> the model tensors cut from it
     interleaved: dict[str, Interleaved] | None = None  # model tensor -> the interleaved checkpoint tensor
+    renamed: dict[str, str] | None = None  # name before any converter -> the checkpoint's key
+
+    def source_key(self, name: str) -> str:
+        """The checkpoint's key of a name before any converter (a model tensor, or a part of a fused one)."""
+        if self.renamed and name in self.renamed:
+            return self.renamed[name]
+        return checkpoint_key(name, self.key_renames)
 
     def checkpoint_keys(self, names: list[str]) -> list[str]:
         """The source checkpoint's own keys for the model's tensor ``names``: fused tensors split into their parts,
@@ -126,15 +137,15 @@ class Transforms:
             fused = self.fused.get(name) if self.fused else None
             joined = self.concatenated.get(name) if self.concatenated else None
             if fused is not None:
-                keys.extend(checkpoint_key(key, self.key_renames) for key, _ in fused.parts)
+                keys.extend(self.source_key(key) for key, _ in fused.parts)
             elif self.interleaved and name in self.interleaved:
-                keys.append(checkpoint_key(self.interleaved[name].source, self.key_renames))
+                keys.append(self.source_key(self.interleaved[name].source))
             elif joined is not None:
-                keys.extend(checkpoint_key(key, self.key_renames) for key, _ in joined.parts)
+                keys.extend(self.source_key(key) for key, _ in joined.parts)
             elif name in cut_from:
-                keys.append(checkpoint_key(cut_from[name], self.key_renames))
+                keys.append(self.source_key(cut_from[name]))
             else:
-                keys.append(checkpoint_key(name, self.key_renames))
+                keys.append(self.source_key(name))
         return list(dict.fromkeys(keys))  # the parts cut from one checkpoint tensor name it once
 
     def problem(self, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[str, str] | None:
@@ -159,6 +170,8 @@ class Transforms:
                 return f"{path}.blocks", f"blocks of {list(record.blocks)} rows do not cover {name!r} {list(shape)}"
             if record.source in tensors:
                 return f"{path}.source", f"{record.source!r} is a tensor of this manifest, not a checkpoint tensor"
+        if problem := self._renamed_problem(tensors):
+            return problem
         owners: dict[str, str] = {}
         for key, blocks in sorted((self.chunked or {}).items()):
             path = f"options.chunked.{key}"
@@ -179,8 +192,37 @@ class Transforms:
                     return where, f"{name!r} {dtype} {list(shape)} does not join {first[0]} {list(first[1])}"
         return None
 
+    def _renamed_problem(self, tensors: dict[str, Any]) -> tuple[str, str] | None:
+        """Renamed names must be names of this conversion (a tensor, or a converter's part), and the checkpoint
+        keys they give back one each, none of them another name's that stays as it is."""
+        if not self.renamed:
+            return None
+        names = set(tensors)
+        names.update(key for record in (self.fused or {}).values() for key, _ in record.parts)
+        names.update(key for record in (self.concatenated or {}).values() for key, _ in record.parts)
+        names.update(record.source for record in (self.interleaved or {}).values())
+        names.update(self.chunked or {})
+        names.difference_update(
+            name for name in list(self.fused or {}) + list(self.concatenated or {}) + list(self.interleaved or {})
+        )
+        names.difference_update(part for r in (self.chunked or {}).values() for part, _ in r.parts)
+        kept = names - set(self.renamed)
+        given: dict[str, str] = {}
+        for name, key in sorted(self.renamed.items()):
+            path = f"options.renamed.{name}"
+            if name not in names:
+                return path, f"{name!r} is not a tensor of this conversion"
+            if key in given:
+                return path, f"{name!r} and {given[key]!r} both give back checkpoint key {key!r}"
+            if key in kept:
+                return path, f"checkpoint key {key!r} is also the name of a tensor that is not renamed"
+            given[key] = name
+        return None
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        if self.renamed:
+            out["renamed"] = dict(sorted(self.renamed.items()))
         if self.key_renames:
             out["key_renames"] = [list(rule) for rule in self.key_renames]
         if self.fused:
@@ -202,7 +244,7 @@ class Transforms:
             return cls()
         if not isinstance(data, dict):
             raise ManifestError(f"{origin}: options must be an object")
-        known = {"key_renames", "fused", "replicate_kv", "concatenated", "chunked", "interleaved"}
+        known = {"key_renames", "fused", "replicate_kv", "concatenated", "chunked", "interleaved", "renamed"}
         if unknown := sorted(set(data) - known):
             raise ManifestError(f"{origin}: options.{unknown[0]} is not a transform this reshard knows")
         renames = data.get("key_renames") or []
@@ -220,6 +262,13 @@ class Transforms:
             if value is not None and not _is_fused_record(value):
                 raise ManifestError(f"{origin}: options.{field} must map tensor names to [[tensor name, rows], ...]")
             blocks[field] = {n: RowBlocks(tuple((k, r) for k, r in p)) for n, p in value.items()} if value else None
+        renamed = data.get("renamed")
+        if renamed is not None and not (
+            isinstance(renamed, dict)
+            and renamed
+            and all(isinstance(k, str) and k and isinstance(v, str) and v and k != v for k, v in renamed.items())
+        ):
+            raise ManifestError(f"{origin}: options.renamed must map tensor names to other checkpoint keys")
         interleaved = data.get("interleaved")
         if interleaved is not None and not isinstance(interleaved, dict):
             raise ManifestError(f"{origin}: options.interleaved must map tensor names to records")
@@ -232,6 +281,7 @@ class Transforms:
             interleaved={n: Interleaved.from_json(n, r, origin) for n, r in interleaved.items()}
             if interleaved
             else None,
+            renamed=dict(renamed) if renamed else None,
         )
 
 
@@ -265,16 +315,40 @@ def checkpoint_key(model_key: str, rules: RenameRules) -> str:
     """Undo the renames, last first. A literal pattern (``^embed_out\\.``) gives its text back; one with a capturing
     group (``(convolution|sconv)\\.weight(?!_)`` → ``\\1.conv1d.weight``) is reversed as transformers reverses it
     for ``save_pretrained``: its target, the group standing for itself, becomes the pattern (lookarounds dropped)."""
-    for pattern, target in reversed(rules):
-        model_key = _undone(model_key, pattern, target)
+    undo = _undo_all(tuple(rules))
+    if undo is None:  # a rule that cannot be undone: raise as that rule is reached
+        for pattern, target in reversed(rules):
+            model_key = _undo(pattern, target)[1](model_key)
+        return model_key
+    anywhere, steps = undo
+    if not anywhere.search(model_key):  # no rule applies to the key, so none applies after another did nothing
+        return model_key
+    for step in steps:
+        model_key = step(model_key)
     return model_key
 
 
-def _undone(key: str, pattern: str, target: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _undo_all(rules: RenameRules) -> tuple[re.Pattern[str], list[Callable[[str], str]]] | None:
+    """Every rule's reverse, last first, and one pattern matching wherever any of them could apply (the validator
+    undoes every tensor's name: working the rules out per name would cost a second on a large model); ``None``
+    if a rule cannot be undone (``checkpoint_key`` then raises on the names it is asked for)."""
+    try:
+        undone = [_undo(pattern, target) for pattern, target in reversed(rules)]
+    except ReshardError:
+        return None
+    return re.compile("|".join(f"(?:{search.pattern})" for search, _ in undone) or "(?!)"), [f for _, f in undone]
+
+
+@functools.lru_cache(maxsize=1024)
+def _undo(pattern: str, target: str) -> tuple[re.Pattern[str], Callable[[str], str]]:
+    """The reverse of one rule: where it applies, and the function of a key that undoes it."""
     anchor = "^" if pattern.startswith("^") else ""
     body = pattern.removeprefix("^")
     if _LITERAL_PATTERN.fullmatch(pattern):
-        return re.sub(anchor + re.escape(target), body.replace("\\.", ".").replace("\\", "\\\\"), key)
+        literal = re.compile(anchor + re.escape(target))
+        replacement = body.replace("\\.", ".").replace("\\", "\\\\")
+        return literal, lambda key: literal.sub(replacement, key)
     body = re.sub(r"\(\?.+?\)?\)", "", body)  # transformers' process_target_pattern drops lookarounds
     group = re.search(r"\(.+?\)", body)
     parts = body.split(group.group(0), 1) if group else []
@@ -286,5 +360,5 @@ def _undone(key: str, pattern: str, target: str) -> str:
         raise ReshardError(f"cannot undo the key rename {pattern!r} -> {target!r} (not a literal pattern)")
     before, after = target.split("\\1")
     head, tail = (part.replace("\\.", ".") for part in parts)
-    search = anchor + re.escape(before) + group.group(0) + re.escape(after)
-    return re.sub(search, lambda match: head + match.group(1) + tail, key, count=1)
+    search = re.compile(anchor + re.escape(before) + group.group(0) + re.escape(after))
+    return search, lambda key: search.sub(lambda match: head + match.group(1) + tail, key, count=1)

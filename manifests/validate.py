@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
+from reshard.manifests.claims import claims_problem, config_problem
 from reshard.manifests.errors import ManifestError, PlanError, shown
 from reshard.manifests.layout import STYLES, tensor_layout
 from reshard.manifests.manifest import (
@@ -95,6 +97,8 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
                 rank_bytes[stage * tp + piece.rank] += math.prod(piece.shape) * itemsize
     if problem := manifest.options.problem({t.name: (t.dtype, t.shape) for t in manifest.tensors}):
         f.fail(*problem)
+    if problem := claims_problem(manifest):
+        f.fail(*problem)
     _check_interleaved(f, manifest)
     keys = [(-ITEMSIZES[t.dtype], t.name) for t in manifest.tensors]
     if keys != sorted(keys):
@@ -105,6 +109,32 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
                 f"files[{manifest.files.index(entry)}].size",
                 f"{entry.size} bytes cannot hold rank {entry.rank}'s {rank_bytes[entry.rank]} bytes of tensors",
             )
+
+
+def check_config(manifest: Manifest, config: dict[str, Any], origin: str = MANIFEST_NAME) -> None:
+    """The artifact's ``config.json`` against its manifest (``claims.config_problem``); ``ManifestError`` naming the
+    field otherwise."""
+    if problem := config_problem(manifest, config):
+        Fields(origin).fail(*problem)
+
+
+def check_artifact_config(manifest: Manifest, root: str | os.PathLike[str]) -> None:
+    """``check_config`` with ``root/config.json`` when the manifest lists one (a small file; required when a record
+    depends on it, as replicated KV heads do)."""
+    listed = any(entry.path == "config.json" and entry.rank is None for entry in manifest.files)
+    if not listed and manifest.options.replicate_kv is None:
+        return
+    path = os.path.join(root, "config.json")
+    try:
+        with open(path, "rb") as handle:
+            config = json.loads(handle.read())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ManifestError(
+            f"{path}: cannot be read as JSON ({exc}); the manifest's records are checked against it"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path}: not a JSON object")
+    check_config(manifest, config, os.path.join(root, MANIFEST_NAME))
 
 
 def _check_mesh(f: Fields, manifest: Manifest) -> None:

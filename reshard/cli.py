@@ -150,7 +150,8 @@ def cli() -> None:
     default="auto",
     show_default=True,
     help="Store floating tensors in this dtype (cast like torch's .to), the one the runtime will load them in, "
-    "so that loading stays zero-copy. `auto` keeps each tensor's dtype.",
+    "so that loading stays zero-copy. `auto` keeps each tensor's dtype (the runtime builds the model in config.json's "
+    "dtype, as transformers does, casting what is stored otherwise).",
 )
 @click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."

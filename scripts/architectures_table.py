@@ -76,7 +76,7 @@ Columns:
 def blockers(plan: dict) -> list[str]:
     """Why reshard cannot convert this model type (empty: it can)."""
     reasons = [f"style {s}" for s in plan["styles"] if s not in STYLES]
-    for converter in plan.get("key_converters", []):
+    for converter in [*plan.get("renamings", []), *plan.get("key_converters", [])]:
         if not replayable(ConverterRecord.from_json(converter)):
             operations = sorted({name for name, _ in converter["operations"]})
             reasons.append(f"converter {converter['kind']}({', '.join(operations)})")

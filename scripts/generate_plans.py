@@ -42,42 +42,52 @@ def build_plan(model_type: str) -> BuiltinPlan:
         bad = {k: v for k, v in plan.items() if not isinstance(k, str) or not isinstance(v, str)}
         if bad:
             raise TypeError(f"non-string {name} entries: {bad}")
-    renames, converters = _key_conversions(model)
+    renamings, converters = _key_conversions(model)
     parameters = sorted({re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), name) for name in model.state_dict()})
     return BuiltinPlan(
         model_type,
         type(model).__name__,
         transformers.__version__,
         **plans,
-        key_renames=tuple((a, b) for a, b in renames),
+        renamings=tuple(ConverterRecord.from_json(r) for r in renamings),
         key_converters=tuple(ConverterRecord.from_json(c) for c in converters),
         parameters=tuple(parameters),
+        base_model_prefix=str(model.base_model_prefix or ""),
     )
 
 
-def _key_conversions(model: Any) -> tuple[list[list[str]], list[dict[str, Any]]]:
-    """The checkpoint-key renames transformers applies at load for this class (regex, replacement), in order,
-    and its weight converters (e.g. per-expert tensors fused into ``gate_up_proj``) as data reshard can replay."""
-    from transformers.conversion_mapping import extract_weight_conversions_for_model
-    from transformers.core_model_loading import WeightRenaming
+def _key_conversions(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checkpoint-key renamings and weight converters transformers' loader applies for this model, each list in
+    the loader's order: ``get_model_conversion_mapping`` as ``from_pretrained`` calls it (the sub-models'
+    transforms scoped to their prefix, the legacy renamings last), as data reshard can replay."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    renames: list[list[str]] = []
+    renamings: list[dict[str, Any]] = []
     converters: list[dict[str, Any]] = []
-    for transform in extract_weight_conversions_for_model(model) or []:
-        sources, targets = list(transform.source_patterns), list(transform.target_patterns)
-        if type(transform) is WeightRenaming and len(sources) == 1 and len(targets) == 1:
-            renames.append([sources[0], targets[0]])
-            continue
+    for transform in get_model_conversion_mapping(model):
         operations = [
             [type(op).__name__, {k: v for k, v in sorted(vars(op).items()) if isinstance(v, (int, str)) or v is None}]
             for op in getattr(transform, "operations", [])
         ]
         if isinstance(offset := getattr(transform, "offset", None), int):  # Inkling2IndexOffsetWeightRename's
             operations.append(["IndexOffset", {"offset": offset}])
-        converters.append(
-            {"kind": type(transform).__name__, "sources": sources, "targets": targets, "operations": operations}
-        )
-    return renames, converters
+        record = {
+            "kind": type(transform).__name__,
+            "sources": list(transform.source_patterns),
+            "targets": list(transform.target_patterns),
+            "operations": operations,
+            "pattern": transform.compiled_sources.pattern,
+            "scope_prefix": transform.scope_prefix,
+            "base_model_prefix": transform.base_model_prefix,
+        }
+        if isinstance(transform, WeightRenaming):
+            renamings.append(record)
+        elif isinstance(transform, WeightConverter):
+            converters.append(record)
+        else:
+            raise TypeError(f"{type(transform).__name__}: neither a renaming nor a converter")
+    return renamings, converters
 
 
 def dumps(document: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
-"""Seeded fuzz of manifests and rank-file headers (``scripts/fuzz.py``): several hundred mutants, each refused
-with a documented exit code or accepted only when its parsed content is the original's; no traceback, no hang."""
+"""Seeded fuzz of manifests and rank-file headers (``scripts/fuzz.py``): several hundred mutants, forged records in
+re-digested manifests among them, each refused with a documented exit code or accepted only when its parsed
+content is the original's or it is provably harmless; no traceback, no hang."""
 
 from __future__ import annotations
 
@@ -33,3 +34,6 @@ def test_no_mutant_crashes_hangs_or_passes_changed(tmp_path: Path, seed: int, pp
     findings = {key: count for key, count in outcomes.items() if key.startswith("FINDING")}
     assert not findings, findings
     assert sum(outcomes.values()) == 200
+    forged = sum(count for key, count in outcomes.items() if key.startswith("forged"))
+    refused = sum(count for key, count in outcomes.items() if key.startswith("forged") and key.endswith("exit 6"))
+    assert forged > 30 and refused > 25, outcomes  # the re-sealed forgeries are there, and refused

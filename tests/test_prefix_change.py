@@ -1,6 +1,6 @@
 """transformers' ``PrefixChange(prefix_to_remove=...)`` (qwen3_5_text, qwen3_5_moe_text, gemma3n_text: a text model
-read from its multimodal checkpoint, ``model.language_model.`` → ``model.``) is replayed as a key rename, recorded
-only when the checkpoint's keys carry the prefix; consolidation gives the checkpoint's own keys back."""
+read from its multimodal checkpoint, ``model.language_model.`` → ``model.``) is replayed as transformers' loader
+applies it, recorded only for the keys it renamed; consolidation gives the checkpoint's own keys back."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import reshard
 from reshard.commands.consolidate import consolidate
+from reshard.manifests.keymap import model_names
 from reshard.manifests.plans import ConverterRecord, builtin_plan
 from reshard.transforms.converters import replayable
-from reshard.transforms.renames import prefix_rule
 
 pytest.importorskip("transformers")
 
@@ -27,14 +27,16 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_prefix_removal_is_a_literal_rename_and_prefix_addition_is_not_replayed():
-    change = next(c for c in builtin_plan("qwen3_5_text").key_converters if c.kind == "PrefixChange")
-    assert prefix_rule(change) == (r"^model\.language_model\.", "model.")
-    assert replayable(change)
+def test_prefix_change_is_a_replayed_renaming_and_one_without_its_pattern_is_not():
+    plan = builtin_plan("qwen3_5_text")
+    change = next(c for c in plan.renamings if c.kind == "PrefixChange")
+    assert replayable(change) and change not in plan.key_converters
+    names = model_names(["model.language_model.layers.0.mlp.up_proj.weight", "model.norm.weight"], plan)
+    assert [n.final for n in names.values()] == [("model.layers.0.mlp.up_proj.weight",), ("model.norm.weight",)]
     adding = ConverterRecord(
         "PrefixChange", (r"^model\.(?:(?!language_model\.))(.+)",), (r"model\.language_model\.\1",), ()
     )
-    assert prefix_rule(adding) is None and not replayable(adding)
+    assert not replayable(adding)  # no compiled pattern recorded: nothing to replay it with
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ def test_a_prefixed_checkpoint_is_renamed_and_consolidates_back(checkpoints, tmp
 
     _, prefixed = checkpoints
     manifest = reshard.convert(prefixed, tmp_path / "art", tp=2, progress=False)
-    assert manifest.options.key_renames[0] == (r"^model\.language_model\.", "model.")
+    renamed = manifest.options.renamed or {}
+    assert renamed and all(key == PREFIX + name.removeprefix("model.") for name, key in renamed.items())
     assert not any(t.name.startswith(PREFIX) for t in manifest.tensors)
     reference = AutoModelForCausalLM.from_pretrained(prefixed, dtype=torch.float32).state_dict()
     ranks = [load_file(tmp_path / "art" / manifest.rank_file(rank).path) for rank in range(2)]
@@ -77,7 +80,7 @@ def test_a_prefixed_checkpoint_is_renamed_and_consolidates_back(checkpoints, tmp
 def test_a_text_only_checkpoint_records_no_prefix(checkpoints, tmp_path: Path):
     plain, _ = checkpoints
     manifest = reshard.convert(plain, tmp_path / "art", tp=2, progress=False)
-    assert manifest.options.key_renames == ()
+    assert manifest.options.key_renames == () and manifest.options.renamed is None
     consolidate(tmp_path / "art", tmp_path / "back", progress=False)
     assert sorted(tensors_of(tmp_path / "back")) == sorted(tensors_of(plain))
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "qwen3_5_text"

@@ -209,20 +209,20 @@ def test_loads_during_overwrites_are_never_mixed(tmp_path: Path) -> None:
 def test_a_folder_replaced_between_the_header_check_and_the_mapping_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rank file's header is read by path, then the file is mapped by path: an overwrite landing in between
-    must not give this manifest's names and shapes over another conversion's bytes."""
+    """An overwrite of the whole folder landing between the rank file's header check and its mapping: the mapping
+    is of the checked file (one descriptor), and the folder's identity tells the manifest may be stale."""
     import reshard.loaders.rank_file as rank_file
 
     for name, seed in (("a", 0), ("b", 1)):
         reshard.convert(make_checkpoint("llama", tmp_path / f"src-{name}", seed=seed), tmp_path / name, tp=1)
     art, other = tmp_path / "a", tmp_path / "b"
-    map_file = rank_file.map_file
+    map_open = rank_file.map_open
 
-    def overwritten_first(path: Path) -> Any:  # what reshard --overwrite does: retire the folder, promote another
+    def overwritten_first(fd: int) -> Any:  # what reshard --overwrite does: retire the folder, promote another
         os.replace(art, tmp_path / "retired")
         os.replace(other, art)
-        return map_file(path)
+        return map_open(fd)
 
-    monkeypatch.setattr(rank_file, "map_file", overwritten_first)
+    monkeypatch.setattr(rank_file, "map_open", overwritten_first)
     with pytest.raises(ManifestError, match=rf"^{art}: replaced while loading"):
         load_state_dict(art)

@@ -103,7 +103,7 @@ def test_non_utf8_and_any_unsealed_edit(artifact: Path, tmp_path: Path, capsys: 
     (copy / "manifest.json").write_bytes(raw.replace(b'"llama"', b'"ll\xffma"', 1))
     code, err = run_cli(["inspect", str(copy)], capsys)
     assert code == 6 and "not UTF-8" in err and "Traceback" not in err
-    (copy / "manifest.json").write_bytes(raw.replace(b'"llama"', b'"llamb"', 1))
+    (copy / "manifest.json").write_bytes(raw.replace(b'"LlamaForCausalLM"', b'"LlamaForCausalLN"', 1))
     with pytest.raises(ManifestError, match="content does not match its digest"):
         read_manifest(copy)
     (copy / "manifest.json").write_bytes(raw.replace(b"\n", b"\n  "))  # formatting is not content

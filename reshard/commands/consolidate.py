@@ -115,8 +115,8 @@ def _checkpoint_tensors(
         styles[interleaved.source] = styles.get(joined)
     table = interleave.reverse(table, options.interleaved)
     table = row_blocks.reverse(table, options.concatenated, options.chunked)
-    named = {name: renames.checkpoint_key(name, options.key_renames) for name in table}
-    table = renames.reverse(table, options.key_renames)
+    named = {name: options.source_key(name) for name in table}
+    table = renames.reverse(table, options)
     styles = {named.get(name, name): style for name, style in styles.items()}
     outputs = {}
     for name, tensor in table.items():

@@ -29,7 +29,7 @@ from reshard.manifests.progress import progress_bar
 from reshard.manifests.rank_header import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
 from reshard.request import ConversionRequest
-from reshard.source.checkpoint import SourceHashes
+from reshard.source.source_hashes import SourceHashes
 from reshard.workers import WorkerGroup, from_torchrun, run_workers, solo, worker_command
 from reshard.write.rank_files import WrittenFile, rank_bytes, write_rank_files
 from reshard.write.reader import ChunkReader, OpenFiles

@@ -6,13 +6,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
-
 from reshard.manifests import Manifest, read_manifest, resolve_in
 from reshard.manifests.errors import ReshardError
-from reshard.manifests.hashing import hash_file, mapped_windows
+from reshard.manifests.hashing import hash_file, hash_regions
 from reshard.manifests.rank_header import rank_header_problems
-from reshard.manifests.safetensors import SafetensorsHeader, read_header
+from reshard.manifests.safetensors import SafetensorsHeader, read_header_at
 
 
 def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
@@ -29,9 +27,10 @@ def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None
             continue
         if entry.rank is None:
             size, digest = hash_file(path, on_bytes)
-        else:  # one pass: the file's hash and every tensor slice's hash come from the same read
-            header = _header_or_problem(path, problems)
-            size, digest, tensor_hashes = _hash_rank_file(path, header, on_bytes)
+        else:  # one descriptor, one pass: the header, the file's hash and every slice's hash are of one file
+            with open(path, "rb", buffering=0) as handle:
+                header = _header_or_problem(handle.fileno(), path, problems)
+                size, digest, tensor_hashes = _hash_rank_file(handle.fileno(), header, on_bytes)
         if size != entry.size:
             problems.append(f"{entry.path}: {size} bytes, manifest records {entry.size}")
         elif digest != entry.xxh3:
@@ -41,10 +40,10 @@ def verify_artifact(root: str | os.PathLike[str], on_bytes: Callable[[int], None
     return problems
 
 
-def _header_or_problem(path: Path, problems: list[str]) -> SafetensorsHeader | None:
+def _header_or_problem(fd: int, path: Path, problems: list[str]) -> SafetensorsHeader | None:
     """The rank file's header, or ``None`` with the reason added to ``problems`` (its hash is still checked)."""
     try:
-        header = read_header(path)
+        header = read_header_at(fd, path)
     except ReshardError as exc:
         problems.append(str(exc))
         return None
@@ -58,24 +57,12 @@ def _header_or_problem(path: Path, problems: list[str]) -> SafetensorsHeader | N
 
 
 def _hash_rank_file(
-    path: Path, header: SafetensorsHeader | None, on_bytes: Callable[[int], None]
+    fd: int, header: SafetensorsHeader | None, on_bytes: Callable[[int], None]
 ) -> tuple[int, str, dict[str, str]]:
     """Size and xxh3-128 of the file and of each tensor's bytes, from one pass over a mapping dropped window by
     window (memory stays bounded however large the rank file)."""
-    file_hash = xxhash.xxh3_128()
-    tensors = sorted(header.tensors.values(), key=lambda t: t.offset) if header else []
-    hashes = {t.name: xxhash.xxh3_128() for t in tensors}
-    size = 0
-    for start, part in mapped_windows(path):
-        stop = start + len(part)
-        file_hash.update(part)
-        for tensor in tensors:  # each tensor gets its bytes in order, window after window
-            lo, hi = max(start, tensor.offset), min(stop, tensor.offset + tensor.nbytes)
-            if lo < hi:
-                hashes[tensor.name].update(part[lo - start : hi - start])
-        size = stop
-        on_bytes(len(part))
-    return size, file_hash.hexdigest(), {name: h.hexdigest() for name, h in hashes.items()}
+    regions = [(t.name, t.offset, t.nbytes) for t in header.tensors.values()] if header else []
+    return hash_regions(fd, regions, on_bytes)
 
 
 def total_bytes(manifest: Manifest) -> int:

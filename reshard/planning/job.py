@@ -15,20 +15,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import reshard
-from reshard.manifests import FileEntry, SourceInfo, resolve_in
+from reshard.manifests import FileEntry, SourceInfo, keymap, resolve_in
 from reshard.manifests.chunks import StoredTensor
 from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests.pipeline import Pipeline
-from reshard.manifests.plans import plan_for_config
+from reshard.manifests.plans import BuiltinPlan, plan_for_config
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
+from reshard.planning.meta_names import names_for
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel, style_of
 from reshard.request import STORED_DTYPES, ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
-from reshard.source.checkpoint import INDEX_NAME, read_model_config
+from reshard.source.checkpoint import artifact_config, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
 from reshard.transforms import Table, experts, interleave, kv_heads, renames, row_blocks
 
@@ -121,15 +122,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config)
-    converters = builtin.key_converters if builtin else ()
-    rename_rules = (renames.prefix_changes(converters, stored) + builtin.key_renames) if builtin else ()
-    rename_rules += renames.index_offsets(converters, stored)
-    table = renames.forward(stored, rename_rules, builtin.parameters if builtin else ())
-    table, concatenated, chunked = row_blocks.forward(table, converters)
-    blocks = interleave.blocks_for(lambda name: style_of(name, {**plan, **ep_plan}), tp)
-    interleaved = interleave.records(table, converters, blocks)
-    table = interleave.forward(table, interleaved)
-    table, fused = experts.forward(table, builtin.key_converters if builtin else ())
+    table, transforms = converted(stored, builtin, {**plan, **ep_plan}, tp, model, config)
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
@@ -138,11 +131,12 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     checked = [rule for rule in rules if rule not in own] if request.custom_plan else []
     styles = assign_styles(list(table), {**plan, **ep_plan}, tied_embeddings=tied, checked=checked)
     pipeline = pipeline_split(config, table, request.pp or 1, tied, model, request.ep)
-    index = checkpoint.root / INDEX_NAME
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     dtypes = stored_dtypes(table, config, request.dtype)
     if dtypes:
         new_config = with_dtype(new_config or config, request.dtype)
+    model_dtype = request.dtype if dtypes else checkpoint.weights_dtype
+    new_config = artifact_config(new_config or config, model_dtype) or new_config
     return ConversionJob(
         tp=tp,
         ep=request.ep,
@@ -152,9 +146,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         plan_overrides=rules if request.custom_plan else None,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=Transforms(
-            rename_rules, fused or None, replication, concatenated or None, chunked or None, interleaved or None
-        ),
+        transforms=replace(transforms, replicate_kv=replication),
         extra_files=checkpoint.extra_files,
         source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),
         identity={
@@ -162,10 +154,40 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
             "repo": [checkpoint.repo_id, checkpoint.commit],
         },
         weight_files=checkpoint.weight_files,
-        hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *([index] if index.exists() else [])]),
+        hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *filter(None, [checkpoint.index])]),
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
         pipeline=pipeline,
     )
+
+
+def converted(
+    stored: Table,
+    builtin: BuiltinPlan | None,
+    plan: dict[str, str],
+    tp: int,
+    origin: str,
+    config: dict[str, Any] | None = None,
+) -> tuple[Table, Transforms]:
+    """The checkpoint's tensors as the model's, by the conversions transformers' loader applies to their keys
+    (renamings, then converters), and the records of what was done; refused when the replay does not give the
+    tensors transformers fills."""
+    converters = builtin.key_converters if builtin else ()
+    names = names_for(stored, builtin, config) if builtin else {}
+    table, renamed = renames.forward(stored, names)
+    table, concatenated, chunked = row_blocks.forward(table, converters)
+    blocks = interleave.blocks_for(lambda name: style_of(name, plan), tp)
+    interleaved = interleave.records(table, converters, blocks)
+    table = interleave.forward(table, interleaved)
+    table, fused = experts.forward(table, converters)
+    keymap.require_same(table, names, origin)
+    records = Transforms(
+        fused=fused or None,
+        concatenated=concatenated or None,
+        chunked=chunked or None,
+        interleaved=interleaved or None,
+        renamed=renamed or None,
+    )
+    return table, records
 
 
 def pipeline_split(

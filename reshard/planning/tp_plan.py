@@ -9,30 +9,14 @@ transformers by ``scripts/generate_plans.py`` so that the offline stage needs no
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from reshard.manifests.errors import PlanError
 from reshard.manifests.layout import STYLES
+from reshard.manifests.names import generic_name, style_of
 from reshard.manifests.plans import builtin_plan, expert_rule_matcher, plan_for_config
-
-_LAYER_NUMBER = re.compile(r"\.\d+(\.|$)")
-
-
-def generic_name(name: str) -> str:
-    """``model.layers.3.mlp.up_proj.weight`` → ``model.layers.*.mlp.up_proj.weight`` (transformers' rule)."""
-    return _LAYER_NUMBER.sub(lambda m: ".*" + m.group(1), name)
-
-
-def style_of(tensor_name: str, plan: dict[str, str]) -> str | None:
-    """The style a plan gives a tensor: a rule on the parameter itself, else on its module (transformers' lookup)."""
-    generic = generic_name(tensor_name)
-    if generic in plan:
-        return plan[generic]
-    module = generic.rpartition(".")[0]
-    return plan.get(module) if module else None
 
 
 def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, str]:
@@ -110,3 +94,6 @@ def split_expert_parallel(config: dict[str, Any], tp_plan: dict[str, str]) -> tu
         raise PlanError(f"{model_type} has no expert-parallel plan in transformers; drop --ep")
     is_expert = expert_rule_matcher(ep_plan)
     return {rule: style for rule, style in tp_plan.items() if not is_expert(rule)}, ep_plan
+
+
+__all__ = ["assign_styles", "generic_name", "load_plan", "merged_plan", "split_expert_parallel", "style_of"]

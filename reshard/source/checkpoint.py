@@ -17,16 +17,16 @@ import json
 import os
 import re
 import stat
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reshard.manifests.chunks import StoredTensor, contiguous
-from reshard.manifests.errors import SourceError
-from reshard.manifests.hashing import hash_file
+from reshard.manifests.errors import SourceError, shown
 from reshard.manifests.preflight import validate_config
-from reshard.manifests.safetensors import HeaderEntry, read_header
+from reshard.manifests.safetensors import HeaderEntry, read_header, weights_dtype
+from reshard.source.dtypes import check_config_dtypes, index_dtype, needs_weights_dtype, with_weights_dtype
+from reshard.source.oddities import bin_refusal, same_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -100,6 +100,9 @@ class Checkpoint:
     revision: str | None = None
     commit: str | None = None
     skipped: list[str] = field(default_factory=list)  # "NAME: REASON" of each file not carried along
+    index: Path | None = None  # the index read, if the weights are sharded
+    # the dtype transformers derives from the weights for dtype="auto" where config.json names none
+    weights_dtype: str | None = None
 
 
 def resolve_source(model: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
@@ -133,43 +136,87 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None, str
 
 
 def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
-    """Resolve MODEL and index every tensor from the safetensors headers, validating them against the index."""
+    """Resolve MODEL and index every tensor from the safetensors headers, reading the files transformers reads.
+
+    As ``from_pretrained`` does: config.json's ``transformers_weights`` first, else ``model.safetensors`` (even
+    beside an index), else the index; every tensor of every file it names, in file-name order. A tensor stored in
+    two files is refused unless both hold the same bytes (transformers would silently take the later file's).
+    """
     root, repo_id, commit = resolve_source(model, revision)
     config = _read_config(root)
-    index_path = root / INDEX_NAME
-    if _regular_file(index_path, "the index"):
-        weight_map = _read_index(index_path)
+    index_path, files = _weights(root, config, model)
+    weight_map, metadata = _read_index(index_path) if index_path is not None else (None, {})
+    if weight_map is not None:
         files = sorted({root / f for f in weight_map.values()})
-    elif _regular_file(root / SINGLE_NAME, "a weights file"):
-        weight_map = None
-        files = [root / SINGLE_NAME]
-    else:
-        raise SourceError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are supported)")
 
     tensors: dict[str, SourceTensor] = {}
+    headers = {}
     for file in files:
         if not _regular_file(file, "a weights file"):
             missing = sorted(n for n, f in (weight_map or {}).items() if root / f == file)
             raise SourceError(
-                f"{file}: missing, but {INDEX_NAME} maps {len(missing)} tensors to it, e.g. {missing[0]!r}"
+                f"{file}: missing, but {index_path} maps {len(missing)} tensors to it, e.g. {missing[0]!r}"
             )
-        header = read_header(file)
+        headers[file] = header = read_header(file)
         for name, entry in header.tensors.items():
-            if weight_map is not None and weight_map.get(name) is not None and root / weight_map[name] != file:
-                continue  # the index assigns this name to another file
-            if name in tensors:
-                raise SourceError(f"{file}: tensor {name!r} also appears in {tensors[name].file}")
-            tensors[name] = SourceTensor(name, file, entry)
-    if weight_map is not None:
-        for name, file_name in weight_map.items():
-            if name not in tensors:
+            tensor = SourceTensor(name, file, entry)
+            if name in tensors and not same_tensor(tensors[name], tensor):
                 raise SourceError(
-                    f"{root / file_name}: {INDEX_NAME} names tensor {name!r} but the file does not hold it"
+                    f"{file}: tensor {name!r} is also in {tensors[name].file.name} with other bytes "
+                    "(transformers would silently take the later file's); remove the stale copy"
                 )
+            tensors[name] = tensor  # the later file's, as transformers' loader keeps it
+    for name, file_name in (weight_map or {}).items():
+        if name not in tensors:
+            raise SourceError(f"{root / file_name}: the index names tensor {name!r} but no weights file holds it")
 
-    extra, skipped = extra_files(root, set(files) | {index_path})
+    used = set(files) | ({index_path} if index_path is not None else set())
+    extra, skipped = extra_files(root, used)
+    if not needs_weights_dtype(config):
+        derived = None
+    elif index_path is not None and (stated := index_dtype(metadata, str(index_path))) is not None:
+        derived = stated
+    else:
+        derived = weights_dtype({n: e.dtype for n, e in headers[files[0]].tensors.items()}) if files else None
     tensors = dict(sorted(tensors.items()))
-    return Checkpoint(root, config, tensors, files, extra, repo_id, revision, commit, skipped)
+    return Checkpoint(root, config, tensors, files, extra, repo_id, revision, commit, skipped, index_path, derived)
+
+
+def artifact_config(config: dict[str, Any], dtype: str | None) -> dict[str, Any] | None:
+    """config.json as the artifact carries it, or ``None`` when the source's is carried unchanged: ``dtype`` recorded
+    where the source's names none (the runtime reads the artifact alone), ``transformers_weights`` dropped (the
+    weights are the rank files now, and ``save_pretrained`` drops it too)."""
+    new = with_weights_dtype(config, dtype) or dict(config)
+    new.pop("transformers_weights", None)
+    return new if new != config else None
+
+
+def _weights(root: Path, config: dict[str, Any], model: str) -> tuple[Path | None, list[Path]]:
+    """(the index, or ``None``; the single weights file, or none) as ``_get_resolved_checkpoint_files`` picks them
+    for a folder: ``transformers_weights``, else ``model.safetensors``, else the index; pickles are refused."""
+    explicit = config.get("transformers_weights")
+    if explicit is not None:
+        origin = root / "config.json"
+        if not isinstance(explicit, str) or not explicit.endswith((".safetensors", ".safetensors.index.json")):
+            if explicit == "adapter_model.bin":
+                raise SourceError(bin_refusal(root, model, config, ["adapter_model.bin"]))
+            raise SourceError(
+                f"{origin}: transformers_weights must name a .safetensors file or index, got {shown(explicit)}"
+            )
+        path = root / explicit
+        if Path(explicit).is_absolute() or ".." in Path(explicit).parts or not _inside(path, allowed_roots(root)):
+            raise SourceError(f"{origin}: transformers_weights {explicit!r} leads outside the checkpoint folder")
+        if not _regular_file(path, "the file config.json's transformers_weights names"):
+            raise SourceError(f"{path}: missing, but config.json's transformers_weights names it")
+        return (path, []) if explicit.endswith(".json") else (None, [path])
+    if _regular_file(root / SINGLE_NAME, "a weights file"):
+        return None, [root / SINGLE_NAME]  # transformers reads it even when an index is there too
+    if _regular_file(root / INDEX_NAME, "the index"):
+        return root / INDEX_NAME, []
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickles or not Path(model).expanduser().exists():  # a Hub download fetches no pickles
+        raise SourceError(bin_refusal(root, model, config, pickles))
+    raise SourceError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are supported)")
 
 
 def extra_files(root: Path, weights: set[Path]) -> tuple[list[Path], list[str]]:
@@ -261,10 +308,12 @@ def _read_config(root: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise SourceError(f"{path}: not a JSON object (a {type(config).__name__})")
     validate_config(config, str(path))
+    check_config_dtypes(config, str(path))
     return config
 
 
-def _read_index(path: Path) -> dict[str, str]:
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The index's weight map and its metadata (where transformers may read the model dtype)."""
     try:
         index = json.loads(path.read_bytes())
         weight_map = index["weight_map"]
@@ -279,7 +328,10 @@ def _read_index(path: Path) -> dict[str, str]:
     for name, file_name in weight_map.items():
         if "/" in file_name or "\\" in file_name or file_name in ("", ".", ".."):
             raise SourceError(f"{path}: tensor {name!r} maps to {file_name!r}, outside the checkpoint folder")
-    return weight_map
+    metadata = index.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise SourceError(f"{path}: metadata must be an object, got {shown(metadata)}")
+    return weight_map, metadata or {}
 
 
 def not_found_anywhere(model: str) -> str:
@@ -311,40 +363,3 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
     except HfHubHTTPError as exc:
         raise SourceError(f"{model}: cannot fetch config.json ({exc})") from exc
     return _read_config(Path(config_path).parent)
-
-
-class SourceHashes:
-    """xxh3-128 of whole source files, computed on a background thread while the rank files are written.
-
-    The thread reads each file once, in order, from a read-only mapping (no copy out of the page cache), so on
-    a cold cache it also reads the checkpoint ahead of the writers. ``digest`` waits for a file's hash, or
-    hashes the file itself if the thread was never started (a worker that only writes some of the ranks).
-    """
-
-    def __init__(self, files: list[Path]) -> None:
-        self._files = list(files)
-        self._digests: dict[Path, tuple[int, str]] = {}
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="reshard-source-hashes", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for path in self._files:
-                self._digests[path] = hash_file(path)
-        except BaseException as exc:  # raised again by digest(), in the caller's thread
-            self._error = exc
-
-    def digest(self, path: Path) -> tuple[int, str]:
-        """Size and xxh3-128 of ``path``."""
-        if self._thread is not None:
-            self._thread.join()
-            if self._error is not None:
-                raise self._error
-        if path not in self._digests:
-            self._digests[path] = hash_file(path)
-        return self._digests[path]

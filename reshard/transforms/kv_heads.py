@@ -15,14 +15,12 @@ import math
 from typing import Any
 
 from reshard.manifests.chunks import remapped
+from reshard.manifests.claims import KV_PROJECTIONS, is_kv_tensor
 from reshard.manifests.errors import ShardabilityError
 from reshard.manifests.preflight import text_config
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import KvReplication
-from reshard.planning.tp_plan import generic_name
 from reshard.transforms import Table
-
-KV_PROJECTIONS = ("k_proj", "v_proj")
 
 
 def needed(config: dict[str, Any], tp: int) -> KvReplication | None:
@@ -36,12 +34,6 @@ def needed(config: dict[str, Any], tp: int) -> KvReplication | None:
     if not isinstance(head_dim, int) or head_dim < 1:
         raise ShardabilityError("config.json: --replicate-kv needs head_dim (or hidden_size and num_attention_heads)")
     return KvReplication(kv, tp, head_dim)
-
-
-def is_kv_tensor(name: str, plan: dict[str, str]) -> bool:
-    """A k_proj/v_proj weight or bias that the plan shards colwise (its rows are whole heads)."""
-    module = generic_name(name).rpartition(".")[0]
-    return module.rpartition(".")[2] in KV_PROJECTIONS and plan.get(module) in ("colwise", "colwise_rep")
 
 
 def forward(table: Table, record: KvReplication, plan: dict[str, str]) -> Table:
@@ -78,3 +70,6 @@ def with_kv_heads(config: dict[str, Any], kv_heads: int) -> dict[str, Any]:
 def config_json(config: dict[str, Any]) -> bytes:
     """A config as transformers' ``save_pretrained`` writes it (2-space indent, sorted keys, newline)."""
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+__all__ = ["KV_PROJECTIONS", "config_json", "forward", "is_kv_tensor", "needed", "reverse", "with_kv_heads"]

@@ -1,98 +1,44 @@
-"""Key renames: transformers renames some checkpoint keys at load (gpt_neox's ``embed_out.`` → ``lm_head.``), so
-rank files hold the names of the model's parameters; consolidation gives the checkpoint's names back.
+"""Key renames: transformers renames checkpoint keys at load (gemma3's ``language_model.model.`` →
+``model.language_model.``, gpt_neox's ``embed_out.`` → ``lm_head.``, the base model's prefix added to a checkpoint
+saved from the base model), so rank files hold the names of the model's parameters; consolidation gives the
+checkpoint's names back.
 
-A ``PrefixChange`` that removes a prefix (qwen3_5_text's ``model.language_model.`` → ``model.``: a text model read
-from its multimodal checkpoint) is one more rename (``prefix_changes``), recorded only where the checkpoint's keys
-carry the prefix: a text-only checkpoint has none, and transformers then neither renames at load nor adds the
-prefix back at save.
+``keymap`` decides each key's name as transformers' loader does; this module applies it to the table and records
+every name that changed (``Transforms.renamed``: name → checkpoint key), which is all the reverse half needs.
+Manifests written before that record carry ``key_renames`` rules instead; the reverse half undoes those too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Iterable
 
-from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.transforms import RenameRules as Rules
-from reshard.manifests.transforms import checkpoint_key, model_key
-from reshard.planning.tp_plan import generic_name
+from reshard.manifests.errors import SourceError
+from reshard.manifests.keymap import KeyName
+from reshard.manifests.transforms import Transforms
 from reshard.transforms import Table
 
 
-def forward(table: Table, rules: Rules, parameters: tuple[str, ...] = ()) -> Table:
-    """Checkpoint names → model names. A key the model already has keeps its name when a rename would turn it into
-    a name the model does not have (transformers' loader does the same: gpt-style ``\\.norm\\.`` rules meant for
-    inner norms leave ``model.norm`` alone); ``parameters`` are the model's names, layer numbers as ``*``."""
-    known = set(parameters)
-
-    def rename(name: str) -> str:
-        renamed = model_key(name, rules)
-        if known and generic_name(renamed) not in known and generic_name(name) in known:
-            return name
-        return renamed
-
-    return _renamed(table, rename)
-
-
-def reverse(table: Table, rules: Rules) -> Table:
-    """Model names → checkpoint names."""
-    return _renamed(table, lambda name: checkpoint_key(name, rules))
+def forward(table: Table, names: dict[str, KeyName]) -> tuple[Table, dict[str, str]]:
+    """Checkpoint names → the names before any converter (``KeyName.renamed``; a key without one keeps its name),
+    and the record of what changed. Two keys that would load as one tensor are refused: transformers would keep one
+    of them without a word."""
+    out: Table = {}
+    renamed: dict[str, str] = {}
+    for key, tensor in table.items():
+        new = names[key].renamed if key in names else key
+        if new in out:
+            other = renamed.get(new, new)
+            raise SourceError(f"checkpoint keys {other!r} and {key!r} both load as {new!r}; keep one of them")
+        out[new] = dataclasses.replace(tensor, name=new)
+        if new != key:
+            renamed[new] = key
+    return out, renamed
 
 
-def _renamed(table: Table, rename: object) -> Table:
-    assert callable(rename)
+def reverse(table: Table, options: Transforms) -> Table:
+    """Names before any converter → checkpoint names."""
     out: Table = {}
     for name, tensor in table.items():
-        new = rename(name)
-        out[new] = dataclasses.replace(tensor, name=new)
+        key = options.source_key(name)
+        out[key] = dataclasses.replace(tensor, name=key)
     return out
-
-
-def prefix_changes(converters: tuple[ConverterRecord, ...], keys: Iterable[str]) -> Rules:
-    """The rules of the prefix-removing ``PrefixChange`` converters that some checkpoint key matches."""
-    keys = list(keys)
-    rules = [rule for c in converters if (rule := prefix_rule(c)) and any(re.match(rule[0], key) for key in keys)]
-    return tuple(rules)
-
-
-def prefix_rule(converter: ConverterRecord) -> tuple[str, str] | None:
-    """A ``PrefixChange(prefix_to_remove=...)`` as a literal rename rule (source ``^model\\.language_model\\.(.+)``,
-    target ``model.\\1`` → ``(^model\\.language_model\\., model.)``), or None for any other converter."""
-    if converter.kind != "PrefixChange" or len(converter.sources) != 1 or len(converter.targets) != 1:
-        return None
-    source = re.fullmatch(r"(\^(?:\w|\\\.)+)\(\.\+\)", converter.sources[0])
-    target = re.fullmatch(r"((?:\w|\.)*)\\1", converter.targets[0])
-    return (source.group(1), target.group(1)) if source and target else None
-
-
-def index_offsets(converters: tuple[ConverterRecord, ...], keys: Iterable[str]) -> Rules:
-    """An index-shifting rename (inkling2's ``attn_res.attn_queries.0`` → ``layers.1.attention_input.query``,
-    ``Inkling2IndexOffsetWeightRename``) as one literal rule per index the checkpoint's keys hold, longest index
-    first (so that ``queries.1`` never renames the start of ``queries.10``); literal rules are undone as any other."""
-    keys = list(keys)
-    rules: list[tuple[str, str]] = []
-    for converter in converters:
-        if (rule := offset_rule(converter)) is None:
-            continue
-        pattern, target, offset = rule
-        indices = {int(match.group(1)) for key in keys if (match := re.search(pattern, key))}
-        for index in sorted(indices, key=lambda i: (-len(str(i)), i)):
-            literal = pattern.replace(r"(\d+)", str(index))
-            rules.append((literal, target.replace("\\1", str(index + offset))))
-    return tuple(rules)
-
-
-def offset_rule(converter: ConverterRecord) -> tuple[str, str, int] | None:
-    """An ``Inkling2IndexOffsetWeightRename`` as (literal pattern with one ``(\\d+)``, target with ``\\1``, offset), or
-    None for any other converter (or one whose patterns are not literal around the index)."""
-    if converter.kind != "Inkling2IndexOffsetWeightRename" or len(converter.sources) != 1:
-        return None
-    offsets = [args.get("offset") for name, args in converter.operations if name == "IndexOffset"]
-    source, target = converter.sources[0], converter.targets[0] if len(converter.targets) == 1 else ""
-    literal = re.compile(r"(?:\w|\\\.|\.)+")
-    if len(offsets) != 1 or not isinstance(offsets[0], int) or source.count(r"(\d+)") != 1 or target.count("\\1") != 1:
-        return None
-    if not all(literal.fullmatch(part) or not part for part in [*source.split(r"(\d+)"), *target.split("\\1")]):
-        return None
-    return source, target, offsets[0]

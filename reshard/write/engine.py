@@ -12,6 +12,7 @@ styles: it executes the ``TensorLayout`` values it is given, asking a ``ChunkRea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -70,6 +71,8 @@ class Streamer:
         for sink in self.sinks.values():
             sink.begin_tensor()
         g = Geometry.of(layout)
+        if not layout.shape:  # a 0-dim tensor: its one element is one row, held whole by every rank
+            layout = dataclasses.replace(layout, ranges=tuple(((0, 1),) for _ in layout.ranges))
         if reader.tensor.dtype != layout.dtype:  # reshard --dtype: every run read and converted, never a view
             reader = CastReader(reader.files, reader.tensor, g, layout.dtype, lambda n: self._buffer("cast", n))
         block = g.length * g.row

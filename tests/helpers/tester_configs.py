@@ -125,6 +125,27 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "head_dim": 16,
         "rel_extent": 64,
     },
+    # the Hub class itself holds the vision and audio towers: sized down here (2 layers / blocks, hidden 32)
+    "phi4_multimodal": {
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 28,
+            "crop_size": 28,
+            "patch_size": 14,
+        },
+        "audio_config": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_blocks": 2,
+            "num_attention_heads": 4,
+            "ext_pw_out_channel": 32,
+            "depthwise_separable_out_channel": 32,
+            "nemo_conv_channels": 32,
+        },
+    },
     "bailing_hybrid": {
         "layer_types": ["linear_attention", "full_attention"],
         "mlp_layer_types": ["dense", "sparse"],
@@ -149,9 +170,88 @@ _TESTER_VISION = {
     "temporal_patch_size": 2,
     "num_position_embeddings": 16,
 }
+# gemma3's SigLIP tower and got_ocr2's SAM-like one, sized down the same way (2 layers, hidden 32, 4 heads).
+_SIGLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+_GEMMA4_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "position_embedding_size": 64,
+}
+_LLAMA4_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vision_output_dim": 32,
+    "image_size": 28,
+    "patch_size": 14,
+    "projector_input_dim": 32,
+    "projector_output_dim": 32,
+}
+_MOSS_AUDIO = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_source_positions": 16,
+}
+_GOT_OCR2_VISION = {
+    "hidden_size": 32,
+    "output_channels": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 16,
+    "window_size": 2,
+    "global_attn_indexes": [1],
+    "mlp_dim": 37,
+}
+# type -> (its text type, the composite config's other fields: sub-configs sized down, a few top-level values)
 MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen3_5": ("qwen3_5_text", _TESTER_VISION),
-    "qwen3_5_moe": ("qwen3_5_moe_text", _TESTER_VISION),
+    "qwen3_5": ("qwen3_5_text", {"vision_config": _TESTER_VISION}),
+    "qwen3_5_moe": ("qwen3_5_moe_text", {"vision_config": _TESTER_VISION}),
+    "gemma3": ("gemma3_text", {"vision_config": _SIGLIP, "mm_tokens_per_image": 4}),
+    "got_ocr2": ("qwen2", {"vision_config": _GOT_OCR2_VISION}),
+    "gemma4": ("gemma4_text", {"vision_config": _GEMMA4_VISION}),
+    "llama4": ("llama4_text", {"vision_config": _LLAMA4_VISION}),
+    "moss_transcribe_diarize": ("qwen3", {"audio_config": _MOSS_AUDIO}),
+    # the VQ-VAE image tokenizer sized down as transformers' Emu3 tester sizes it; image tokens 90-97 of the vocabulary
+    "emu3": (
+        "emu3",
+        {
+            "vq_config": {
+                "codebook_size": 8,
+                "embed_dim": 4,
+                "latent_channels": 4,
+                "base_channels": 32,
+                "channel_multiplier": [1, 1],
+                "num_res_blocks": 1,
+                "attn_resolutions": [],
+                "hidden_size": 8,
+                "num_attention_heads": 1,
+            },
+            "vocabulary_map": {
+                **{f"<|visual token {i:06d}|>": 90 + i for i in range(8)},
+                "<image>": 98,
+                "<|extra_200|>": 97,
+            },
+        },
+    ),
+    "gemma4_unified": (
+        "gemma4_unified_text",
+        {"vision_config": {"mm_embed_dim": 32, "mm_posemb_size": 16, "output_proj_dims": 32}},
+    ),
 }
 
 # Model types whose attention has no sdpa path in transformers: compared with eager attention.
@@ -162,29 +262,22 @@ EAGER_ATTENTION = {
     "inkling2_text",
     "gemma2",
     "gpt_oss",
+    "got_ocr2",
     "granite_swa",
     "granitemoe_swa",
     "mimo_v2_flash",
     "vaultgemma",
 }
 
-_MULTIMODAL = "multimodal: its vision/audio tower is not sized by the text tester defaults (not built here)"
+_MULTIMODAL = (
+    "multimodal: its vision (a MoE encoder with a per-layer config) and audio towers and its text model's per-layer "
+    "config are not sized here; its key conversions are checked by tests/test_conversion_names.py"
+)
 # Supported types this matrix does not build, and why.
 SKIPPED: dict[str, str] = {
-    **{
-        t: _MULTIMODAL
-        for t in (
-            "dots3_note",
-            "emu3",
-            "gemma3",
-            "gemma4",
-            "gemma4_unified",
-            "got_ocr2",
-            "llama4",
-            "moss_transcribe_diarize",
-            "phi4_multimodal",
-        )
-    },
+    **{t: _MULTIMODAL for t in ("dots3_note",)},
+    "emu3": "its VQ-VAE stores 0-dim tensors (BatchNorm num_batches_tracked), which the conversion cannot write yet "
+    "(a traceback: 'wrote N bytes, expected N+32'); built here as in MULTIMODAL once it can",
     "dots3_note_text": "heterogeneous per-layer config (per_layer_config): the tester defaults do not size it",
     "mimo_v2_flash": "tiny config fails on CPU: attention sinks sized from the default head count (size mismatch)",
 }
@@ -208,7 +301,8 @@ def supported_types() -> list[str]:
             continue
         if any(style not in STYLES for style in plan["styles"]):
             continue
-        if not all(replayable(ConverterRecord.from_json(c)) for c in plan.get("key_converters", [])):
+        conversions = [*plan.get("renamings", []), *plan.get("key_converters", [])]
+        if not all(replayable(ConverterRecord.from_json(c)) for c in conversions):
             continue
         types.append(plan["model_type"])
     return types
@@ -220,9 +314,16 @@ def tiny_config(model_type: str) -> Any:
     from transformers import AutoConfig
 
     if model_type in MULTIMODAL:
-        text_type, vision = MULTIMODAL[model_type]
-        config = AutoConfig.for_model(model_type, text_config=tiny_config(text_type).to_dict(), vision_config=vision)
-        _no_dropout(config.vision_config)
+        text_type, fields = MULTIMODAL[model_type]
+        if text_type == model_type:  # a text config of its own type only (emu3's): the tester defaults it has
+            text_default = AutoConfig.for_model(model_type).text_config
+            text = {key: value for key, value in TESTER_DEFAULTS.items() if hasattr(text_default, key)}
+        else:
+            text = tiny_config(text_type).to_dict()
+        config = AutoConfig.for_model(model_type, text_config=text, **fields)
+        for key in fields:
+            if key.endswith("_config"):
+                _no_dropout(getattr(config, key))
         return config
     default = AutoConfig.for_model(model_type)
     fields = {key: value for key, value in TESTER_DEFAULTS.items() if hasattr(default, key)}
@@ -255,9 +356,10 @@ def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, **overrides
     for key, value in overrides.items():
         if hasattr(text, key):
             setattr(text, key, value)
-    if model_type in MULTIMODAL:  # image features are merged into the text model's embeddings: the same width
-        config.vision_config.out_hidden_size = text.hidden_size
-    auto = AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
+    if hasattr(config, "vision_config") and hasattr(config.vision_config, "out_hidden_size"):
+        config.vision_config.out_hidden_size = text.hidden_size  # image features join the text embeddings
+    image_text = model_type in MULTIMODAL and type(config) in AutoModelForImageTextToText._model_mapping
+    auto = AutoModelForImageTextToText if image_text else AutoModelForCausalLM  # moss: audio, its own causal LM
     model = auto.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     total = 0
@@ -285,4 +387,18 @@ _BOTH["hrm_text"] = (
     "(gate_proj 19 rows, up_proj 18 on rank 0 at tp 2); reshard's TP model is close to the unsharded one (logits "
     "at 5e-3, the same 25 greedy tokens)"
 )
-KNOWN_FAILURES: dict[str, dict[str, str]] = {"tp2": _BOTH, "tp4": {**_BOTH, "laguna": _THEIRS_FORWARD}}
+# Parameters, placements, logits and the 25 greedy tokens equal; the first step's scores differ by one ulp
+# (3e-7): the lm_head gemv on the last position depends on where the weight lies in memory. One side's local shard is
+# not 64-byte aligned (transformers' at 24, 56 or 40 mod 64 for gemma3 tp 2, phi4_multimodal tp 2, gemma4_unified
+# tp 4; reshard's mapped slice at 40 mod 64 for moss_transcribe_diarize tp 4); the same shards copied to aligned
+# addresses give equal scores bit for bit.
+_ALIGNMENT = "first generate step's scores differ by one ulp: the lm_head gemv depends on the weight's alignment"
+_BOTH |= {"gemma4": _THEIRS_FORWARD, "llama4": _THEIRS_BACKWARD}
+KNOWN_FAILURES: dict[str, dict[str, str]] = {
+    "tp2": {**_BOTH, **dict.fromkeys(("gemma3", "phi4_multimodal"), _ALIGNMENT)},
+    "tp4": {
+        **_BOTH,
+        "laguna": _THEIRS_FORWARD,
+        **dict.fromkeys(("got_ocr2", "moss_transcribe_diarize", "gemma4_unified", "phi4_multimodal"), _ALIGNMENT),
+    },
+}
