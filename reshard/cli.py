@@ -135,7 +135,7 @@ def cli() -> None:
     "--push-to",
     default=None,
     metavar="DEST",
-    help="Publish the artifact when done: a folder, s3://, gs://, az://bucket/prefix or hf://org/name (see `reshard publish`).",
+    help="Publish the artifact when done: a folder, a bucket (s3://, gs://, az://...) or hf://org/name (see publish).",
 )
 @click.option(
     "--no-fsync",
