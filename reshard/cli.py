@@ -313,12 +313,11 @@ def consolidate(artifact: str, output: str, max_shard_size: str, overwrite: bool
 def publish(artifact: str, destination: str, token: str | None, quiet: bool) -> None:
     """Upload ARTIFACT to DESTINATION so that each rank can fetch only its own file.
 
-    DESTINATION is a folder, hf://ORG/NAME[@REVISION] (one commit with a model card) or a bucket
-    prefix in any file system fsspec knows: s3://BUCKET/PREFIX (pip install 'reshard[s3]'),
-    gs:// ('reshard[gcs]'), az://CONTAINER/PREFIX ('reshard[azure]'), ... Endpoint and credentials
-    come from the backend's usual settings (AWS_ENDPOINT_URL for MinIO, GOOGLE_APPLICATION_CREDENTIALS,
-    AZURE_STORAGE_CONNECTION_STRING). A trailing / puts the artifact under its folder name. The
-    manifest goes last, and a rerun skips files already there with the same hash.
+    DESTINATION is a folder, hf://ORG/NAME[@REVISION] (one commit with a model card) or any fsspec
+    URL: s3://BUCKET/PREFIX ('reshard[s3]'), gs:// ('reshard[gcs]'), az://CONTAINER/PREFIX
+    ('reshard[azure]'), ...; endpoint and credentials come from the backend's usual settings. A
+    trailing / puts the artifact under its folder name. The manifest goes last, and a rerun skips
+    files already there with the same hash.
 
     \b
       reshard publish ./SmolLM2-1.7B-tp8 hf://my-org/SmolLM2-1.7B-tp8
