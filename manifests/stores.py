@@ -82,6 +82,8 @@ def store_errors(uri: str, action: str) -> Iterator[None]:
         raise StorageError(f"{uri}: no such object") from exc
     except Exception as exc:  # s3fs maps most onto OSError; gcsfs, adlfs and aiohttp raise their own
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, NotImplementedError):  # e.g. writing through http://, which fsspec only reads
+            reason = f"this file system does not support it{': ' + reason if str(exc) else ''}"
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         if isinstance(exc, PermissionError):
             reason = f"access denied or no credentials: {reason}"

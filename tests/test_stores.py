@@ -221,6 +221,12 @@ def test_an_unknown_scheme_is_refused_by_fetch_too(tmp_path: Path) -> None:
         fetch_artifact("nosuch://b/x", 0, cache_dir=tmp_path, progress=False)
 
 
+def test_a_read_only_file_system_is_one_line(artifact: Path) -> None:
+    """http:// is an fsspec file system that only reads: publishing to it fails on the first file, in one line."""
+    with pytest.raises(StorageError, match=r"^http://127\.0\.0\.1:9/x/\S+: cannot write \(this file system does not"):
+        publish(artifact, "http://127.0.0.1:9/x", progress=False)
+
+
 def test_no_credentials_is_one_line(
     artifact: Path, s3_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
