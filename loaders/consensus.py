@@ -93,21 +93,19 @@ def _all_gather_bytes(payload: bytes, group: dist.ProcessGroup, device: torch.de
 
 
 def _combined(failed: list[Failure], size: int) -> ReshardError:
-    """One error naming every failed rank, of the first failure's class when it is one of reshard's; ranks that
-    failed with the same message share one line (a world that is the wrong size fails alike on every rank)."""
-    ranks: dict[str, list[int]] = {}
+    """One error naming every failed rank, of the first failure's class when it is one of reshard's: one line per
+    distinct failure, naming the ranks that share it (one line when every rank failed alike)."""
+    ranks: dict[tuple[str, str], list[int]] = {}
     for rank, kind, message in failed:
-        ranks.setdefault(_text(kind, message), []).append(rank)
-    lines = [f"{_ranks(group, size)}: {text}" for text, group in ranks.items()]
+        ranks.setdefault((kind, message), []).append(rank)
+    lines = [f"{_ranks(held, size)}: {_text(kind, message)}" for (kind, message), held in ranks.items()]
     return (_reshard_class(failed[0][1]) or ReshardError)("\n".join(lines))
 
 
-def _ranks(group: list[int], size: int) -> str:
-    if len(group) == 1:
-        return f"rank {group[0]} of {size}"
-    if len(group) == size:
-        return f"all {size} ranks"
-    return f"ranks {', '.join(map(str, group))} of {size}"
+def _ranks(ranks: list[int], size: int) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]} of {size}"
+    return f"all {size} ranks" if len(ranks) == size else f"ranks {', '.join(map(str, ranks))} of {size}"
 
 
 def _text(kind: str, message: str) -> str:

@@ -22,13 +22,12 @@ from torch.distributed.tensor import DTensor
 
 from reshard.loaders.consensus import agreed
 from reshard.loaders.state_dict import CASTABLE, DeviceArg, DtypeArg, LoadedArtifact, cast_tensor, open_artifact
+from reshard.loaders.versions import check_release
 from reshard.manifests.errors import ManifestError
-from reshard.manifests.plans import expert_rule_matcher
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.core_model_loading import WeightTransform
-    from transformers.distributed import DistributedConfig
     from transformers.utils.loading_report import LoadStateDictInfo
 
     from reshard.manifests import Manifest
@@ -137,8 +136,11 @@ def _build_model(
     dtype_plan = model._get_dtype_plan(dtype)
     model._weight_conversions = []  # type: ignore[assignment]  # the rank files hold the model's own names (for now)
 
+    # another transformers release may place a parameter or convert a key otherwise: refused, never another model
+    check_release(model, manifest, root, tp=tp_mesh is not None, ep=ep_mesh is not None)
     if distributed_config is not None:
-        _record_plans(model, artifact, distributed_config)
+        if manifest.plan_overrides is not None:  # a custom plan: merged into the model's own by transformers
+            distributed_config.tp_plan = dict(manifest.plan_overrides)
         model.config.distributed_config = distributed_config
         model._device_mesh = artifact.mesh
         model._is_distributed_loading_by_transformers = True
@@ -294,29 +296,6 @@ def _checkpoint_conversions(model: PreTrainedModel, manifest: Manifest) -> list[
     for key in sorted(keys, key=dot_natural_key):
         rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
     return [conversion for conversion in mapping if conversion.was_used()]
-
-
-def _record_plans(model: PreTrainedModel, artifact: LoadedArtifact, distributed_config: DistributedConfig) -> None:
-    """Keep the model's own plans where the manifest's are transformers' resolution of them; else record the
-    manifest's as the ``DistributedConfig`` override it is.
-
-    An expert-parallel manifest's ``plan`` lacks the TP rules on the experts (EP rules take precedence, as in
-    ``_resolve_parallel_plans``), so it is compared with the model's TP plan without them.
-    """
-    manifest = artifact.manifest
-    own_tp_plan = dict(model.tp_plan)
-    if artifact.ep_mesh is not None:
-        if dict(manifest.ep_plan) != dict(model.ep_plan):
-            distributed_config.ep_plan = dict(manifest.ep_plan)
-            model._ep_plan = dict(manifest.ep_plan)
-        is_expert = expert_rule_matcher(manifest.ep_plan)
-        own_tp_plan = {name: style for name, style in own_tp_plan.items() if not is_expert(name)}
-    if manifest.plan_overrides is not None:  # a custom plan: what the user gave, merged as transformers merges it
-        distributed_config.tp_plan = dict(manifest.plan_overrides)
-        model._tp_plan = dict(manifest.plan)
-    elif dict(manifest.plan) != own_tp_plan:  # a plan other than the model's own (an artifact of another version)
-        distributed_config.tp_plan = dict(manifest.plan)
-        model._tp_plan = dict(manifest.plan)
 
 
 def _assign(model: PreTrainedModel, artifact: LoadedArtifact, dtype_plan: dict[str, torch.dtype]) -> LoadStateDictInfo:

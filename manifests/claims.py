@@ -18,7 +18,7 @@ from reshard.manifests.errors import ReshardError, shown
 from reshard.manifests.keymap import model_names
 from reshard.manifests.manifest import Manifest, TensorEntry
 from reshard.manifests.names import generic_name, style_of
-from reshard.manifests.plans import BuiltinPlan, ConverterRecord, builtin_plan, builtin_plan_names, expert_rule_matcher
+from reshard.manifests.plans import UNRECORDED_VERSION, BuiltinPlan, ConverterRecord, expert_rule_matcher, plan_sets
 from reshard.manifests.transforms import KvReplication, checkpoint_key
 
 Problem = tuple[str, str]
@@ -58,15 +58,16 @@ def offset_rule(converter: ConverterRecord) -> tuple[str, str, int] | None:
 
 def claims_problem(manifest: Manifest) -> Problem | None:
     """The first record of ``manifest`` that is not what it claims, or None."""
-    builtin = _builtin(manifest.model_type)
+    builtin = _builtin(manifest.model_type, manifest.transformers_version or UNRECORDED_VERSION)
     for check in (_style_problem, _plan_problem, _rename_problem, _row_block_problem, _kv_problem):
         if problem := check(manifest, builtin):
             return problem
     return None
 
 
-def _builtin(model_type: str | None) -> BuiltinPlan | None:
-    return builtin_plan(model_type) if model_type in builtin_plan_names() else None
+def _builtin(model_type: str | None, version: str) -> BuiltinPlan | None:
+    """The model type's built-in plan under the release the artifact followed (``None``: that release has none)."""
+    return plan_sets().plan(model_type, version) if model_type is not None else None
 
 
 def _plan_problem(manifest: Manifest, builtin: BuiltinPlan | None) -> Problem | None:

@@ -10,7 +10,7 @@ compiled patterns, on names alone; ``parameters`` are the model's state-dict nam
 
 Example (gemma3's Hub keys: the language model's renamed, the vision tower's prefix dropped in its scope):
     >>> from reshard.manifests.plans import builtin_plan
-    >>> plan = builtin_plan("gemma3")
+    >>> plan = builtin_plan("gemma3", "5.23")
     >>> names = model_names(["language_model.model.norm.weight",
     ...                      "vision_tower.vision_model.post_layernorm.weight"], plan)
     >>> [name.final for name in names.values()]

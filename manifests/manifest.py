@@ -146,7 +146,10 @@ class Manifest:
     ``ep_plan`` holds transformers' expert-parallel rules, which take precedence over ``plan`` for the experts.
     ``plan_overrides`` are the rules of a custom plan as the user gave them (``None``: the model's own plan);
     ``plan`` is them merged into the model's own, as ``DistributedConfig(tp_plan=...)`` merges them.
-    ``artifact`` identifies the conversion; every rank file's ``__metadata__["reshard.artifact"]`` repeats it, so
+    ``transformers_version`` is the transformers release whose built-in plan and load-time key conversions the
+    artifact follows (``None`` in manifests written before the field, which all followed 5.23's); the runtime
+    refuses the artifact under a release that would build another model from it. ``artifact`` identifies the
+    conversion; every rank file's ``__metadata__["reshard.artifact"]`` repeats it, so
     a rank file from another conversion is refused at load. The JSON also carries ``manifest_xxh3``, the digest of
     everything else in it (``manifest_digest``), so any edit is refused on read.
     """
@@ -166,6 +169,7 @@ class Manifest:
     artifact: str = ""
     plan_overrides: dict[str, str] | None = None
     pipeline: Pipeline | None = None
+    transformers_version: str | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -217,6 +221,7 @@ class Manifest:
             "format_version": self.format_version,
             "artifact": self.artifact,
             "tool_version": self.tool_version,
+            **({"transformers_version": self.transformers_version} if self.transformers_version is not None else {}),
             "model_type": self.model_type,
             "architecture": self.architecture,
             "mesh": self.mesh,

@@ -219,13 +219,13 @@ def config_pipeline(
     return pipeline, pipeline_split_problems(pipeline, names)
 
 
-def pipeline_verdict(config: dict[str, Any], pp: int) -> Verdict:
+def pipeline_verdict(config: dict[str, Any], pp: int, version: str) -> Verdict:
     """Whether transformers' split into ``pp`` pipeline stages works for this model, and the layers each stage
     holds (``Verdict.tp`` is ``pp`` here); never raises."""
     from reshard.manifests.pipeline import describe_split
     from reshard.manifests.plans import plan_for_config
 
-    builtin = plan_for_config(config)
+    builtin = plan_for_config(config, version)
     pipeline, problems = config_pipeline(config, pp, list(builtin.parameters) if builtin else [])
     verdict = Verdict(pp, problems)
     if pipeline is not None and verdict.ok and pp > 1:

@@ -121,7 +121,26 @@ def typed_manifest(f: Fields, data: dict[str, Any]) -> Manifest:
         plan_overrides=f.opt(data.get("plan_overrides"), "plan_overrides", f.str_map),
         artifact=f.string(f.req(data, "artifact", ""), "artifact", _ARTIFACT_ID),
         pipeline=_pipeline(f, pipeline, mesh_sizes.get("pp", 1)) if pipeline is not None else None,
+        transformers_version=f.opt(
+            data.get("transformers_version"), "transformers_version", lambda v, p: _transformers_version(f, v, p)
+        ),
     )
+
+
+def _transformers_version(f: Fields, value: Any, path: str) -> str:
+    """A release number whose built-in plans this reshard has: an artifact following another release's plans may be
+    another model, and nothing here could tell."""
+    from reshard.manifests.plans import VERSION_PATTERN, plan_sets
+
+    version = f.string(value, path, VERSION_PATTERN)
+    known = plan_sets().versions
+    if not plan_sets().known(version):
+        f.fail(
+            path,
+            f"transformers {version}: this reshard has the built-in plans of transformers {', '.join(known)} only; "
+            "use a reshard that knows it",
+        )
+    return version
 
 
 def _pipeline(f: Fields, value: Any, stages: int) -> Pipeline:

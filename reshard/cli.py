@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from reshard.commands.default_group import DefaultToConvert
 from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
@@ -32,46 +33,20 @@ CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safet
 
 The plan is `auto` (the plan transformers applies for the architecture) or rules of module
 pattern -> style, as a JSON file or inline, e.g. {"model.layers.*.self_attn.q_proj": "colwise"}:
-merged into the model's own plan as DistributedConfig(tp_plan=...) merges them. The artifact is
+merged into the model's own plan as DistributedConfig(tp_plan=...) merges them. Plans and key conversions
+are the installed transformers release's (see --transformers), recorded in the manifest. The artifact is
 written into a hidden folder and renamed into place when complete; manifest.json records every
 tensor's placement, slices and xxh3-128 hashes. Rerunning a killed conversion reuses the rank
 files it had finished.
 """
+TRANSFORMERS_HELP = """The transformers release whose built-in plans and load-time key conversions to follow
+[default: the installed one; without transformers, the newest one reshard has plans for]."""
 
 
-class _DefaultToConvert(click.Group):
-    """A group where a first positional argument that is not a subcommand means ``convert``.
-
-    So ``reshard --tp 8 MODEL`` works exactly as written, options before the model, next to the subcommands.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        first = _first_positional(args, self.commands["convert"])
-        wants_group_help = not args or args[0] in ("-h", "--help", "--version")
-        if (first is None and not wants_group_help) or (first is not None and first not in self.commands):
-            args = ["convert", *args]
-        return super().parse_args(ctx, args)
+_TRANSFORMERS = click.option("--transformers", "transformers_version", metavar="VERSION", help=TRANSFORMERS_HELP)
 
 
-def _first_positional(args: list[str], command: click.Command) -> str | None:
-    takes_value = {
-        opt for param in command.params if isinstance(param, click.Option) and not param.is_flag for opt in param.opts
-    }
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg == "--":
-            return None
-        if arg.startswith("-"):
-            skip = arg in takes_value
-            continue
-        return arg
-    return None
-
-
-@click.group(cls=_DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="reshard")
 def cli() -> None:
     """Pre-shard Hugging Face checkpoints for tensor parallelism.
@@ -153,6 +128,7 @@ def cli() -> None:
     "so that loading stays zero-copy. `auto` keeps each tensor's dtype (the runtime builds the model in config.json's "
     "dtype, as transformers does, casting what is stored otherwise).",
 )
+@_TRANSFORMERS
 @click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
@@ -171,6 +147,7 @@ def convert(
     push_to: str | None,
     no_fsync: bool,
     dtype: str,
+    transformers_version: str | None,
     worker_slot: str | None,
 ) -> None:
     from pathlib import Path
@@ -194,6 +171,7 @@ def convert(
         durable=not no_fsync,
         dtype=dtype,
         pp=pp,
+        transformers=transformers_version,
     )
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
@@ -260,9 +238,8 @@ def inspect(artifact: str, as_json: bool) -> None:
 @click.option("--revision", default=None, help="Hub revision when MODEL is a repo id.")
 @click.option("--replicate-kv", is_flag=True, help="Judge tp as `reshard --replicate-kv` would (KV heads duplicated).")
 @click.option("--pp", "pps", type=click.IntRange(min=1), multiple=True, help="Pipeline stage counts to check.")
-def check(
-    model: str, tps: tuple[int, ...], plan: str, revision: str | None, replicate_kv: bool, pps: tuple[int, ...]
-) -> None:
+@_TRANSFORMERS
+def check(model: str, tps: tuple[int, ...], pps: tuple[int, ...], **options: Any) -> None:
     """Say whether MODEL can be split at each tp (and into each number of pipeline stages), from config.json alone
     (no weights are read).
 
@@ -276,7 +253,7 @@ def check(
     from reshard.commands.check import check_report
 
     sizes = tps or (() if pps else tuple(range(1, 17)))
-    lines, failed = check_report(model, sizes, pps, plan, revision, replicate_kv)
+    lines, failed = check_report(model, sizes, pps, **options)  # plan, revision, replicate_kv, transformers_version
     click.echo("\n".join(lines))
     if failed and (tps or pps):
         sys.exit(ShardabilityError.exit_code)

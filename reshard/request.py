@@ -35,6 +35,7 @@ class ConversionRequest:
     durable: bool = True
     dtype: str = "auto"
     pp: int | None = None  # pipeline stages; ``None``: 1 for a checkpoint, an artifact's own when re-sharding
+    transformers: str | None = None  # the release whose plans it follows; ``None``: the installed one
     custom_plan: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,4 +59,5 @@ class ConversionRequest:
         argv += [] if self.durable else ["--no-fsync"]
         argv += [] if self.dtype == "auto" else ["--dtype", self.dtype]
         argv += [] if self.pp is None else ["--pp", str(self.pp)]
+        argv += [] if self.transformers is None else ["--transformers", self.transformers]
         return ["convert", *argv, "--worker", f"{index}/{size}", "--quiet"]

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Run the runtime parity subset against several transformers releases, each in its own virtualenv.
+# Run the runtime parity subset, and the model-type matrix for the types whose built-in plan a release changes or
+# adds, against several transformers releases, each in its own virtualenv.
 #
-#   scripts/compat.sh                  # the default versions below
+#   scripts/compat.sh                  # the default versions below (pyproject.toml's range)
 #   scripts/compat.sh 5.23.0 5.24.0    # or the ones given
 #   make compat [COMPAT_VERSIONS="5.23.0 5.24.0"]
 #
 # For each version X: a venv in $COMPAT_DIR/X (default /tmp/reshard-compat/X) with torch==2.13.0 (the CPU wheel),
 # transformers==X and accelerate, then this checkout editable with its `test` extra (a constraints file pins torch
 # and transformers==X; a version outside pyproject.toml's range gets the test extra minus transformers). Then:
-# - the runtime parity tests (real torchrun processes, reshard's load_model against transformers' own TP load);
-# - `scripts/generate_plans.py --out` into a scratch folder, compared with the committed manifests/plans (generated
-#   from 5.23) except for their `transformers_version` field: which model types' plans differ, are new or absent
-#   (informational: a difference does not fail the run).
+# - the runtime parity tests (real torchrun processes, reshard's load_model against transformers' own TP load, and
+#   tests/test_versions.py: artifacts made for another release of the range, refused or loaded at parity);
+# - the model-type matrix (tests/test_matrix.py, RESHARD_MATRIX_TYPES) for the supported types whose built-in plan
+#   under X differs from the pinned release's (constraints.txt; `make test-all` runs the full matrix under it);
+# - `scripts/generate_plans.py --check`: are manifests/plans/<X's minor> what X generates (a release outside the
+#   range has no folder: the line says what it would change; informational there).
 # A venv already installed for X from this checkout and this pyproject.toml is reused (COMPAT_FRESH=1 rebuilds it).
 # Prints a table; exits 1 when a version inside pyproject.toml's range fails to install or fails a test.
 set -uo pipefail
@@ -19,9 +22,12 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
 COMPAT_DIR=${COMPAT_DIR:-/tmp/reshard-compat}
-TESTS=(tests/test_runtime_tp.py tests/test_runtime_moe.py tests/test_runtime.py tests/test_replicate_kv.py)
-# The supported releases (pyproject.toml's range) and the newest release below it (5.22 lacks `_resolve_parallel_plans`).
-DEFAULT_VERSIONS="5.22.2 5.23.0 5.24.0"
+TESTS=(tests/test_runtime_tp.py tests/test_runtime_moe.py tests/test_runtime.py tests/test_replicate_kv.py
+    tests/test_versions.py)
+# The supported releases (pyproject.toml's range). Releases outside it can be given (`scripts/compat.sh 5.22.2`):
+# reshard has no plans for them, so load_model refuses every artifact there.
+DEFAULT_VERSIONS="5.23.0 5.24.0"
+PINNED=$(sed -n 's/^transformers==//p' constraints.txt)
 if [ $# -gt 0 ]; then VERSIONS="$*"; else VERSIONS=${COMPAT_VERSIONS:-$DEFAULT_VERSIONS}; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -42,23 +48,16 @@ else:
 PY
 }
 
-# compare a generated plans folder with the committed one, ignoring each plan's transformers_version
-compare_plans() {
-    "$1" - "$2" manifests/plans <<'PY'
-import json, sys
-from pathlib import Path
-new, old = (Path(a) for a in sys.argv[1:])
-def load(path):
-    document = json.loads(path.read_text())
-    document.pop("transformers_version", None)
-    return document
-names_new, names_old = ({p.name[:-5] for p in d.glob("*.json")} - {"INDEX"} for d in (new, old))
-differ = sorted(n for n in names_new & names_old if load(new / f"{n}.json") != load(old / f"{n}.json"))
-added, gone = sorted(names_new - names_old), sorted(names_old - names_new)
-parts = [f"{len(differ)} differ" + (f" ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})" if differ else "")]
-parts += [f"{len(added)} new ({', '.join(added)})"] if added else []
-parts += [f"{len(gone)} absent ({', '.join(gone)})"] if gone else []
-print("same as committed" if not (differ or added or gone) else "; ".join(parts))
+# the supported model types (the matrix builds them) whose built-in plan under the venv's release differs from the
+# pinned release's, comma-separated
+matrix_types() {
+    "$1" - "$PINNED" <<'PY'
+import sys
+sys.path.insert(0, ".")
+from reshard.manifests.plans import plan_sets, plans_version
+from tests.helpers.tester_configs import SKIPPED, supported_types
+sets, here = plan_sets(), plans_version()
+print(",".join(t for t in supported_types() if t not in SKIPPED and sets.plan(t, here) != sets.plan(t, sys.argv[1])))
 PY
 }
 
@@ -107,27 +106,37 @@ PY
     installed_at=$(date +%s)
     got=$("$venv/bin/python" -c "import transformers; print(transformers.__version__)" 2>/dev/null || echo "?")
     if [ "$installed" != ok ] || [ "$got" != "$version" ]; then
-        rows+=("| $version | $in_range | install failed (got $got) | - | $((installed_at - started)) s | - |")
+        rows+=("| $version | $in_range | install failed (got $got) | - | - | $((installed_at - started)) s | - |")
         [ "$in_range" = yes ] && status=1
         continue
     fi
     "$venv/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}" >>"$log" 2>&1
     pytest_rc=$?
-    tested_at=$(date +%s)
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
     [ -n "$summary" ] || summary="pytest exit $pytest_rc"
     [ "$pytest_rc" -ne 0 ] && [ "$in_range" = yes ] && status=1
-    rm -rf "$venv.plans"
-    if "$venv/bin/python" scripts/generate_plans.py --out "$venv.plans" >>"$log" 2>&1; then
-        plans=$(compare_plans "$venv/bin/python" "$venv.plans" 2>>"$log" || echo "comparison failed")
-    else
-        plans="generate_plans.py failed"
+    matrix="-"
+    types=$(matrix_types "$venv/bin/python" 2>>"$log")
+    if [ -n "$types" ]; then
+        echo "matrix: $types" >>"$log"
+        RESHARD_MATRIX=1 RESHARD_MATRIX_TYPES=$types "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+            tests/test_matrix.py >>"$log" 2>&1
+        matrix_rc=$?
+        matrix=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|xfailed)' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
+        matrix="${types//,/, }: ${matrix:-pytest exit $matrix_rc}"
+        [ "$matrix_rc" -ne 0 ] && [ "$in_range" = yes ] && status=1
     fi
-    rows+=("| $version | $in_range | $summary | $plans | $((installed_at - started)) s | $((tested_at - installed_at)) s |")
+    tested_at=$(date +%s)
+    "$venv/bin/python" scripts/generate_plans.py --check >"$venv.plans.txt" 2>&1
+    plans_rc=$?
+    cat "$venv.plans.txt" >>"$log"
+    plans=$(grep -E '^transformers ' "$venv.plans.txt" || echo "generate_plans.py failed")
+    [ "$plans_rc" -ne 0 ] && plans="$plans; stale or absent: manifests/plans/${version%.*}" && [ "$in_range" = yes ] && status=1
+    rows+=("| $version | $in_range | $summary | $matrix | $plans | $((installed_at - started)) s | $((tested_at - installed_at)) s |")
 done
 echo
-echo "transformers compat, $(date +%Y-%m-%d), runtime parity subset: ${TESTS[*]}"
-echo "| transformers | in pyproject range | parity tests | built-in plans vs committed (5.23) | install | tests |"
-echo "|---|---|---|---|---:|---:|"
+echo "transformers compat, $(date +%Y-%m-%d), runtime parity subset: ${TESTS[*]}; matrix: types whose plan differs from $PINNED's"
+echo "| transformers | in pyproject range | parity tests | matrix | built-in plans | install | tests |"
+echo "|---|---|---|---|---|---:|---:|"
 printf '%s\n' "${rows[@]}"
 exit $status

@@ -1,14 +1,19 @@
-"""Generate the built-in tensor/expert-parallel plans in ``manifests/plans`` from the installed transformers.
+"""Generate the built-in tensor/expert-parallel plans of the installed transformers in ``manifests/plans/<minor>``.
 
 For every model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` the causal-LM class is built on the meta device from
 its default config, and the resolved plans are read from ``model._tp_plan`` / ``model._ep_plan``: this is what
 ``PreTrainedModel.post_init -> init_parallel_plans`` computes and what ``from_pretrained`` shards with when the
 plan is ``"auto"`` (only a dict given in ``DistributedConfig`` overrides it).
 
+The oldest release's folder holds every model type and ``INDEX.json``; a newer release's folder holds only the types
+whose record differs from the release below it (ignoring ``transformers_version``) or is new, and ``CHANGES.json``
+saying which changed, are new, or lost their plan (``manifests/plans.py`` resolves a type through the folders).
+Adding a release is one run under it; after a change to what is extracted, run it under each release, oldest first.
+
 Usage::
 
-    python scripts/generate_plans.py            # (re)write manifests/plans/*.json
-    python scripts/generate_plans.py --check    # exit 1 if the files on disk are stale
+    python scripts/generate_plans.py            # (re)write manifests/plans/<installed minor>/
+    python scripts/generate_plans.py --check    # exit 1 if that folder is stale
 """
 
 from __future__ import annotations
@@ -22,10 +27,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from reshard.manifests.plans import BuiltinPlan, ConverterRecord
+from reshard.manifests.plans import CHANGES_NAME, INDEX_NAME, BuiltinPlan, ConverterRecord, PlanSets, minor_version
 
 PLANS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "plans"
-INDEX_NAME = "INDEX.json"
 
 
 def build_plan(model_type: str) -> BuiltinPlan:
@@ -96,7 +100,8 @@ def dumps(document: dict[str, Any]) -> str:
 
 
 def generate() -> tuple[dict[str, str], dict[str, str]]:
-    """Return ``({file name: content}, {skipped model type: reason})`` for every causal-LM model type."""
+    """Return ``({file name: content}, {skipped model type: reason})`` for every causal-LM model type (every file,
+    as the oldest release's folder holds them; ``differences`` keeps a newer release's own)."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -125,6 +130,45 @@ def generate() -> tuple[dict[str, str], dict[str, str]]:
     return files, skipped
 
 
+def differences(files: dict[str, str], version: str, plans: PlanSets) -> dict[str, str]:
+    """The files of ``version``'s folder: all of ``files`` when no older release has a folder, else the records that
+    differ from (or are absent in) the plans the older releases resolve to, and ``CHANGES.json``."""
+    minor = minor_version(version)
+    assert minor is not None, version
+    below = [v for v in plans.versions if tuple(map(int, v.split("."))) < tuple(map(int, minor.split(".")))]
+    if not below:
+        return files
+    base = below[-1]
+    records = {name[: -len(".json")]: json.loads(text) for name, text in files.items() if name != INDEX_NAME}
+    changes: dict[str, Any] = {"base": base, "transformers_version": version, "changed": [], "new": [], "removed": []}
+    kept: dict[str, str] = {}
+    for model_type, document in sorted(records.items()):
+        previous = plans.plan(model_type, base)
+        if previous is None:
+            changes["new"].append(model_type)
+        elif _without_version(previous.to_json()) != _without_version(document):
+            changes["changed"].append(model_type)
+        else:
+            continue
+        kept[f"{model_type}.json"] = files[f"{model_type}.json"]
+    changes["removed"] = sorted(set(plans.names(base)) - set(records))
+    kept[CHANGES_NAME] = dumps(changes)
+    return kept
+
+
+def _without_version(document: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in document.items() if key != "transformers_version"}
+
+
+def summary(files: dict[str, str]) -> str:
+    """One line: what the folder's release changes (or that it is the base, with every type)."""
+    if CHANGES_NAME not in files:
+        return f"{len(files) - 1} model types (the oldest release: every type)"
+    changes = json.loads(files[CHANGES_NAME])
+    parts = [f"{len(changes[key])} {key}" for key in ("changed", "new", "removed")]
+    return f"{', '.join(parts)} vs transformers {changes['base']}"
+
+
 def diff(files: dict[str, str], out_dir: Path) -> list[str]:
     """List the files that are missing, different or stale in ``out_dir``."""
     problems = []
@@ -151,24 +195,30 @@ def write(files: dict[str, str], out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
+    import transformers
+
+    version = transformers.__version__
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PLANS_DIR, help="output directory (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: manifests/plans/<minor>)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ, write nothing")
     args = parser.parse_args(argv)
+    out = args.out or PLANS_DIR / str(minor_version(version))
 
     files, skipped = generate()
     print(f"{len(files) - 1} plans generated, {len(skipped)} model types skipped:")
     for model_type, reason in sorted(skipped.items()):
         print(f"  {model_type}: {reason}")
+    files = differences(files, version, PlanSets(PLANS_DIR))
+    print(f"transformers {version}: {summary(files)}")
 
     if args.check:
-        problems = diff(files, args.out)
+        problems = diff(files, out)
         for problem in problems:
             print(problem, file=sys.stderr)
         print("plans are stale" if problems else "plans are up to date", file=sys.stderr if problems else sys.stdout)
         return 1 if problems else 0
-    write(files, args.out)
-    print(f"wrote {len(files)} files to {args.out}")
+    write(files, out)
+    print(f"wrote {len(files)} files to {out}")
     return 0
 
 

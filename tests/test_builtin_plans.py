@@ -1,4 +1,5 @@
-"""The built-in plans in manifests/plans match what the installed transformers resolves for the dense families."""
+"""The built-in plans of the installed transformers (manifests/plans/<minor>, resolved through the older releases'
+folders) match what it resolves for the dense families."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 PLANS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "plans"
+VERSION = transformers.__version__
 DENSE_FAMILIES = [
     "llama",
     "mistral",
@@ -41,7 +43,9 @@ def _build_on_meta(model_type: str) -> Any:
 @pytest.mark.parametrize("model_type", DENSE_FAMILIES)
 def test_builtin_plan_matches_transformers(model_type: str) -> None:
     """The JSON plan equals the model's resolved ``_tp_plan`` / ``_ep_plan``."""
-    document = json.loads((PLANS_DIR / f"{model_type}.json").read_text(encoding="utf-8"))
+    from reshard.manifests.plans import builtin_plan
+
+    document = builtin_plan(model_type, VERSION).to_json()
     model = _build_on_meta(model_type)
 
     assert document["model_type"] == model_type
@@ -53,7 +57,7 @@ def test_builtin_plan_matches_transformers(model_type: str) -> None:
 
 def test_index_lists_dense_families() -> None:
     """INDEX.json has an entry, consistent with the per-model file, for every dense family."""
-    index = json.loads((PLANS_DIR / "INDEX.json").read_text(encoding="utf-8"))
+    index = json.loads((PLANS_DIR / "5.23" / "INDEX.json").read_text(encoding="utf-8"))
     for model_type in DENSE_FAMILIES:
-        document = json.loads((PLANS_DIR / f"{model_type}.json").read_text(encoding="utf-8"))
+        document = json.loads((PLANS_DIR / "5.23" / f"{model_type}.json").read_text(encoding="utf-8"))
         assert index[model_type] == {"architecture": document["architecture"], "styles": document["styles"]}

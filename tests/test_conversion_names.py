@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from reshard.manifests.chunks import StoredTensor, contiguous
-from reshard.manifests.plans import builtin_plan, builtin_plan_names
+from reshard.manifests.plans import builtin_plan, builtin_plan_names, plans_version
 from reshard.planning.job import converted
 from reshard.planning.meta_names import names_for
 from reshard.transforms.converters import replayable
@@ -89,9 +89,9 @@ def _table(tensors: dict[str, Any]) -> dict[str, StoredTensor]:
     return table
 
 
-@pytest.mark.parametrize("model_type", builtin_plan_names())
+@pytest.mark.parametrize("model_type", builtin_plan_names(plans_version()))
 def test_reshard_names_every_key_as_transformers_loader_does(model_type: str):
-    plan = builtin_plan(model_type)
+    plan = builtin_plan(model_type, plans_version())
     model = _meta_model(model_type)
     config = model.config.to_dict()
     for form, tensors in _key_lists(model).items():

@@ -85,7 +85,7 @@ def test_each_half_of_a_block_is_one_strided_chunk():
 
 
 def test_which_converters_are_replayed():
-    assert all(replayable(c) for c in builtin_plan("inkling2_text").key_converters)
+    assert all(replayable(c) for c in builtin_plan("inkling2_text", "5.23").key_converters)
     inverse = ConverterRecord("WeightConverter", ("a",), ("b",), (("Interleave", {"dim": 1, "inverse": True}),))
     assert not replayable(inverse)
 
@@ -154,7 +154,7 @@ def test_reshard_re_derives_the_blocks(artifacts, tmp_path: Path):
 def test_odd_blocks_are_refused():
     """transformers' own load fails when a rank's rows are odd (gate and up would mix): refused, naming the tensor."""
     tensor = StoredTensor("l.w13_weight", "F32", (2, 74, 4), contiguous("f", 0, 2 * 74 * 16))
-    converter = builtin_plan("inkling2_text").key_converters[0]
+    converter = builtin_plan("inkling2_text", "5.23").key_converters[0]
     blocks = interleave.blocks_for(lambda name: "colwise", 2)
     with pytest.raises(ShardabilityError, match=r"gate_up_proj: .*\[37, 37\] rows of dim 1"):
         interleave.records({"l.mlp.experts.w13_weight": tensor}, (converter,), blocks)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.errors import ManifestError, PlanError
 from reshard.manifests.keymap import model_names, require_same
-from reshard.manifests.plans import builtin_plan
+from reshard.manifests.plans import builtin_plan, plans_version
 from reshard.manifests.transforms import FusedTensor, Transforms
 
 TENSORS = {"model.a.weight": ("F32", (2, 2)), "model.b.weight": ("F32", (2, 2))}
@@ -64,7 +64,9 @@ def test_renamed_parts_of_a_fused_tensor_give_back_the_checkpoint_keys() -> None
 
 
 def test_a_base_model_key_gets_the_prefix_only_where_the_model_has_that_name() -> None:
-    names = model_names(["layers.0.mlp.up_proj.weight", "norm.weight", "rotary_emb.inv_freq"], builtin_plan("llama"))
+    names = model_names(
+        ["layers.0.mlp.up_proj.weight", "norm.weight", "rotary_emb.inv_freq"], builtin_plan("llama", plans_version())
+    )
     assert [n.final[0] for n in names.values()] == [
         "model.layers.0.mlp.up_proj.weight",
         "model.norm.weight",
@@ -74,7 +76,7 @@ def test_a_base_model_key_gets_the_prefix_only_where_the_model_has_that_name() -
 
 
 def test_a_replay_that_does_not_make_transformers_tensors_is_refused() -> None:
-    plan = builtin_plan("qwen3_moe")
+    plan = builtin_plan("qwen3_moe", plans_version())
     keys = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(2) for p in ("gate", "up", "down")]
     names = model_names(keys, plan)
     table = {key: StoredTensor(key, "F32", (2, 2), contiguous("x", 0, 16)) for key in keys}  # nothing fused

@@ -138,9 +138,10 @@ def test_custom_plan(checkpoints: dict[str, Path], tmp_path: Path):
     )
     manifest = reshard.convert(checkpoints["llama"], tmp_path / "art", tp=2, plan=str(plan), progress=False)
     # transformers merges a plan dict into the model's own (DistributedConfig(tp_plan=...)): other rules are kept
-    from reshard.manifests.plans import builtin_plan
+    from reshard.manifests.plans import builtin_plan, plans_version
 
-    assert manifest.plan == {**builtin_plan("llama").tp_plan, **json.loads(plan.read_text())}
+    assert manifest.transformers_version == plans_version()
+    assert manifest.plan == {**builtin_plan("llama", plans_version()).tp_plan, **json.loads(plan.read_text())}
     sharded = sorted({t.name.split(".")[-2] for t in manifest.tensors if t.placement.is_sharded})
     assert sharded == [
         "down_proj",

@@ -28,7 +28,7 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_prefix_change_is_a_replayed_renaming_and_one_without_its_pattern_is_not():
-    plan = builtin_plan("qwen3_5_text")
+    plan = builtin_plan("qwen3_5_text", "5.23")
     change = next(c for c in plan.renamings if c.kind == "PrefixChange")
     assert replayable(change) and change not in plan.key_converters
     names = model_names(["model.language_model.layers.0.mlp.up_proj.weight", "model.norm.weight"], plan)

@@ -25,6 +25,7 @@ from reshard.manifests import (
 from reshard.manifests.errors import OutputExistsError, ReshardError
 from reshard.manifests.hashing import hash_bytes, hash_file
 from reshard.manifests.layout import Geometry
+from reshard.manifests.plans import UNRECORDED_VERSION
 from reshard.manifests.progress import progress_bar
 from reshard.manifests.rank_header import ARTIFACT_KEY
 from reshard.planning.job import ConversionJob, architecture, build_job, source_files
@@ -71,6 +72,7 @@ def convert(
     durable: bool = True,
     dtype: str = "auto",
     pp: int | None = None,
+    transformers: str | None = None,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint, or re-shard a reshard artifact, into one safetensors file per tp rank.
 
@@ -94,6 +96,10 @@ def convert(
         dtype: ``"auto"`` (as the source stores them) or the floating dtype to store floating tensors in
             (``"bfloat16"``, ``"float16"``, ``"float32"``), cast as torch's ``.to`` casts: load with that dtype
             and the weights stay views of the mapped files.
+        transformers: the transformers release whose built-in plan and load-time conversions the artifact follows
+            (recorded in the manifest; ``load_model`` refuses the artifact under a release that would build another
+            model). Default: the installed one, or the newest release reshard has plans for when transformers is
+            not installed.
 
     Returns:
         The manifest written into ``out``.
@@ -118,6 +124,7 @@ def convert(
         durable=durable,
         dtype=dtype,
         pp=pp,
+        transformers=transformers,
     )
     return run(request, group or from_torchrun() or solo())
 
@@ -284,7 +291,7 @@ def _finish(
     manifest = Manifest(
         tool_version=reshard.__version__,
         model_type=job.config.get("model_type"),
-        architecture=architecture(job.config),
+        architecture=architecture(job.config, job.transformers_version or UNRECORDED_VERSION),
         mesh={"pp": job.pp, "tp": job.tp} if job.pipeline is not None else {"tp": job.tp},
         pipeline=job.pipeline,
         options=job.transforms,
@@ -297,6 +304,7 @@ def _finish(
         tensors=_tensor_entries(job, written),
         files=[FileEntry(w.path.name, w.size, w.xxh3, rank) for rank, w in enumerate(written)] + extras,
         artifact=job_id,  # the id every rank file's header repeats (write_part's metadata)
+        transformers_version=job.transformers_version,
     )
     manifest.validate(str(staging / MANIFEST_NAME))  # what every reader will check, before it is written
     write_durably(staging / MANIFEST_NAME, manifest.to_json().encode())

@@ -22,6 +22,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "mesh": manifest.mesh,
         "format_version": manifest.format_version,
         "tool_version": manifest.tool_version,
+        "transformers_version": manifest.transformers_version,
         "source": {
             "repo_id": manifest.source.repo_id,
             "revision": manifest.source.revision,
@@ -53,6 +54,7 @@ def render_text(manifest: Manifest) -> str:
         + (f" @ {summary['source']['revision']}" if summary["source"]["revision"] else ""),
         *(f"  skipped    {entry}" for entry in manifest.source.skipped),
         f"format       v{manifest.format_version}, written by reshard {manifest.tool_version}",
+        f"plans of     transformers {manifest.transformers_version or '5.23 (not recorded)'}",
         "plan",
         *(f"  {rule:<48} {style}" for rule, style in sorted(manifest.plan.items())),
         *([f"stages       {describe_split(manifest.pipeline)}"] if manifest.pipeline is not None else []),

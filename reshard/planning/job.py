@@ -21,7 +21,7 @@ from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
 from reshard.manifests.pipeline import Pipeline
-from reshard.manifests.plans import BuiltinPlan, plan_for_config
+from reshard.manifests.plans import UNRECORDED_VERSION, BuiltinPlan, plan_for_config, plans_version
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
@@ -60,6 +60,7 @@ class ConversionJob:
     config_bytes: bytes | None = None  # a config.json to write instead of copying the source's
     lineage: dict[str, Any] | None = None
     pipeline: Pipeline | None = None  # with pipeline stages: transformers' split of the layers
+    transformers_version: str | None = None  # the release whose built-in plan and conversions it follows
 
     @property
     def pp(self) -> int:
@@ -89,6 +90,7 @@ class ConversionJob:
             **({"pipeline": self.pipeline.to_json() | {"stages": self.pp}} if self.pipeline is not None else {}),
             "plan": self.plan,
             "ep_plan": self.ep_plan,
+            **({"transformers": self.transformers_version} if self.transformers_version is not None else {}),
             "identity": self.identity,
             "layouts": [[t.name, t.dtype, list(t.shape), t.style] for t in self.layouts],
         }
@@ -107,9 +109,10 @@ def build_job(request: ConversionRequest) -> ConversionJob:
 def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     # Plan and shardability come from config.json alone: refuse a bad tp before any weight is fetched or read.
     tp, model = request.tp, request.source
+    version = plans_version(request.transformers)  # the release whose plans and conversions the artifact follows
     config = read_model_config(model, request.revision)
-    rules = load_plan(request.plan, config)
-    plan = merged_plan(rules, config) if request.custom_plan else rules
+    rules = load_plan(request.plan, config, version)
+    plan = merged_plan(rules, config, version) if request.custom_plan else rules
     if tp > 1 and not plan:
         raise PlanError(
             f"{model}: tp_size={tp} was requested, but the plan is empty: it applies no tensor-parallel rule, and "
@@ -118,11 +121,11 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     ep_plan: dict[str, str] = {}
     if request.ep > 1:
         require_expert_parallel(config, tp, request.ep, model)
-        plan, ep_plan = split_expert_parallel(config, plan)
+        plan, ep_plan = split_expert_parallel(config, plan, version)
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
-    builtin = plan_for_config(config)
-    table, transforms = converted(stored, builtin, {**plan, **ep_plan}, tp, model, config)
+    builtin = plan_for_config(config, version)
+    table, transforms = converted(stored, builtin, {**plan, **ep_plan}, tp, model, config, version)
     replication = kv_heads.needed(config, tp) if request.replicate_kv else None
     if replication:
         table = kv_heads.forward(table, replication, plan)
@@ -157,6 +160,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         hashed_files=sorted([*checkpoint.weight_files, *checkpoint.extra_files, *filter(None, [checkpoint.index])]),
         config_bytes=kv_heads.config_json(new_config) if new_config else None,
         pipeline=pipeline,
+        transformers_version=version,
     )
 
 
@@ -167,6 +171,7 @@ def converted(
     tp: int,
     origin: str,
     config: dict[str, Any] | None = None,
+    version: str = UNRECORDED_VERSION,
 ) -> tuple[Table, Transforms]:
     """The checkpoint's tensors as the model's, by the conversions transformers' loader applies to their keys
     (renamings, then converters), and the records of what was done; refused when the replay does not give the
@@ -179,6 +184,7 @@ def converted(
     interleaved = interleave.records(table, converters, blocks)
     table = interleave.forward(table, interleaved)
     table, fused = experts.forward(table, converters)
+    refuse_unreplayed(table, converters, origin, version)
     keymap.require_same(table, names, origin)
     records = Transforms(
         fused=fused or None,
@@ -188,6 +194,28 @@ def converted(
         renamed=renamed or None,
     )
     return table, records
+
+
+def refuse_unreplayed(table: Table, converters: tuple[Any, ...], origin: str, version: str) -> None:
+    """A tensor that one of transformers' load-time converters reshard does not replay (a ``Split`` of a fused
+    projection, a layer collapse, vocabulary unpadding) would reach the runtime unconverted, and transformers' model
+    would initialise the parameters it expects from it at random: refused, naming the tensor and the converter."""
+    from reshard.transforms.converters import replayable
+
+    for converter in converters:
+        if replayable(converter):
+            continue
+        for source in converter.sources:
+            try:
+                pattern = re.compile(source)  # transformers' sources are regexes, searched in each key
+            except re.error:
+                pattern = re.compile(re.escape(source))
+            if hit := next((name for name in table if pattern.search(name)), None):
+                operations = ", ".join(name for name, _ in converter.operations) or converter.kind
+                raise PlanError(
+                    f"{origin}: tensor {hit!r}: transformers {version} converts it at load ({operations}), which "
+                    "reshard does not replay; the artifact would be another model"
+                )
 
 
 def pipeline_split(
@@ -216,7 +244,8 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     root, tp = Path(request.source), request.tp
     old, manifest_digest = manifest_and_digest(root)
     config = read_model_config(str(root))
-    if request.custom_plan and merged_plan(load_plan(request.plan, config), config) != old.plan:
+    version = old.transformers_version or UNRECORDED_VERSION  # re-sharding keeps the plans the artifact follows
+    if request.custom_plan and merged_plan(load_plan(request.plan, config, version), config, version) != old.plan:
         raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to change it")
     stored = old.options.replicate_kv
     if stored:
@@ -270,6 +299,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         config_bytes=kv_heads.config_json(new_config) if rewrite_config else None,
         lineage={"resharded_from": {"mesh": old.mesh, "manifest_xxh3": manifest_digest}},
         pipeline=pipeline,
+        transformers_version=old.transformers_version,
     )
 
 
@@ -361,9 +391,9 @@ def source_files(job: ConversionJob, digest: Any, progress: bool) -> SourceInfo:
     return SourceInfo(job.source.repo_id, job.source.revision, job.source.commit, entries, job.source.skipped)
 
 
-def architecture(config: dict[str, object]) -> str | None:
+def architecture(config: dict[str, Any], version: str) -> str | None:
     architectures = config.get("architectures")
     if isinstance(architectures, list) and architectures:
         return str(architectures[0])
-    builtin = plan_for_config(config)
+    builtin = plan_for_config(config, version)
     return builtin.architecture if builtin else None

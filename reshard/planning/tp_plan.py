@@ -2,8 +2,9 @@
 
 A plan maps module names, with ``*`` standing for a layer number, to style names, exactly like transformers'
 ``model._tp_plan`` (``{"model.layers.*.self_attn.q_proj": "colwise", "lm_head": "colwise_gather_output"}``).
-``auto`` reads the built-in plan for the config's ``model_type`` from ``manifests/plans/``, generated from
-transformers by ``scripts/generate_plans.py`` so that the offline stage needs no transformers at run time.
+``auto`` reads the built-in plan for the config's ``model_type`` and the transformers release the conversion follows
+(``plans.plans_version``) from ``manifests/plans/``, generated under each release by ``scripts/generate_plans.py`` so
+that the offline stage needs no transformers at run time.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from reshard.manifests.names import generic_name, style_of
 from reshard.manifests.plans import builtin_plan, expert_rule_matcher, plan_for_config
 
 
-def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, str]:
-    """Resolve ``"auto"``, a path to a JSON plan, inline JSON or a dict into a validated ``{rule: style}`` plan."""
+def load_plan(plan: str | dict[str, str], config: dict[str, Any], version: str) -> dict[str, str]:
+    """Resolve ``"auto"`` (the built-in plan under transformers ``version``), a path to a JSON plan, inline JSON or a
+    dict into a validated ``{rule: style}`` plan."""
     if isinstance(plan, dict):
         resolved = dict(plan)
         origin = "plan"
@@ -28,10 +30,10 @@ def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, s
         model_type = config.get("model_type")
         if not model_type:
             raise PlanError("config.json has no model_type, so --plan auto cannot pick a plan; pass --plan PLAN.json")
-        resolved = dict(builtin_plan(model_type).tp_plan)
+        resolved = dict(builtin_plan(model_type, version).tp_plan)
         origin = f"built-in plan for {model_type}"
         if not resolved:
-            raise PlanError(f"{model_type} has no tensor-parallel plan in transformers (only expert parallel)")
+            raise PlanError(f"{model_type} has no tensor-parallel plan in transformers {version} (EP only)")
     elif plan.lstrip().startswith("{"):  # an inline JSON plan (how local workers receive a plan dict)
         origin = "plan"
         try:
@@ -56,12 +58,12 @@ def load_plan(plan: str | dict[str, str], config: dict[str, Any]) -> dict[str, s
     return resolved
 
 
-def merged_plan(rules: dict[str, str], config: dict[str, Any]) -> dict[str, str]:
+def merged_plan(rules: dict[str, str], config: dict[str, Any], version: str) -> dict[str, str]:
     """A custom plan as transformers applies ``DistributedConfig(tp_plan=rules)``: the rules override the model's
     own plan rule by rule and the other rules are kept; an empty dict applies no rule at all."""
     if not rules:
         return {}
-    builtin = plan_for_config(config)
+    builtin = plan_for_config(config, version)
     return {**(builtin.tp_plan if builtin else {}), **rules}
 
 
@@ -84,10 +86,12 @@ def assign_styles(
     return styles
 
 
-def split_expert_parallel(config: dict[str, Any], tp_plan: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+def split_expert_parallel(
+    config: dict[str, Any], tp_plan: dict[str, str], version: str
+) -> tuple[dict[str, str], dict[str, str]]:
     """transformers' EP resolution: the built-in ``ep_plan``, and ``tp_plan`` without rules on EP modules or their
     children (EP rules take precedence, as in ``_resolve_parallel_plans``)."""
-    builtin = plan_for_config(config)
+    builtin = plan_for_config(config, version)
     ep_plan = dict(builtin.ep_plan) if builtin else {}
     if not ep_plan:
         model_type = config.get("model_type") or "this model"

@@ -21,6 +21,7 @@ argv: ``SPEC.json``, a list of cases, each ``{"name", "kind", ...}``:
   logits against the other dp replica's and saved for the test to compare with a plain tp run's.
 - ``error``: call ``load_state_dict(artifact, **kwargs)`` and record the exception every rank raised; with
   ``mesh`` (``{"shape": [...], "names": [...]}``) on that device mesh.
+- ``model_error``: the same with ``load_model(artifact)``.
 - ``raise``: the same, but print the exception to stderr and let it end the process (exit status non-zero).
 
 The pytest process asserts; this script only observes, so one failing check does not hide the others.
@@ -54,7 +55,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     results: dict[str, Any] = {}
     for case in spec:
-        runners = {"compare": compare, "mesh2d": mesh2d, "error": error, "raise": raise_}
+        runners = {"compare": compare, "mesh2d": mesh2d, "error": error, "raise": raise_, "model_error": model_error}
         runners |= {"caller_ep_mesh": caller_ep_mesh, "unsharded": unsharded, "save": save}
         runner = runners[case["kind"]]
         results[case["name"]] = runner(case, out, rank)
@@ -221,6 +222,14 @@ def error(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
         kwargs["device_mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=names)
     try:
         load_state_dict(case["artifact"], **kwargs)
+    except Exception as exc:
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": None, "message": ""}
+
+
+def model_error(case: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
+    try:
+        load_model(case["artifact"])
     except Exception as exc:
         return {"type": type(exc).__name__, "message": str(exc)}
     return {"type": None, "message": ""}
