@@ -10,15 +10,22 @@ export OMP_NUM_THREADS ?= 1
 # CPU wheel), `TORCH_INDEX=https://download.pytorch.org/whl/cu128` a CUDA build.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+# The Azure Storage emulator the az:// tests run (an npm package: installed only where npm is).
+AZURITE_VERSION ?= 3.37.0
 
 setup:
-	@echo "make setup [1/2]: torch $(TORCH_VERSION) from $(or $(TORCH_INDEX),your pip configuration)"
+	@echo "make setup [1/3]: torch $(TORCH_VERSION) from $(or $(TORCH_INDEX),your pip configuration)"
 	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 		&& echo "  already installed" \
 		|| $(PIP) install --disable-pip-version-check --progress-bar on --no-deps --retries 1 -c constraints.txt \
 			$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
-	@echo "make setup [2/2]: reshard (editable), torch's dependencies and the test tools: transformers, moto, ruff, mypy, ..."
+	@echo "make setup [2/3]: reshard (editable), torch's dependencies and the test tools: transformers, moto, gcsfs, ruff, mypy, ..."
 	@$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@echo "make setup [3/3]: Azurite $(AZURITE_VERSION) (npm, into .node/) for the az:// tests"
+	@if [ -x .node/node_modules/.bin/azurite-blob ]; then echo "  already installed"; \
+	elif command -v npm >/dev/null; then npm install --prefix .node --no-audit --no-fund --loglevel error \
+		azurite@$(AZURITE_VERSION) || echo "  Azurite did not install: the az:// tests will skip"; \
+	else echo "  no npm here: the az:// tests will skip"; fi
 	@echo "make setup: done"
 
 demo: setup

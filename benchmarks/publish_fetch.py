@@ -50,10 +50,11 @@ def worker(side: str, uri: str, cache: Path, out: Path, load: bool) -> None:
         started = time.perf_counter()
         folder = fetch_artifact(uri, rank, cache_dir=local, progress=False)
     else:
-        from reshard.manifests.locations import s3_filesystem
+        from reshard.manifests.locations import StoreLocation
+        from reshard.manifests.stores import open_filesystem
 
         started = time.perf_counter()
-        fs, folder = s3_filesystem(), local
+        fs, folder = open_filesystem(StoreLocation("s3", BUCKET)), local
         folder.mkdir(parents=True)
         for name in fs.ls(uri.removeprefix("s3://"), detail=False):  # one GET per file, like fetch_artifact
             fs.get_file(name, str(folder / name.rsplit("/", 1)[-1]), max_concurrency=1)
@@ -92,7 +93,8 @@ def main() -> None:
     import reshard
     from reshard.commands.publish import publish
     from reshard.manifests import read_manifest
-    from reshard.manifests.locations import s3_filesystem
+    from reshard.manifests.locations import StoreLocation
+    from reshard.manifests.stores import open_filesystem
     from tests.helpers.s3_server import RecordingMotoServer
 
     work = args.work.absolute()
@@ -117,7 +119,7 @@ def main() -> None:
         AWS_CONFIG_FILE=str(scratch / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(scratch / "no-aws-credentials"),
     )
-    fs = s3_filesystem()
+    fs = open_filesystem(StoreLocation("s3", BUCKET))
     fs.mkdir(BUCKET)
     sources = {"today": f"s3://{BUCKET}/{checkpoint.name}", "reshard": f"s3://{BUCKET}/{artifact.name}"}
     _store_directly(checkpoint, BUCKET, checkpoint.name)

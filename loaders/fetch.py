@@ -8,7 +8,7 @@ reuse it. A verified file gets a small marker (size, mtime, inode, hash) so late
 
 Cache layout (``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.cache/reshard``):
 
-    s3/BUCKET/PREFIX/MANIFEST_XXH3/       the artifact folder returned for s3://BUCKET/PREFIX
+    SCHEME/BUCKET/PREFIX/MANIFEST_XXH3/   the artifact folder returned for SCHEME://BUCKET/PREFIX (s3, gs, az, ...)
         manifest.json, config.json, ..., rank-0000R-of-0000N.safetensors
         .reshard/                         per-file locks and verified markers
     hf/ORG/NAME/MANIFEST_XXH3/            locks and markers for hf:// (the files live in the Hub's own cache)
@@ -29,13 +29,12 @@ from urllib.parse import quote
 
 from reshard.manifests.errors import IntegrityError, StorageError
 from reshard.manifests.hashing import hash_bytes, hash_file, hash_open
-from reshard.manifests.locations import HubLocation, S3Location, parse_location, s3_filesystem
+from reshard.manifests.locations import HubLocation, StoreLocation, parse_location
 from reshard.manifests.manifest import MANIFEST_NAME, FileEntry, Manifest, resolve_in
 from reshard.manifests.progress import progress_bar
-from reshard.manifests.storage import VerifiedStream, atomic_file, atomic_write, os_errors
+from reshard.manifests.storage import VerifiedStream, atomic_file, atomic_write
 
 CACHE_ENV = "RESHARD_CACHE"
-CHUNK_BYTES = 32 * 1024 * 1024
 STATE_DIR = ".reshard"
 
 RankArg = int | Callable[[Manifest], int]
@@ -52,12 +51,13 @@ def fetch_artifact(
     """Download what ``rank`` needs of the artifact at ``uri`` and return the local folder holding it.
 
     Args:
-        uri: ``s3://BUCKET/PREFIX``, ``hf://ORG/NAME[@REVISION]``, or a local folder (returned unchanged).
+        uri: any fsspec URL (``s3://BUCKET/PREFIX``, ``gs://``, ``az://``, ... with the scheme's package
+            installed), ``hf://ORG/NAME[@REVISION]``, or a local folder (returned unchanged).
         rank: the rank file to fetch, or a function of the manifest returning it (e.g. the mesh check).
         cache_dir: the reshard cache root (default: see the module docstring). hf:// files always go to the
             Hub's cache (``HF_HUB_CACHE``); only reshard's markers and locks go here.
         token: Hub token for hf:// (default: the logged-in one).
-        progress: show a byte progress bar while downloading (s3://; the Hub shows its own).
+        progress: show a byte progress bar while downloading (buckets; the Hub shows its own).
 
     Returns:
         A folder with ``manifest.json``, the non-rank files and this rank's file (other ranks on the same machine
@@ -76,15 +76,15 @@ def fetch_artifact(
     text = os.fspath(uri)
     location = parse_location(text)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if isinstance(location, S3Location):
-        return _fetch_s3(location, rank, root, progress)
+    if isinstance(location, StoreLocation):
+        return _fetch_store(location, rank, root, progress)
     if isinstance(location, HubLocation):
         return _fetch_hub(location, rank, root, token)
     return Path(text.removeprefix("file://"))
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
-    """True for the URIs ``fetch_artifact`` downloads from (``s3://``, ``hf://``)."""
+    """True for the URIs ``fetch_artifact`` downloads from (``hf://`` and fsspec URLs but ``file://``)."""
     return parse_location(os.fspath(path)) is not None
 
 
@@ -106,7 +106,7 @@ def refetch_rank_file(
     """
     location = parse_location(os.fspath(uri))
     entry = manifest.rank_file(rank)
-    if isinstance(location, S3Location):
+    if isinstance(location, StoreLocation):
         state = folder
     elif isinstance(location, HubLocation):
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -150,14 +150,15 @@ def needed_files(manifest: Manifest, rank: int) -> list[FileEntry]:
     return [entry for entry in manifest.files if entry.rank is None and entry.path != unused] + [own]
 
 
-def _fetch_s3(location: S3Location, rank: RankArg, root: Path, progress: bool) -> Path:
-    fs = s3_filesystem()
+def _fetch_store(location: StoreLocation, rank: RankArg, root: Path, progress: bool) -> Path:
+    from reshard.manifests.stores import Store  # imports fsspec: here, so that importing the runtime does not
+
+    store = Store(location)
     manifest_uri = location.uri(MANIFEST_NAME)
-    with os_errors(manifest_uri, StorageError, "cannot read"):
-        data = fs.cat_file(location.key(MANIFEST_NAME))
+    data = store.read(MANIFEST_NAME)
     manifest = Manifest.from_json(data.decode(errors="replace"), origin=manifest_uri)
     digest = hash_bytes(data)
-    folder = root / "s3" / location.bucket / location.prefix / digest
+    folder = root / location.protocol / location.root / digest  # root checked relative by parse_location
     entries = needed_files(manifest, rank(manifest) if callable(rank) else rank)
     folder.mkdir(parents=True, exist_ok=True)
     missing = sum(e.size for e in entries if not (folder / e.path).is_file())  # for the bar only; checked below
@@ -170,7 +171,7 @@ def _fetch_s3(location: S3Location, rank: RankArg, root: Path, progress: bool) -
                 if _is_cached(target, _marker(folder, entry.path), entry):
                     continue
                 object_uri = location.uri(entry.path)
-                fill = functools.partial(_s3_stream, fs, location.key(entry.path), object_uri)
+                fill = functools.partial(store.stream, entry.path)
                 written = _download(fill, target, entry, object_uri, bar.update)
                 _write_marker(_marker(folder, entry.path), written, entry)
     manifest_path = folder / MANIFEST_NAME  # last: a cache folder with a manifest has this rank's files
@@ -242,22 +243,6 @@ def _download(
         out.flush()
         written = os.fstat(out.fileno())  # a rename keeps the inode and the mtime
     return written
-
-
-def _s3_stream(fs: Any, key: str, object_uri: str, sink: Callable[[bytes], None]) -> None:
-    """The object's bytes from one streamed GET, in ``CHUNK_BYTES`` pieces (one request, one object version)."""
-    from fsspec.asyn import sync
-
-    async def stream() -> None:
-        handle = await fs.open_async(key, "rb")
-        try:
-            while chunk := await handle.read(CHUNK_BYTES):
-                sink(chunk)
-        finally:
-            await handle.close()
-
-    with os_errors(object_uri, StorageError, "cannot read"):
-        sync(fs.loop, stream)
 
 
 def _is_cached(path: Path, marker: Path, entry: FileEntry) -> bool:

@@ -1,21 +1,20 @@
-"""Where a published artifact lives: ``hf://org/name[@revision]`` or ``s3://bucket/prefix``, and the S3 client.
+"""Where a published artifact lives: ``hf://org/name[@revision]``, or a prefix in any file system fsspec knows
+(``s3://bucket/prefix``, ``gs://``, ``az://``, ``memory://``, ...).
 
-Shared by ``reshard publish`` (offline) and ``fetch_artifact`` (runtime). The clients are imported on first use,
-never at ``import reshard.loaders``: huggingface_hub for the Hub, s3fs (the ``reshard[s3]`` extra) for S3, which
-reads endpoint, credentials and region the standard AWS way (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...), so MinIO
-and other S3-compatible stores work unchanged.
+Shared by ``reshard publish`` (offline) and ``fetch_artifact`` (runtime). Parsing imports nothing: which schemes
+work is fsspec's registry's business (``stores.open_filesystem``), and the Hub's client (huggingface_hub) and the
+file systems are imported on first use, never at ``import reshard.loaders``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from reshard.manifests.errors import StorageError
 from reshard.manifests.manifest import check_relative_path
 
 HUB_SCHEME = "hf://"
-S3_SCHEME = "s3://"
+LOCAL_SCHEMES = ("file", "local")  # fsspec's names for the local file system: a folder, not a store
 
 
 @dataclass(frozen=True)
@@ -31,28 +30,42 @@ class HubLocation:
 
 
 @dataclass(frozen=True)
-class S3Location:
-    """A prefix in an S3 bucket under which the artifact's files are stored with their manifest paths."""
+class StoreLocation:
+    """A prefix in an fsspec file system under which the artifact's files are stored with their manifest paths.
 
-    bucket: str
-    prefix: str
+    ``root`` is the URL without its scheme (``bucket/prefix`` for an object store), checked to stay relative.
+    """
 
-    def key(self, path: str) -> str:
-        """The object's s3fs path (``bucket/prefix/path``)."""
-        return "/".join(part for part in (self.bucket, self.prefix, path) if part)
+    protocol: str
+    root: str
+
+    def key(self, path: str = "") -> str:
+        """``root/path``: the object's path as the URL has it (``bucket/prefix/path``)."""
+        return "/".join(part for part in (self.root, path) if part)
 
     def uri(self, path: str = "") -> str:
-        return S3_SCHEME + self.key(path)
+        return f"{self.protocol}://{self.key(path)}"
+
+    def joined(self, name: str) -> StoreLocation:
+        """The location ``name`` below this one (``name`` empty: this one)."""
+        return StoreLocation(self.protocol, self.key(name))
+
+    @property
+    def is_top(self) -> bool:
+        """True for a bare bucket or container (``s3://bucket``): an artifact goes below it, under its name."""
+        return "/" not in self.root
 
 
-def parse_location(uri: str) -> HubLocation | S3Location | None:
-    """``hf://`` and ``s3://`` URIs as locations; ``None`` for anything else (a local path).
+def parse_location(uri: str) -> HubLocation | StoreLocation | None:
+    """``hf://`` URIs and fsspec URLs as locations; ``None`` for a local path (``file://`` included).
 
     Example:
         >>> parse_location("hf://my-org/SmolLM2-1.7B-tp8@v1")
         HubLocation(repo_id='my-org/SmolLM2-1.7B-tp8', revision='v1')
         >>> parse_location("s3://bucket/models/smollm-tp8/")
-        S3Location(bucket='bucket', prefix='models/smollm-tp8')
+        StoreLocation(protocol='s3', root='bucket/models/smollm-tp8')
+        >>> parse_location("gs://bucket/smollm-tp8").uri("manifest.json")
+        'gs://bucket/smollm-tp8/manifest.json'
     """
     if uri.startswith(HUB_SCHEME):
         repo_id, _, revision = uri[len(HUB_SCHEME) :].partition("@")
@@ -60,24 +73,13 @@ def parse_location(uri: str) -> HubLocation | S3Location | None:
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise StorageError(f"{uri}: expected hf://ORG/NAME or hf://ORG/NAME@REVISION")
         return HubLocation(repo_id, revision or None)
-    if uri.startswith(S3_SCHEME):
-        bucket, _, prefix = uri[len(S3_SCHEME) :].partition("/")
-        prefix = prefix.strip("/")
-        if not bucket:
-            raise StorageError(f"{uri}: expected s3://BUCKET/PREFIX")
-        if prefix:
-            check_relative_path(prefix, uri)
-        return S3Location(bucket, prefix)
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"{uri}: unsupported scheme; use a folder, hf://ORG/NAME or s3://BUCKET/PREFIX")
-    return None
-
-
-def s3_filesystem() -> Any:
-    """A fresh ``s3fs.S3FileSystem`` configured from the environment (not fsspec's shared instance, whose
-    listings may be stale after another process wrote)."""
-    try:
-        import s3fs
-    except ImportError as exc:
-        raise StorageError("s3:// needs s3fs: pip install 'reshard[s3]'") from exc
-    return s3fs.S3FileSystem(skip_instance_cache=True)
+    scheme, separator, rest = uri.partition("://")
+    if not separator or scheme in LOCAL_SCHEMES:
+        return None
+    if not (scheme[:1].isalpha() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()):
+        raise StorageError(f"{uri}: not a URL (SCHEME://BUCKET/PREFIX) nor a folder")
+    root = rest.strip("/")
+    if not root.partition("/")[0]:
+        raise StorageError(f"{uri}: expected {scheme}://BUCKET/PREFIX")
+    check_relative_path(root, uri)
+    return StoreLocation(scheme.lower(), root)

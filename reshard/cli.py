@@ -58,7 +58,7 @@ def cli() -> None:
       reshard inspect ARTIFACT          model, tp, plan, bytes per rank, tensors
       reshard --tp 4 ARTIFACT           re-shard an artifact to another tp (no source needed)
       reshard consolidate ARTIFACT -o D back to a Hugging Face checkpoint
-      reshard publish ARTIFACT DEST     to a folder, hf://ORG/NAME or s3://BUCKET/PREFIX
+      reshard publish ARTIFACT DEST     to a folder, hf://ORG/NAME, s3:// gs:// az://BUCKET/PREFIX
 
     Add --debug to any command for a full traceback on error.
     """
@@ -110,7 +110,7 @@ def cli() -> None:
     "--push-to",
     default=None,
     metavar="DEST",
-    help="Publish the artifact when done: a folder, s3://bucket/prefix or hf://org/name (see `reshard publish`).",
+    help="Publish the artifact when done: a folder, a bucket (s3://, gs://, az://...) or hf://org/name (see publish).",
 )
 @click.option(
     "--no-fsync",
@@ -293,14 +293,16 @@ def consolidate(artifact: str, output: str, max_shard_size: str, overwrite: bool
 def publish(artifact: str, destination: str, token: str | None, quiet: bool) -> None:
     """Upload ARTIFACT to DESTINATION so that each rank can fetch only its own file.
 
-    DESTINATION is a folder, hf://ORG/NAME[@REVISION] (one commit with a model card) or
-    s3://BUCKET/PREFIX (pip install 'reshard[s3]'; endpoint, credentials and region come from the
-    usual AWS settings, e.g. AWS_ENDPOINT_URL for MinIO). A trailing / puts the artifact under its
-    folder name. The manifest goes last, and a rerun skips files already there with the same hash.
+    DESTINATION is a folder, hf://ORG/NAME[@REVISION] (one commit with a model card) or any fsspec
+    URL: s3://BUCKET/PREFIX ('reshard[s3]'), gs:// ('reshard[gcs]'), az://CONTAINER/PREFIX
+    ('reshard[azure]'), ...; endpoint and credentials come from the backend's usual settings. A
+    trailing / puts the artifact under its folder name. The manifest goes last, and a rerun skips
+    files already there with the same hash.
 
     \b
       reshard publish ./SmolLM2-1.7B-tp8 hf://my-org/SmolLM2-1.7B-tp8
       reshard publish ./SmolLM2-1.7B-tp8 s3://bucket/models/SmolLM2-1.7B-tp8
+      reshard publish ./SmolLM2-1.7B-tp8 gs://bucket/models/
       reshard publish ./SmolLM2-1.7B-tp8 /mnt/shared/models/
     """
     from reshard.commands.publish import publish as run_publish

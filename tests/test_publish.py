@@ -102,9 +102,9 @@ def test_cli_publish_and_one_line_errors(artifact: Path, tmp_path: Path, capsys:
     assert f"published {tmp_path / 'out'}" in capsys.readouterr().out
     assert verify_artifact(tmp_path / "out") == []
     with pytest.raises(SystemExit) as exited:
-        main(["publish", str(artifact), "gs://bucket/x", "-q"])
+        main(["publish", str(artifact), "nosuch://bucket/x", "-q"])
     assert exited.value.code == StorageError.exit_code
-    assert "unsupported scheme" in capsys.readouterr().err
+    assert "nosuch://bucket/x: unsupported scheme" in capsys.readouterr().err
 
 
 # --- S3: publish -----------------------------------------------------------------------------------------------
