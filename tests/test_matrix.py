@@ -126,6 +126,11 @@ def prepare(model_type: str, tp: int, root: Path, ep: bool = False) -> dict[str,
     return case
 
 
+# Generate's per-step scores may differ by an ulp or two where the lm_head slice lies at another address modulo 64
+# on either side (OpenBLAS picks its gemv kernel by alignment); parameters, logits and tokens must still be equal.
+MAX_SCORE_ULPS = 4.0
+
+
 def verdict(result: dict[str, Any]) -> tuple[str, str, list[str]]:
     """``(status, reason, notes)``: pass when ours equals transformers' TP load (gradients allclose at 5e-3)."""
     if "error" in result:
@@ -148,8 +153,14 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, list[str]]:
     if not result["forward"]["equal"]:
         problems.append(f"logits differ (max {result['forward']['max_diff']:.2e})")
     for key in ("generate", "static"):
-        if key in result and not (result[key]["tokens_equal"] and result[key]["scores_equal"]):
-            problems.append(f"{key}: tokens or scores differ from step {result[key]['first_bad_step']}")
+        if key not in result:
+            continue
+        run = result[key]
+        ulps = run.get("scores_max_ulps", float("inf"))
+        if not run["tokens_equal"] or (not run["scores_equal"] and ulps > MAX_SCORE_ULPS):
+            problems.append(f"{key}: tokens or scores differ from step {run['first_bad_step']}")
+        elif not run["scores_equal"]:
+            notes.append(f"{key}: scores within {ulps:.1f} ulp from step {run['first_bad_step']} (gemv alignment)")
     back = result["backward"]
     if back.get("theirs_error"):
         notes.append(f"transformers' own TP backward fails ({back['theirs_error'][:120]}): gradients vs unsharded only")

@@ -392,18 +392,11 @@ _BOTH["hrm_text"] = (
     "(gate_proj 19 rows, up_proj 18 on rank 0 at tp 2); reshard's TP model is close to the unsharded one (logits "
     "at 5e-3, the same 25 greedy tokens)"
 )
-# Parameters, placements, logits and the 25 greedy tokens equal; the first step's scores differ by one ulp
-# (3e-7): the lm_head gemv on the last position depends on where the weight lies in memory. One side's local shard is
-# not 64-byte aligned (transformers' at 24, 56 or 40 mod 64 for gemma3 tp 2, phi4_multimodal tp 2, gemma4_unified
-# tp 4; reshard's mapped slice at 40 mod 64 for moss_transcribe_diarize tp 4); the same shards copied to aligned
-# addresses give equal scores bit for bit.
-_ALIGNMENT = "first generate step's scores differ by one ulp: the lm_head gemv depends on the weight's alignment"
 _BOTH |= {"gemma4": _THEIRS_FORWARD, "llama4": _THEIRS_BACKWARD}
 KNOWN_FAILURES: dict[str, dict[str, str]] = {
-    "tp2": {**_BOTH, **dict.fromkeys(("gemma3", "phi4_multimodal"), _ALIGNMENT)},
+    "tp2": _BOTH,
     "tp4": {
         **_BOTH,
         "laguna": _THEIRS_FORWARD,
-        **dict.fromkeys(("got_ocr2", "moss_transcribe_diarize", "gemma4_unified", "phi4_multimodal"), _ALIGNMENT),
     },
 }
