@@ -71,6 +71,9 @@ def check_load(
                 )
             unused.append(UnusedTensor(name, dtype, tuple(shape), "extra_layer"))
             continue
+        if keys.shapes is None:  # names only (the plan's, from a default config): not enough to leave a tensor out
+            used.add(name)
+            continue
         unused.append(UnusedTensor(name, dtype, tuple(shape), "ignored" if ignored else "unexpected"))
     tied: list[str] = []
     for target, source in sorted(keys.tied.items()):

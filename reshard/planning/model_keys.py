@@ -149,8 +149,11 @@ def meta_model(config_json: str, dtype: str) -> PreTrainedModel:
     model_type = str(config.get("model_type"))
     if model_type not in CONFIG_MAPPING:
         raise ReshardError(f"transformers does not know model_type {model_type!r}")
+    config_class = CONFIG_MAPPING[model_type]
+    decode = getattr(config_class, "_decode_special_floats", None)  # {"__float__": "Infinity"}, as from_pretrained
+    config = decode(config) if callable(decode) else config
     try:
-        model_config = CONFIG_MAPPING[model_type].from_dict(config)
+        model_config = config_class.from_dict(config)
     except Exception as exc:  # transformers' own config checks: from_pretrained would fail the same way
         raise ReshardError(f"transformers cannot read config.json as {model_type!r} ({_first_line(exc)})") from exc
     try:
