@@ -39,8 +39,12 @@ def build_plan(model_type: str) -> BuiltinPlan:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(model_type)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:  # every optional tower present: its rules are in the plan of any checkpoint that has it
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(with_every_sub_config(config))
+    except Exception:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     plans = {"tp_plan": dict(model._tp_plan or {}), "ep_plan": dict(model._ep_plan or {})}
     for name, plan in plans.items():
         bad = {k: v for k, v in plan.items() if not isinstance(k, str) or not isinstance(v, str)}
@@ -58,6 +62,22 @@ def build_plan(model_type: str) -> BuiltinPlan:
         parameters=tuple(parameters),
         base_model_prefix=str(model.base_model_prefix or ""),
     )
+
+
+def with_every_sub_config(config: Any) -> Any:
+    """``config`` with each optional sub-config it leaves ``None`` by default (gemma4's ``vision_config`` and
+    ``audio_config``) set to that sub-config's defaults. transformers adds a tower's ``base_model_tp_plan`` to the
+    model's plan when the checkpoint's config has the tower (``init_parallel_plans``), so a plan recorded from the
+    bare default config would miss the rules transformers applies to a Hub checkpoint's towers."""
+    import copy
+
+    from transformers import AutoConfig
+
+    config = copy.deepcopy(config)
+    for name, sub_class in (getattr(config, "sub_configs", None) or {}).items():
+        if getattr(config, name, None) is None and sub_class is not AutoConfig:
+            setattr(config, name, sub_class())
+    return config
 
 
 def _key_conversions(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

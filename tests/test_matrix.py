@@ -71,15 +71,9 @@ def launch(cases: list[dict[str, Any]], nproc: int, out: Path) -> None:
         command = ["nice", "-n", "10", sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
         command += ["--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKER), str(out / "spec.json")]
         command.append(str(out))
-        timeout = 120 + 60 * len(remaining) * nproc / 2
         with open(out / "log.txt", "a") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
-            try:
-                code = process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                code = -9
+            code = wait_while_progressing(process, out, nproc)
         done = recorded(out, nproc)
         remaining = [case for case in remaining if case["name"] not in done]
         if remaining and code is not None:
@@ -89,6 +83,30 @@ def launch(cases: list[dict[str, Any]], nproc: int, out: Path) -> None:
                 results = json.loads(path.read_text()) if path.exists() else {}
                 results[lost["name"]] = {"error": f"worker exited {code} (crash or hang) during this case"}
                 path.write_text(json.dumps(results, indent=1))
+
+
+# A case that records nothing for this long hangs (the slowest take about a minute on a quiet machine, several on a
+# busy one); its launch is killed and relaunched after it, so a hang costs minutes, not the CI run.
+STALL_SECONDS = 600
+
+
+def wait_while_progressing(process: subprocess.Popen[bytes], out: Path, nproc: int) -> int:
+    """The launch's exit code, or -9 after killing it when no rank has recorded a case for ``STALL_SECONDS``."""
+    files = [out / f"rank{rank}.json" for rank in range(nproc)]
+    last = time.monotonic()
+    seen: list[float] = []
+    while True:
+        try:
+            return process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        stamps = [f.stat().st_mtime if f.exists() else 0.0 for f in files]
+        if stamps != seen:
+            seen, last = stamps, time.monotonic()
+        elif time.monotonic() - last > STALL_SECONDS:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return -9
 
 
 def recorded(out: Path, nproc: int) -> set[str]:
@@ -126,11 +144,6 @@ def prepare(model_type: str, tp: int, root: Path, ep: bool = False) -> dict[str,
     return case
 
 
-# Generate's per-step scores may differ by an ulp or two where the lm_head slice lies at another address modulo 64
-# on either side (OpenBLAS picks its gemv kernel by alignment); parameters, logits and tokens must still be equal.
-MAX_SCORE_ULPS = 4.0
-
-
 def verdict(result: dict[str, Any]) -> tuple[str, str, list[str]]:
     """``(status, reason, notes)``: pass when ours equals transformers' TP load (gradients allclose at 5e-3)."""
     if "error" in result:
@@ -156,11 +169,9 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, list[str]]:
         if key not in result:
             continue
         run = result[key]
-        ulps = run.get("scores_max_ulps", float("inf"))
-        if not run["tokens_equal"] or (not run["scores_equal"] and ulps > MAX_SCORE_ULPS):
-            problems.append(f"{key}: tokens or scores differ from step {run['first_bad_step']}")
-        elif not run["scores_equal"]:
-            notes.append(f"{key}: scores within {ulps:.1f} ulp from step {run['first_bad_step']} (gemv alignment)")
+        if not run["tokens_equal"] or not run["scores_equal"]:
+            ulps = run.get("scores_max_ulps", float("inf"))
+            problems.append(f"{key}: tokens or scores differ from step {run['first_bad_step']} (max {ulps:.1f} ulp)")
     back = result["backward"]
     if back.get("theirs_error"):
         notes.append(f"transformers' own TP backward fails ({back['theirs_error'][:120]}): gradients vs unsharded only")
