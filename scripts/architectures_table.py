@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -106,6 +107,12 @@ def matrix_tests(model_type: str, matrix: dict) -> list[str]:
             reason = KNOWN_FAILURES.get(key, {}).get(model_type) or entry[key].get("reason", "")[:140]
             failed.setdefault(reason.replace("|", "/"), []).append(key.removeprefix("tp"))
     words += [f"matrix FAIL at tp {', '.join(tps)}: {reason}" for reason, tps in failed.items()]
+    refused: dict[str, list[str]] = {}  # the conversion refuses the checkpoint (e.g. transformers loads it at random)
+    for key in ("tp2", "tp4"):
+        if entry.get(key, {}).get("status") == "unshardable":
+            reason = re.sub(r"/[^\s:]+: ", "", entry[key].get("reason", "")).split(" (--allow-missing")[0][:200]
+            refused.setdefault(reason.replace("|", "/"), []).append(key.removeprefix("tp"))
+    words += [f"matrix: conversion refused at tp {', '.join(tps)}: {reason}" for reason, tps in refused.items()]
     return words
 
 
