@@ -155,6 +155,40 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
 }
 
+
+def _dots3_note_text(num_attention_heads: int = 2, hidden_size: int = 32, **_: Any) -> dict[str, Any]:
+    """dots3_note_text sized as transformers' own tester sizes it (tests/models/dots3_note: ``get_tiny_config``),
+    with the tester defaults here (vocab 99, hidden 32, 2 layers, 8 experts top-2): one indexed (DSA) layer and
+    one sliding layer whose per-layer config differs (twice the heads, another KV rank and head size), given as the
+    released config.json gives it (``swa_*`` keys: transformers turns them into ``per_layer_config``); the first MLP
+    dense, the second sparse (``first_k_dense_replace``). ``index_topk`` covers every position, as the tester sets it
+    for its generic tests (a hard top-k over random weights is discontinuous)."""
+    return {
+        **{key: TESTER_DEFAULTS[key] for key in ("vocab_size", "intermediate_size", "max_position_embeddings")},
+        **{key: TESTER_DEFAULTS[key] for key in ("pad_token_id", "bos_token_id", "eos_token_id")},
+        **{key: TESTER_DEFAULTS[key] for key in ("num_hidden_layers", "moe_intermediate_size", "num_experts_per_tok")},
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_attention_heads,
+        "hidden_act": "silu",
+        **{"q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16},
+        "head_dim": 16,
+        "layer_types": ["indexed_attention", "sliding_attention"],
+        "sliding_window_size": 16,
+        "swa_num_attention_heads": 2 * num_attention_heads,
+        "swa_num_key_value_heads": 2 * num_attention_heads,
+        **{"swa_q_lora_rank": 24, "swa_kv_lora_rank": 24, "swa_head_dim": 24, "swa_qk_nope_head_dim": 16},
+        **{"swa_qk_rope_head_dim": 8, "swa_v_head_dim": 16},
+        **{"index_n_heads": 2, "index_head_dim": 16, "index_topk": TESTER_DEFAULTS["max_position_embeddings"]},
+        **{"n_routed_experts": TESTER_DEFAULTS["num_experts"], "n_shared_experts": 1, "first_k_dense_replace": 1},
+        "shared_experts_intermediate_size": TESTER_DEFAULTS["moe_intermediate_size"],
+    }
+
+
+# Types whose text config is heterogeneous (``per_layer_config``): a per-layer attribute cannot be read or set on
+# the built config (transformers raises), so the sizes (``TP4_HEADS``) are given at construction instead.
+PER_LAYER: dict[str, Any] = {"dots3_note_text": _dots3_note_text}
+
 # Multimodal types built here: the text model of the given text type, and a vision tower as transformers' tester
 # (tests/models/qwen3_5*/test_modeling_*.py: Qwen3_5VisionText2TextModelTester) sizes it.
 _TESTER_VISION = {
@@ -216,6 +250,34 @@ _GOT_OCR2_VISION = {
     "global_attn_indexes": [1],
     "mlp_dim": 37,
 }
+# dots3_note's towers as transformers' own tester sizes them (tests/models/dots3_note: ``get_tiny_config``): a
+# vision encoder of 2 blocks, hidden 32, 2 heads, the first MLP dense and the second a MoE of 4 experts (the
+# released ``pyramid_num_routed`` schedule, which transformers turns into ``mlp_layer_types`` + ``per_layer_config``);
+# an audio encoder of 2 layers, hidden 32; both adapters' output width set to the text hidden size by ``tiny_config``.
+_DOTS3_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "moe_intermediate_size": 12,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "pyramid_num_routed": [-1, 4],
+    "num_experts_per_tok": 2,
+    "adapter_in_dim": 32,
+    "adapter_merge_size": 2,
+}
+_DOTS3_AUDIO = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 32,
+    "feature_size": 8,
+    "hop_length": 4,
+    "downsample_hidden_size": 4,
+    "adapter_input_size": 32,
+}
 # type -> (its text type, the composite config's other fields: sub-configs sized down, a few top-level values)
 MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_5": ("qwen3_5_text", {"vision_config": _TESTER_VISION}),
@@ -249,6 +311,9 @@ MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # saved by Dots3NoteForConditionalGeneration: the Hub's layout (text at ``model.*``, per-expert keys,
+    # ``vision_encoder.*``, ``audio_encoder.*``), which transformers' Dots3NoteForCausalLM reads its text model from
+    "dots3_note": ("dots3_note_text", {"vision_config": _DOTS3_VISION, "audio_config": _DOTS3_AUDIO}),
     "gemma4_unified": (
         "gemma4_unified_text",
         {"vision_config": {"mm_embed_dim": 32, "mm_posemb_size": 16, "output_proj_dims": 32}},
@@ -270,14 +335,8 @@ EAGER_ATTENTION = {
     "vaultgemma",
 }
 
-_MULTIMODAL = (
-    "multimodal: its vision (a MoE encoder with a per-layer config) and audio towers and its text model's per-layer "
-    "config are not sized here; its key conversions are checked by tests/test_conversion_names.py"
-)
 # Supported types this matrix does not build, and why.
 SKIPPED: dict[str, str] = {
-    **{t: _MULTIMODAL for t in ("dots3_note",)},
-    "dots3_note_text": "heterogeneous per-layer config (per_layer_config): the tester defaults do not size it",
     "mimo_v2_flash": "tiny config fails on CPU: attention sinks sized from the default head count (size mismatch)",
     "gemma4_unified_assistant": "composite config (a Gemma 4 text_config of vocab 262144, backbone_hidden_size 3840): "
     "the tester defaults do not size it (transformers 5.24)",
@@ -309,10 +368,11 @@ def supported_types() -> list[str]:
     return types
 
 
-def tiny_config(model_type: str) -> Any:
+def tiny_config(model_type: str, **sizes: Any) -> Any:
     """The tester-sized config of ``model_type``: defaults where the config has the field, then ``OVERRIDES``
-    (for a ``MULTIMODAL`` type: its text type's, with the tester's vision tower)."""
-    from transformers import AutoConfig
+    (for a ``MULTIMODAL`` type: its text type's, with the tester's vision tower). ``sizes`` (``TP4_HEADS``) size a
+    ``PER_LAYER`` text config at construction; other types take them from ``make_tiny_checkpoint`` afterwards."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if model_type in MULTIMODAL:
         text_type, fields = MULTIMODAL[model_type]
@@ -320,11 +380,23 @@ def tiny_config(model_type: str) -> Any:
             text_default = AutoConfig.for_model(model_type).text_config
             text = {key: value for key, value in TESTER_DEFAULTS.items() if hasattr(text_default, key)}
         else:
-            text = tiny_config(text_type).to_dict()
+            text = tiny_config(text_type, **sizes).to_dict()
+        # towers whose adapter writes into the text embeddings (dots3_note's): its width is the text hidden size
+        towers = CONFIG_MAPPING[model_type].sub_configs
+        fields = {
+            key: {**value, "adapter_out_dim": text["hidden_size"]}
+            if hasattr(towers.get(key), "adapter_out_dim")
+            else value
+            for key, value in fields.items()
+        }
         config = AutoConfig.for_model(model_type, text_config=text, **fields)
         for key in fields:
             if key.endswith("_config"):
                 _no_dropout(getattr(config, key))
+        return config
+    if model_type in PER_LAYER:
+        config = AutoConfig.for_model(model_type, **PER_LAYER[model_type](**sizes))
+        _no_dropout(config)
         return config
     default = AutoConfig.for_model(model_type)
     fields = {key: value for key, value in TESTER_DEFAULTS.items() if hasattr(default, key)}
@@ -352,9 +424,11 @@ def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, **overrides
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **overrides)
     text = config.get_text_config()  # the overrides size the text model (of a multimodal config too)
     for key, value in overrides.items():
+        if key in (getattr(text, "per_layer_attributes", None) or ()):
+            continue  # a heterogeneous config's per-layer attribute: sized at construction by tiny_config
         if hasattr(text, key):
             setattr(text, key, value)
     if hasattr(config, "vision_config") and hasattr(config.vision_config, "out_hidden_size"):
