@@ -41,15 +41,15 @@ class Dtype:
         return 8 // self.bits if self.bits < 8 else 1
 
 
-# safetensors' own names (``Dtype`` in its Rust crate; F8_E8M0 and F4 since 0.6), widest floats first: the order of
-# ``--dtype``'s choices after "auto".
+# safetensors' own names (``Dtype`` in its Rust crate; F8_E8M0 and F4 since 0.6). The model dtypes come first, in
+# the order messages and ``--dtype``'s choices list them.
 DTYPES: dict[str, Dtype] = {
     d.name: d
     for d in (
-        Dtype("F64", 64, "float64", castable=True),
         Dtype("F32", 32, "float32", castable=True, stored_as="float32"),
         Dtype("BF16", 16, "bfloat16", castable=True, stored_as="bfloat16"),
         Dtype("F16", 16, "float16", castable=True, stored_as="float16"),
+        Dtype("F64", 64, "float64", castable=True),
         Dtype("F8_E4M3", 8, "float8_e4m3fn"),
         Dtype("F8_E5M2", 8, "float8_e5m2"),
         Dtype("F8_E8M0", 8, "float8_e8m0fnu"),
