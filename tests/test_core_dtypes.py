@@ -123,8 +123,9 @@ def _replace(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def test_e8m0_and_f4_convert_and_validate(tmp_path: Path) -> None:
     """A checkpoint holding an F8_E8M0 and an F4 tensor (as safetensors writes them) converts at tp 2: the
-    manifest validates, each slice is safetensors' own slice of the source, and ``verify`` passes; an F4 weight
-    cut along its last dim (rowwise) is refused with exit 5, naming it."""
+    manifest validates, each slice is safetensors' own slice of the source, ``verify`` passes, re-sharding to tp 1
+    and consolidating give the source's bytes back; an F4 weight cut along its last dim (rowwise) is refused with
+    exit 5, naming it."""
     pytest.importorskip("transformers")
     from reshard.commands.convert import run
     from reshard.manifests import read_manifest
@@ -159,6 +160,15 @@ def test_e8m0_and_f4_convert_and_validate(tmp_path: Path) -> None:
 
     verified = reshard_cli("verify", str(out))
     assert verified.returncode == 0, verified.stderr
+    resharded, back = tmp_path / "tp1", tmp_path / "back"  # from the artifact alone, then whole again
+    assert reshard_cli("--tp", "1", str(out), "-o", str(resharded), "--quiet").returncode == 0
+    consolidated = reshard_cli("consolidate", str(resharded), "-o", str(back), "--quiet")
+    assert consolidated.returncode == 0, consolidated.stderr
+    with safe_open(file, "pt") as original, safe_open(back / "model.safetensors", "pt") as again:
+        assert set(again.keys()) == set(original.keys())
+        for name in original.keys():  # noqa: SIM118 (safe_open is no dict)
+            assert again.get_slice(name).get_dtype() == original.get_slice(name).get_dtype(), name
+            assert torch.equal(again.get_tensor(name).view(torch.uint8), original.get_tensor(name).view(torch.uint8))
 
     down = "model.layers.0.mlp.down_proj.weight"
     with safe_open(file, "pt") as handle:
