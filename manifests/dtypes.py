@@ -76,11 +76,6 @@ STORED_DTYPES: dict[str, str | None] = {
 }
 
 
-def dtype_of(name: str) -> Dtype:
-    """The table's entry for safetensors dtype ``name`` (``KeyError`` for an unknown one: callers check first)."""
-    return DTYPES[name]
-
-
 def nbytes(dtype: str, shape: Sequence[int]) -> int:
     """Bytes of a tensor of ``shape`` in ``dtype``; a sub-byte tensor that does not end on a byte boundary is refused,
     as safetensors refuses it (an F4 tensor of 3 elements is 12 bits: no file can hold it)."""
