@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from reshard.loaders.consensus import agreed
 from reshard.loaders.state_dict import CASTABLE, DeviceArg, DtypeArg, LoadedArtifact, cast_tensor, open_artifact
 from reshard.loaders.versions import check_release
+from reshard.manifests.dtypes import DTYPES
 from reshard.manifests.errors import ManifestError
 
 if TYPE_CHECKING:
@@ -208,9 +209,7 @@ def model_dtype(config: Any, artifact: LoadedArtifact) -> torch.dtype:
             f"{artifact.root}/config.json: dtype {config.dtype} is not a dtype a model can be built in; pass a "
             "floating dtype= (float32, bfloat16, float16)"
         )
-    if configured != artifact.dtype and any(
-        t.dtype in ("F64", "F32", "F16", "BF16") for t in artifact.manifest.tensors
-    ):
+    if configured != artifact.dtype and any(DTYPES[t.dtype].castable for t in artifact.manifest.tensors):
         name = str(configured).removeprefix("torch.")
         logger.warning(
             "%s: config.json builds the model in %s (as transformers' dtype=\"auto\" does) over %s weights: they are "

@@ -9,7 +9,6 @@ expert-parallel artifact the experts' tensors (placement mesh ``ep``) go on the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -40,9 +39,9 @@ from reshard.loaders.rank_file import RankFile, open_rank_file
 from reshard.loaders.regrid import regrid_refusal, regrid_tensors
 from reshard.loaders.tensors import torch_dtype
 from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
+from reshard.manifests.dtypes import DTYPES
 from reshard.manifests.errors import FileFormatError, IntegrityError, ManifestError, MeshError, ReshardError
 from reshard.manifests.hashing import hash_bytes
-from reshard.manifests.safetensors import ITEMSIZES
 
 logger = logging.getLogger(__name__)
 
@@ -246,11 +245,14 @@ def check_dtype(manifest: Manifest, dtype: DtypeArg, origin: str) -> torch.dtype
     """
     sizes: Counter[torch.dtype] = Counter()
     for tensor in manifest.tensors:
-        if tensor.dtype not in ITEMSIZES:
+        if tensor.dtype not in DTYPES:
             raise ManifestError(f"{origin}: tensor {tensor.name!r} has unknown dtype {tensor.dtype!r}")
-        dtype_of_tensor, itemsize = torch_dtype(tensor.dtype), ITEMSIZES[tensor.dtype]
+        if DTYPES[tensor.dtype].per_torch_element > 1:
+            # its torch dtype holds element pairs: the manifest's shapes are not the DTensor's; refused, not guessed
+            raise ReshardError(f"{origin}: tensor {tensor.name!r} is {tensor.dtype}, which the runtime cannot load yet")
+        dtype_of_tensor = torch_dtype(tensor.dtype)
         if dtype_of_tensor.is_floating_point:
-            sizes[dtype_of_tensor] += math.prod(tensor.shape) * itemsize
+            sizes[dtype_of_tensor] += tensor.nbytes
     stored = sizes.most_common(1)[0][0] if sizes else torch.get_default_dtype()
     if dtype is None or dtype == "auto":
         return stored
@@ -268,7 +270,8 @@ def check_dtype(manifest: Manifest, dtype: DtypeArg, origin: str) -> torch.dtype
     return requested
 
 
-CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float8 is quantized data: never cast
+# The dtypes a model is built in, which dtype= may cast to and from (float8 is quantized data: never cast).
+CASTABLE = tuple(torch_dtype(d.name) for d in DTYPES.values() if d.castable)
 
 
 def cast_floating(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

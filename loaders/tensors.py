@@ -11,27 +11,20 @@ import warnings
 
 import torch
 
-from reshard.manifests.safetensors import HeaderEntry, itemsize
-
-_TORCH_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
+from reshard.manifests.dtypes import DTYPES
+from reshard.manifests.safetensors import HeaderEntry
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name."""
-    return getattr(torch, _TORCH_NAMES[dtype])
+    return getattr(torch, DTYPES[dtype].torch)
+
+
+def torch_shape(dtype: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` (safetensors' count of elements) in elements of the torch dtype: F4's ``float4_e2m1fn_x2`` holds a
+    pair, so its last dim is halved, as ``safe_open`` gives it."""
+    pairs = DTYPES[dtype].per_torch_element
+    return (*shape[:-1], shape[-1] // pairs) if pairs > 1 and shape else shape
 
 
 def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
@@ -61,13 +54,13 @@ def map_open(fd: int) -> torch.Tensor:
 
 def tensor_view(flat: torch.Tensor, entry: HeaderEntry) -> torch.Tensor:
     """The tensor ``entry`` describes, as a zero-copy view of the mapped file ``flat``."""
-    dtype = torch_dtype(entry.dtype)
+    dtype, shape = torch_dtype(entry.dtype), torch_shape(entry.dtype, entry.shape)
     raw = flat[entry.offset : entry.offset + entry.nbytes]
     if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
-    if entry.offset % itemsize(entry.dtype):
+        return torch.empty(shape, dtype=dtype)
+    if entry.offset % dtype.itemsize:
         raw = raw.clone()  # an unaligned tensor cannot be viewed in place; copy just this one
-    return raw.view(dtype).view(entry.shape)
+    return raw.view(dtype).view(shape)
 
 
 _MADV_WILLNEED = 3

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from reshard.manifests.dtypes import nbytes as tensor_nbytes
 from reshard.manifests.errors import FileFormatError
 
 FileName = str | Path
@@ -73,6 +74,11 @@ class StoredTensor:
     shape: tuple[int, ...]
     chunks: tuple[Chunk, ...]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor in its dtype (what its chunks together hold)."""
+        return tensor_nbytes(self.dtype, self.shape)
+
 
 def contiguous(file: FileName, offset: int, nbytes: int, label: str = "") -> tuple[Chunk, ...]:
     """A tensor stored whole and contiguous (a checkpoint tensor): one chunk, or none for an empty tensor."""
@@ -80,13 +86,13 @@ def contiguous(file: FileName, offset: int, nbytes: int, label: str = "") -> tup
 
 
 def row_major_chunks(
-    file: FileName, offset: int, shape: tuple[int, ...], itemsize: int, dim: int,
+    file: FileName, offset: int, shape: tuple[int, ...], row: int, dim: int,
     ranges: Iterable[tuple[int, int]], label: str = "",
 ) -> tuple[Chunk, ...]:  # fmt: skip
     """The chunks of a slice stored row-major: global ``ranges`` of ``dim`` concatenated along ``dim`` (a rank's
-    slice in a rank file). Each range is one run per index of the dims before ``dim``."""
+    slice in a rank file). Each range is one run per index of the dims before ``dim``; ``row`` is the bytes per
+    index of ``dim`` (``dtypes.row_bytes``), so this needs no dtype."""
     outer, length = math.prod(shape[:dim]), shape[dim]
-    row = math.prod(shape[dim + 1 :]) * itemsize
     ranges = [(a, b) for a, b in ranges if b > a]
     local = sum(b - a for a, b in ranges)
     if local == length and ranges == sorted(ranges):  # the whole tensor, in its own order

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from reshard.manifests.dtypes import DTYPES, nbytes, row_bytes
 from reshard.manifests.errors import PlanError
-from reshard.manifests.manifest import Placement
-from reshard.manifests.safetensors import ITEMSIZES
+from reshard.manifests.manifest import Placement, TensorEntry
 
 PLAIN = Placement("plain")
 REPLICATE = Placement("replicate")
@@ -152,21 +152,41 @@ class TensorLayout:
     ranges: tuple[tuple[tuple[int, int], ...], ...]
     local_shapes: tuple[tuple[int, ...], ...]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor."""
+        return nbytes(self.dtype, self.shape)
+
+    def local_nbytes(self, rank: int) -> int:
+        """Bytes of ``rank``'s piece."""
+        return nbytes(self.dtype, self.local_shapes[rank])
+
 
 def tensor_layout(name: str, dtype: str, shape: tuple[int, ...], style: str | None, tp: int) -> TensorLayout:
-    """Compute where every byte of tensor ``name`` goes under ``style`` at ``tp``."""
+    """Compute where every byte of tensor ``name`` goes under ``style`` at ``tp``.
+
+    A sub-byte tensor (F4) cut where a rank's share would split bytes is refused here, before any byte is read.
+    """
     placement = placement_for(style, name, len(shape))
+    if placement.is_sharded:
+        assert placement.dim is not None
+        row_bytes(dtype, shape, placement.dim, name)
     ranges = tuple(tuple(rank_ranges(placement, shape, tp, rank)) for rank in range(tp))
     shapes = tuple(local_shape(placement, shape, list(r)) for r in ranges)
     return TensorLayout(name, dtype, shape, style, placement, ranges, shapes)
 
 
-def file_order(layouts: list[TensorLayout], itemsize: dict[str, int]) -> list[TensorLayout]:
+def file_order(layouts: list[TensorLayout]) -> list[TensorLayout]:
     """The order tensors take in every rank file: widest dtype first (keeps each tensor aligned), then by name.
 
     safetensors forbids gaps between tensors, so alignment comes from ordering, as safetensors' own writer does.
     """
-    return sorted(layouts, key=lambda t: (-itemsize[t.dtype], t.name))
+    return sorted(layouts, key=file_order_key)
+
+
+def file_order_key(tensor: TensorLayout | TensorEntry) -> tuple[int, str]:
+    """A tensor's place in a rank file: widest dtype (most bits per element) first, then by name."""
+    return -DTYPES[tensor.dtype].bits, tensor.name
 
 
 @dataclass(frozen=True)
@@ -182,8 +202,7 @@ class Geometry:
         dim = layout.placement.dim if layout.placement.is_sharded else 0
         shape = layout.shape or (1,)  # a scalar is one row of one element
         assert dim is not None
-        row = math.prod(shape[dim + 1 :]) * ITEMSIZES[layout.dtype]
-        return cls(math.prod(shape[:dim]), shape[dim], row)
+        return cls(math.prod(shape[:dim]), shape[dim], row_bytes(layout.dtype, shape, dim, layout.name))
 
 
 def regrid_parts(

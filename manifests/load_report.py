@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from reshard.manifests.safetensors import ITEMSIZES
+from reshard.manifests.dtypes import DTYPES
 
 if TYPE_CHECKING:
     from reshard.manifests.typed_json import Fields
@@ -115,11 +115,14 @@ def parse_load_report(f: Fields, value: Any) -> LoadReport | None:
         if unknown := sorted(set(entry) - {"name", "dtype", "shape", "reason"}):
             f.fail(f"{path}.{unknown[0]}", "unknown field")
         dtype = f.string(f.req(entry, "dtype", path), f"{path}.dtype")
-        if dtype not in ITEMSIZES:
+        if dtype not in DTYPES:
             f.fail(f"{path}.dtype", f"unknown dtype {dtype!r}")
         dims = f.array(f.req(entry, "shape", path), f"{path}.shape", 16)
         shape = tuple(f.integer(d, f"{path}.shape[{k}]") for k, d in enumerate(dims))
-        if math.prod(shape) * ITEMSIZES[dtype] > 2**62:
+        bits = math.prod(shape) * DTYPES[dtype].bits
+        if bits % 8:
+            f.fail(f"{path}.shape", f"{list(shape)} of {dtype} is {bits} bits, not a whole number of bytes")
+        if bits // 8 > 2**62:
             f.fail(f"{path}.shape", "too many bytes")
         reason = f.string(f.req(entry, "reason", path), f"{path}.reason")
         if reason not in UNUSED_REASONS:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from reshard.manifests.dtypes import nbytes
 from reshard.manifests.errors import ManifestError
 from reshard.manifests.load_report import LoadReport
 from reshard.manifests.pipeline import Pipeline
@@ -89,6 +90,15 @@ class TensorEntry:
 
     def slice_for(self, tp_rank: int) -> RankSlice:
         return self.slices[tp_rank]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor."""
+        return nbytes(self.dtype, self.shape)
+
+    def slice_nbytes(self, tp_rank: int) -> int:
+        """Bytes of tp rank ``tp_rank``'s slice, as its rank file stores it."""
+        return nbytes(self.dtype, self.slices[tp_rank].shape)
 
     def on_stage(self, stage: int) -> bool:
         return self.stages is None or stage in self.stages

@@ -7,11 +7,9 @@ manifest's artifact: a rank file from another conversion is refused even when it
 
 from __future__ import annotations
 
-import math
-
 from reshard.manifests.errors import shown
 from reshard.manifests.manifest import Manifest
-from reshard.manifests.safetensors import ITEMSIZES, SafetensorsHeader
+from reshard.manifests.safetensors import SafetensorsHeader
 
 ARTIFACT_KEY = "reshard.artifact"  # the rank file's __metadata__ key holding its manifest's artifact id
 
@@ -22,7 +20,7 @@ def data_offsets(manifest: Manifest, rank: int) -> dict[str, tuple[int, int]]:
     out, offset = {}, 0
     tp_rank = manifest.tp_rank_of(rank)
     for tensor in manifest.held_by(rank):
-        nbytes = math.prod(tensor.slices[tp_rank].shape) * ITEMSIZES[tensor.dtype]
+        nbytes = tensor.slice_nbytes(tp_rank)
         out[tensor.name] = (offset, offset + nbytes)
         offset += nbytes
     return out

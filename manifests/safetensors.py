@@ -9,33 +9,14 @@ shape and ``[begin, end)`` byte range relative to the start of the data.
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from reshard.manifests.dtypes import DTYPES, MODEL_DTYPES, nbytes
 from reshard.manifests.errors import FileFormatError
-
-# safetensors dtype name -> bytes per element (the runtime's loaders/tensors.py maps them to torch dtypes).
-ITEMSIZES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-
-# The floating dtypes a model is built in (torch's names): float8 is quantized data, never a model's dtype.
-MODEL_DTYPES: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def weights_dtype(dtypes_by_name: dict[str, str]) -> str | None:
@@ -74,11 +55,6 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     data_start: int
     file_size: int
-
-
-def itemsize(dtype: str) -> int:
-    """Bytes per element of a safetensors dtype name."""
-    return ITEMSIZES[dtype]
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -184,14 +160,17 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise FileFormatError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEMSIZES:
+    if dtype not in DTYPES:
         raise FileFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise FileFormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
         raise FileFormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
-    expected = math.prod(shape) * itemsize(dtype)
+    try:
+        expected = nbytes(dtype, shape)
+    except FileFormatError as exc:
+        raise FileFormatError(f"{path}: tensor {name!r}: {exc}") from None
     if end - begin != expected or begin < 0:
         raise FileFormatError(
             f"{path}: tensor {name!r} header lies about its size: {dtype}{shape} needs {expected} bytes, "
@@ -221,9 +200,9 @@ def encode_header(
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for name, dtype, shape in tensors:
-        nbytes = math.prod(shape) * itemsize(dtype)
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        size = nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % align)  # for align=8 this is -len(raw) % 8
     return struct.pack("<Q", len(raw)) + raw

@@ -12,11 +12,11 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+from reshard.manifests.dtypes import DTYPES
 from reshard.manifests.errors import ManifestError, shown
 from reshard.manifests.load_report import parse_load_report
 from reshard.manifests.manifest import FileEntry, Manifest, Placement, RankSlice, SourceInfo, TensorEntry
 from reshard.manifests.pipeline import Pipeline
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 
 MAX_RANKS = 65536  # tp (and world size) bound, checked before any per-rank list is built
@@ -194,10 +194,13 @@ def _shape(f: Fields, value: Any, path: str) -> tuple[int, ...]:
 def _tensor(f: Fields, value: Any, path: str) -> TensorEntry:
     data = f.obj(value, path)
     dtype = f.string(f.req(data, "dtype", path), f"{path}.dtype")
-    if dtype not in ITEMSIZES:
-        f.fail(f"{path}.dtype", f"unknown dtype {dtype!r}; known: {sorted(ITEMSIZES)}")
+    if dtype not in DTYPES:
+        f.fail(f"{path}.dtype", f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     shape = _shape(f, f.req(data, "shape", path), f"{path}.shape")
-    if math.prod(shape) * ITEMSIZES[dtype] > MAX_BYTES:
+    bits = math.prod(shape) * DTYPES[dtype].bits
+    if bits % 8:
+        f.fail(f"{path}.shape", f"{list(shape)} of {dtype} is {bits} bits, not a whole number of bytes")
+    if bits // 8 > MAX_BYTES:
         f.fail(f"{path}.shape", f"{list(shape)} of {dtype} exceeds {MAX_BYTES} bytes")
     slices = f.array(f.req(data, "slices", path), f"{path}.slices", MAX_RANKS)
     stages = data.get("stages")

@@ -12,13 +12,12 @@ expected [int, int], got "x"``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 from reshard.manifests.claims import claims_problem, config_problem
-from reshard.manifests.errors import ManifestError, PlanError, shown
-from reshard.manifests.layout import STYLES, tensor_layout
+from reshard.manifests.errors import ManifestError, PlanError, ShardabilityError, shown
+from reshard.manifests.layout import STYLES, file_order_key, tensor_layout
 from reshard.manifests.load_report import load_report_problem
 from reshard.manifests.manifest import (
     DIGEST_FIELD,
@@ -32,7 +31,6 @@ from reshard.manifests.manifest import (
     resolve_in,
 )
 from reshard.manifests.pipeline import Pipeline
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.typed_json import HEX32, Fields, typed_manifest
 
 
@@ -92,10 +90,9 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
         names.add(tensor.name)
         _check_tensor(f, tensor, tp, path)
         _check_stages(f, tensor, manifest.pipeline, path)
-        itemsize = ITEMSIZES[tensor.dtype]
         for stage in tensor.stages if tensor.stages is not None else range(manifest.pp):
             for piece in tensor.slices:
-                rank_bytes[stage * tp + piece.rank] += math.prod(piece.shape) * itemsize
+                rank_bytes[stage * tp + piece.rank] += tensor.slice_nbytes(piece.rank)
     known = {t.name: (t.dtype, t.shape) for t in manifest.tensors}
     if (report := manifest.load_report) is not None:
         other_files = {entry.path for entry in manifest.files if entry.rank is None}
@@ -107,7 +104,7 @@ def check_manifest(manifest: Manifest, origin: str = MANIFEST_NAME) -> None:
     if problem := claims_problem(manifest):
         f.fail(*problem)
     _check_interleaved(f, manifest)
-    keys = [(-ITEMSIZES[t.dtype], t.name) for t in manifest.tensors]
+    keys = [file_order_key(t) for t in manifest.tensors]
     if keys != sorted(keys):
         f.fail("tensors", "not in rank-file order (widest dtype first, then by name)")
     for entry in manifest.files:
@@ -217,7 +214,7 @@ def _check_tensor(f: Fields, tensor: TensorEntry, tp: int, path: str) -> None:
             f.fail(f"{path}.slices[{rank}].rank", f"expected {rank}, got {piece.rank}")
     try:
         layout = tensor_layout(tensor.name, tensor.dtype, tensor.shape, tensor.style, tp)
-    except PlanError as exc:
+    except (PlanError, ShardabilityError) as exc:
         f.fail(path, str(exc))
     if tensor.placement != layout.placement:
         f.fail(

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from reshard.commands.default_group import DefaultToConvert
+from reshard.manifests.dtypes import STORED_DTYPES
 from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError, SourceError
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
@@ -121,7 +122,7 @@ def cli() -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),  # request.STORED_DTYPES
+    type=click.Choice(list(STORED_DTYPES)),
     default="auto",
     show_default=True,
     help="Store floating tensors in this dtype (cast like torch's .to), the one the runtime will load them in, "

@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reshard.manifests.dtypes import STORED_DTYPES
 from reshard.manifests.errors import ReshardError
 
-# ``--dtype`` choices -> the safetensors dtype floating tensors are stored in ("auto": each as in the source)
-STORED_DTYPES: dict[str, str | None] = {"auto": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+__all__ = ["STORED_DTYPES", "ConversionRequest"]  # STORED_DTYPES: the ``--dtype`` choices, from the dtype table
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def sliced(shape: tuple[int, int, int], style: str, tp: int, seed: int) -> tuple
     for rank, ranges in enumerate(layout.ranges):
         local = np.concatenate([tensor[:, a:b, :] for a, b in ranges], axis=1) if ranges else tensor[:, :0, :]
         files[f"rank{rank}"] = local.tobytes()
-        chunks += row_major_chunks(f"rank{rank}", 0, shape, ITEMSIZE, 1, ranges)
+        chunks += row_major_chunks(f"rank{rank}", 0, shape, shape[2] * ITEMSIZE, 1, ranges)
     return tensor.tobytes(), files, tuple(chunks)
 
 

@@ -54,8 +54,8 @@ def test_strided_moves_de_interleave_blocks_from_whole_or_sliced_sources(seed: i
         for name, (a, b) in (("a", (0, half)), ("b", (half, rows))):
             files[name] = b"".join(data[(e * rows + a) * row : (e * rows + b) * row] for e in range(experts))
         shape = (experts, rows, row)
-        source = row_major_chunks("a", 0, shape, 1, 1, [(0, half)]) + row_major_chunks(
-            "b", 0, shape, 1, 1, [(half, rows)]
+        source = row_major_chunks("a", 0, shape, row, 1, [(0, half)]) + row_major_chunks(
+            "b", 0, shape, row, 1, [(half, rows)]
         )
     block = rng.choice([b for b in range(2, rows + 1, 2) if rows % b == 0])
     record = Interleaved("w13", 1, (block,) * (rows // block))

@@ -8,15 +8,14 @@ every tensor equals the original bit for bit.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from reshard.manifests import Manifest, resolve_in
+from reshard.manifests.dtypes import nbytes
 from reshard.manifests.errors import OutputExistsError
 from reshard.manifests.layout import Geometry, TensorLayout, file_order, tensor_layout
 from reshard.manifests.progress import progress_bar
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.planning.unused import unused_tensors
 from reshard.source.artifact import InputCheck, artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME
@@ -51,7 +50,7 @@ def consolidate(
     inputs = InputCheck(root, manifest)  # every input byte checked against the manifest before promotion
     files = OpenFiles()
     unused = manifest.load_report.unused if manifest.load_report and manifest.load_report.unused_file else ()
-    total = sum(math.prod(t.shape) * ITEMSIZES[t.dtype] for t in [*manifest.tensors, *unused])
+    total = sum(nbytes(t.dtype, t.shape) for t in [*manifest.tensors, *unused])
     try:
         outputs = _checkpoint_tensors(root, manifest, files)
         shards = _group_into_shards([outputs[name] for name in sorted(outputs)], max_shard_bytes)
@@ -67,7 +66,7 @@ def consolidate(
                     if len(shards) == 1
                     else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
-                layouts = file_order([layout for layout, _ in shard], ITEMSIZES)
+                layouts = file_order([layout for layout, _ in shard])
                 readers = {layout.name: reader for layout, reader in shard}
                 write_rank_files(
                     layouts, readers, {0: staging / name}, metadata={"format": "pt"}, on_bytes=bar.update,
@@ -136,10 +135,9 @@ def _group_into_shards(
     shards: list[list[tuple[TensorLayout, ChunkReader]]] = [[]]
     size = 0
     for layout, reader in tensors:
-        nbytes = math.prod(layout.shape) * ITEMSIZES[layout.dtype]
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + layout.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((layout, reader))
-        size += nbytes
+        size += layout.nbytes
     return shards

@@ -17,6 +17,7 @@ from typing import Any
 import reshard
 from reshard.manifests import FileEntry, SourceInfo, resolve_in
 from reshard.manifests.chunks import StoredTensor
+from reshard.manifests.dtypes import DTYPES, STORED_DTYPES
 from reshard.manifests.errors import PlanError, ReshardError, ShardabilityError
 from reshard.manifests.hashing import hash_bytes
 from reshard.manifests.layout import TensorLayout, file_order, tensor_layout
@@ -24,13 +25,12 @@ from reshard.manifests.load_report import LoadReport
 from reshard.manifests.pipeline import Pipeline
 from reshard.manifests.plans import UNRECORDED_VERSION, plan_for_config, plans_version
 from reshard.manifests.preflight import config_pipeline, require_expert_parallel, require_shardable, tied_embeddings
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Transforms
 from reshard.planning.conversions import converted
 from reshard.planning.model_keys import meta_model
 from reshard.planning.tp_plan import assign_styles, load_plan, merged_plan, split_expert_parallel
 from reshard.planning.unused import checked_table
-from reshard.request import STORED_DTYPES, ConversionRequest
+from reshard.request import ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import artifact_config, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
@@ -266,14 +266,11 @@ def _layouts(
 ) -> list[TensorLayout]:
     """Every tensor laid out at ``tp``, in file order, in its stored dtype (``dtypes``, else the source's)."""
     dtypes = dtypes or {}
-    return file_order([_layout(t, styles[t.name], tp, dtypes.get(t.name)) for t in table.values()], ITEMSIZES)
+    return file_order([_layout(t, styles[t.name], tp, dtypes.get(t.name)) for t in table.values()])
 
 
 def _layout(tensor: StoredTensor, style: str | None, tp: int, dtype: str | None = None) -> TensorLayout:
     return tensor_layout(tensor.name, dtype or tensor.dtype, tensor.shape, style, tp)
-
-
-CASTABLE = ("F64", "F32", "F16", "BF16")  # float8 tensors are quantized data (with scales): never cast
 
 
 def stored_dtypes(table: Table, config: dict[str, Any], dtype: str) -> dict[str, str]:
@@ -291,7 +288,7 @@ def stored_dtypes(table: Table, config: dict[str, Any], dtype: str) -> dict[str,
     dtypes = {}
     for name, tensor in table.items():
         wanted = "F32" if kept is not None and kept.search(name) else target
-        if tensor.dtype in CASTABLE and tensor.dtype != wanted:
+        if DTYPES[tensor.dtype].castable and tensor.dtype != wanted:
             dtypes[name] = wanted
     return dtypes
 

@@ -16,7 +16,7 @@ from reshard.manifests.chunks import StoredTensor, contiguous
 from reshard.manifests.errors import IntegrityError, ReshardError, SourceError
 from reshard.manifests.layout import Geometry, file_order, tensor_layout
 from reshard.manifests.load_report import UNUSED_FILE, LoadReport
-from reshard.manifests.safetensors import ITEMSIZES, read_header
+from reshard.manifests.safetensors import read_header
 from reshard.planning.load_check import LoadCheck, check_load
 from reshard.planning.model_keys import ModelKeys, model_keys
 from reshard.transforms import Table
@@ -71,7 +71,7 @@ def write_unused(unused: Table, folder: Path, durable: bool = True) -> FileEntry
 
     if not unused:
         return None
-    layouts = file_order([tensor_layout(n, t.dtype, t.shape, None, 1) for n, t in unused.items()], ITEMSIZES)
+    layouts = file_order([tensor_layout(n, t.dtype, t.shape, None, 1) for n, t in unused.items()])
     files = OpenFiles()
     try:
         readers = {layout.name: ChunkReader(files, unused[layout.name], Geometry.of(layout)) for layout in layouts}

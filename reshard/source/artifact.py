@@ -11,10 +11,11 @@ from pathlib import Path
 
 from reshard.manifests import MANIFEST_NAME, Manifest, read_manifest, resolve_in
 from reshard.manifests.chunks import StoredTensor, contiguous, row_major_chunks
+from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import IntegrityError
 from reshard.manifests.hashing import hash_file, hash_open, hash_regions
 from reshard.manifests.rank_header import rank_header_problems
-from reshard.manifests.safetensors import ITEMSIZES, read_header, read_header_at
+from reshard.manifests.safetensors import read_header, read_header_at
 from reshard.transforms import Table
 
 
@@ -41,9 +42,10 @@ def artifact_tensors(root: Path, manifest: Manifest) -> Table:
             entry = header.tensors[tensor.name]
             if tensor.placement.is_sharded:
                 assert tensor.placement.dim is not None
-                dim, itemsize = tensor.placement.dim, ITEMSIZES[tensor.dtype]
+                dim = tensor.placement.dim
+                row = row_bytes(tensor.dtype, tensor.shape, dim, tensor.name)
                 chunks.extend(
-                    row_major_chunks(header.path, entry.offset, tensor.shape, itemsize, dim, piece.ranges, tensor.name)
+                    row_major_chunks(header.path, entry.offset, tensor.shape, row, dim, piece.ranges, tensor.name)
                 )
             else:
                 chunks.extend(contiguous(header.path, entry.offset, entry.nbytes, tensor.name))

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reshard.manifests.chunks import Chunk, StoredTensor, contiguous, row_major_chunks
+from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import FileFormatError, SourceError
 from reshard.manifests.preflight import text_config
-from reshard.manifests.safetensors import ITEMSIZES, HeaderEntry, read_header
+from reshard.manifests.safetensors import HeaderEntry, read_header
 from reshard.source.checkpoint import Checkpoint, extra_files, open_checkpoint, read_model_config
 from reshard.transforms import Table
 
@@ -203,7 +204,7 @@ def _stored(root: Path, name: str, parts: list[_Slice]) -> StoredTensor:
             raise SourceError(
                 f"{part.file}: tensor {name!r} dim {dim} {start}..{stop} overlaps {held[index - 1].file.name}"
             )
-        itemsize = ITEMSIZES[dtype]
-        chunks.extend(row_major_chunks(part.file, part.entry.offset, shape, itemsize, dim, [(start, stop)], name))
+        row = row_bytes(dtype, shape, dim, name)
+        chunks.extend(row_major_chunks(part.file, part.entry.offset, shape, row, dim, [(start, stop)], name))
         position = stop
     return StoredTensor(name, dtype, shape, tuple(chunks))  # the last slice reaches shape[dim]: shape is its extent

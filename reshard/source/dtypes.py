@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from reshard.manifests.dtypes import MODEL_DTYPES
 from reshard.manifests.errors import SourceError, shown
 
 # torch's floating dtypes a model can be built in (and torch's aliases of them); any other name fails in
 # transformers: float8 and integers cannot be torch's default dtype, other strings are no torch attribute.
-MODEL_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+MODEL_DTYPE_NAMES = tuple(MODEL_DTYPES.values())
 _ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
 
 

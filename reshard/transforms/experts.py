@@ -10,13 +10,12 @@ at its offset, and splitting is taking each part's byte range back: no fused ten
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 from reshard.manifests.chunks import StoredTensor, remapped, shifted
+from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import PlanError, SourceError
 from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import FusedTensor
 from reshard.transforms import Table
 
@@ -60,7 +59,7 @@ def forward(table: Table, converters: tuple[ConverterRecord, ...]) -> tuple[Tabl
             target = prefix + converter.targets[0]
             names = _ordered_parts(target, experts, len(converter.sources))
             remaining[target] = _fuse(target, [remaining[n] for n in names], len(experts), len(converter.sources))
-            fused[target] = FusedTensor(tuple((n, _nbytes(remaining[n])) for n in names))
+            fused[target] = FusedTensor(tuple((n, remaining[n].nbytes) for n in names))
             for name in names:
                 del remaining[name]
     return remaining, fused
@@ -76,21 +75,17 @@ def reverse(table: Table, fused: dict[str, FusedTensor]) -> Table:
             continue
         if len(tensor.shape) < 2 or len(record.parts) % tensor.shape[0]:
             raise SourceError(f"{name}: {len(record.parts)} fused parts do not split over {tensor.shape[0]} experts")
-        row_bytes = math.prod(tensor.shape[2:]) * ITEMSIZES[tensor.dtype]
+        row = row_bytes(tensor.dtype, tensor.shape, 1, name)
         start = 0
         for key, nbytes in record.parts:
-            if nbytes % row_bytes:
-                raise SourceError(f"{name}: part {key!r} of {nbytes} bytes is not whole rows of {row_bytes} bytes")
+            if nbytes % row:
+                raise SourceError(f"{name}: part {key!r} of {nbytes} bytes is not whole rows of {row} bytes")
             chunks = remapped(tensor.chunks, [(0, start, nbytes)])
-            out[key] = StoredTensor(key, tensor.dtype, (nbytes // row_bytes, *tensor.shape[2:]), chunks)
+            out[key] = StoredTensor(key, tensor.dtype, (nbytes // row, *tensor.shape[2:]), chunks)
             start += nbytes
-        if start != _nbytes(tensor):
-            raise SourceError(f"{name}: its parts hold {start} bytes, the fused tensor {_nbytes(tensor)}")
+        if start != tensor.nbytes:
+            raise SourceError(f"{name}: its parts hold {start} bytes, the fused tensor {tensor.nbytes}")
     return out
-
-
-def _nbytes(tensor: StoredTensor) -> int:
-    return math.prod(tensor.shape) * ITEMSIZES[tensor.dtype]
 
 
 def _ordered_parts(target: str, experts: dict[int, dict[int, str]], parts: int) -> list[str]:
@@ -119,5 +114,5 @@ def _fuse(target: str, tensors: list[StoredTensor], experts: int, parts: int) ->
     chunks, position = [], 0
     for tensor in tensors:
         chunks.extend(shifted(tensor.chunks, position))
-        position += _nbytes(tensor)
+        position += tensor.nbytes
     return dataclasses.replace(first, name=target, shape=(experts, rows, *first.shape[1:]), chunks=tuple(chunks))

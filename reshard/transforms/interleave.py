@@ -27,10 +27,10 @@ import re
 from collections.abc import Callable
 
 from reshard.manifests.chunks import StoredTensor, StridedMove, strided_moved
+from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import ShardabilityError, SourceError
 from reshard.manifests.layout import placement_for, rank_ranges
 from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import Interleaved
 from reshard.transforms import Table
 
@@ -98,7 +98,7 @@ def _moves(tensor: StoredTensor, record: Interleaved) -> list[StridedMove]:
     shape, dim = tensor.shape, record.dim
     if dim >= len(shape) or sum(record.blocks) != shape[dim] or any(b % 2 for b in record.blocks):
         raise SourceError(f"{tensor.name}: blocks {list(record.blocks)} do not de-interleave {list(shape)}")
-    row = math.prod(shape[dim + 1 :]) * ITEMSIZES[tensor.dtype]
+    row = row_bytes(tensor.dtype, shape, dim, tensor.name)
     moves = []
     for outer in range(math.prod(shape[:dim])):
         start = outer * shape[dim]

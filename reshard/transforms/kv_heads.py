@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 from reshard.manifests.chunks import remapped
 from reshard.manifests.claims import KV_PROJECTIONS, is_kv_tensor
+from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import ShardabilityError
 from reshard.manifests.preflight import text_config
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import KvReplication
 from reshard.transforms import Table
 
@@ -52,7 +51,7 @@ def _mapped(table: Table, plan: dict[str, str], record: KvReplication, source_he
     for name, tensor in table.items():
         if not is_kv_tensor(name, plan):
             continue
-        head_bytes = record.head_dim * math.prod(tensor.shape[1:]) * ITEMSIZES[tensor.dtype]
+        head_bytes = record.head_dim * row_bytes(tensor.dtype, tensor.shape, 0, name)
         moves = [(j * head_bytes, h * head_bytes, head_bytes) for j, h in enumerate(source_heads)]
         shape = (len(source_heads) * record.head_dim, *tensor.shape[1:])
         out[name] = dataclasses.replace(tensor, shape=shape, chunks=remapped(tensor.chunks, moves))

@@ -20,13 +20,12 @@ Example (a [6, 4] float32 checkpoint tensor cut as ``Chunk(dim=0)`` into 3 model
 
 from __future__ import annotations
 
-import math
 import re
 
 from reshard.manifests.chunks import StoredTensor, remapped, shifted
+from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import SourceError
 from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import RowBlocks
 from reshard.transforms import Table
 
@@ -109,7 +108,7 @@ def join(name: str, parts: list[StoredTensor]) -> StoredTensor:
                 f"{first.dtype} {list(first.shape)} along dim 0"
             )
         chunks.extend(shifted(part.chunks, position))
-        position += math.prod(part.shape) * ITEMSIZES[part.dtype]
+        position += part.nbytes
     rows = sum(part.shape[0] for part in parts)
     return StoredTensor(name, first.dtype, (rows, *first.shape[1:]), tuple(chunks))
 
@@ -120,7 +119,7 @@ def cut(whole: StoredTensor, blocks: list[tuple[str, int]]) -> Table:
         raise SourceError(
             f"{whole.name}: blocks of {[rows for _, rows in blocks]} rows do not cut it ({list(whole.shape)})"
         )
-    row = math.prod(whole.shape[1:]) * ITEMSIZES[whole.dtype]
+    row = row_bytes(whole.dtype, whole.shape, 0, whole.name)
     out: Table = {}
     start = 0
     for name, rows in blocks:

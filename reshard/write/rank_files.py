@@ -8,7 +8,6 @@ independent, and file writes, ``preadv`` and xxh3 release the GIL, so the groups
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import xxhash
 
 from reshard.manifests.errors import OutputError
 from reshard.manifests.layout import TensorLayout
-from reshard.manifests.safetensors import encode_header, itemsize
+from reshard.manifests.safetensors import encode_header
 from reshard.write.engine import Streamer
 from reshard.write.os_calls import WriteBack, preallocate, write_all
 from reshard.write.reader import ChunkReader
@@ -78,7 +77,7 @@ class WrittenFile:
 
 def rank_bytes(layouts: list[TensorLayout], ranks: list[int]) -> int:
     """Tensor bytes the rank files of ``ranks`` hold together (what a progress bar counts)."""
-    return sum(math.prod(t.local_shapes[r]) * itemsize(t.dtype) for t in layouts for r in ranks)
+    return sum(t.local_nbytes(r) for t in layouts for r in ranks)
 
 
 MAX_THREADS = 4  # each has its own buffers; a few threads already saturate the page cache's copy bandwidth

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reshard.manifests.chunks import StoredTensor, column_runs, locate, merged
+from reshard.manifests.dtypes import DTYPES
 from reshard.manifests.errors import FileFormatError
 from reshard.manifests.layout import Geometry
-from reshard.manifests.safetensors import ITEMSIZES
 
 ColumnSpan = tuple["Span", tuple[tuple[int, int], ...]]  # a span and the global columns each of its rows holds
 
@@ -187,9 +187,6 @@ class ChunkReader:
         ]
 
 
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 @dataclass(frozen=True)
 class CastReader(ChunkReader):
     """Rows of a stored tensor converted to ``dtype`` (``reshard --dtype``): ``geometry`` is the written one.
@@ -205,7 +202,7 @@ class CastReader(ChunkReader):
     @property
     def _source(self) -> ChunkReader:
         g = self.geometry
-        row = g.row // ITEMSIZES[self.dtype] * ITEMSIZES[self.tensor.dtype]
+        row = g.row * DTYPES[self.tensor.dtype].bits // DTYPES[self.dtype].bits
         return ChunkReader(self.files, self.tensor, replace(g, row=row))
 
     def span(self, first: int, count: int, lo: int, hi: int) -> Span | None:
@@ -220,13 +217,13 @@ class CastReader(ChunkReader):
     def read(self, first: int, count: int, lo: int, hi: int, out: memoryview) -> None:
         import torch
 
-        nbytes = len(out) // ITEMSIZES[self.dtype] * ITEMSIZES[self.tensor.dtype]
+        nbytes = len(out) * DTYPES[self.tensor.dtype].bits // DTYPES[self.dtype].bits
         if not nbytes:
             return
         with memoryview(self.scratch(nbytes))[:nbytes] as raw:
             self._source.read(first, count, lo, hi, raw)
-            source = torch.frombuffer(raw, dtype=getattr(torch, _TORCH_NAMES[self.tensor.dtype]))
-            torch.frombuffer(out, dtype=getattr(torch, _TORCH_NAMES[self.dtype])).copy_(source)
+            source = torch.frombuffer(raw, dtype=getattr(torch, DTYPES[self.tensor.dtype].torch))
+            torch.frombuffer(out, dtype=getattr(torch, DTYPES[self.dtype].torch)).copy_(source)
             del source  # releases its export of raw before raw is released
 
 
@@ -235,9 +232,7 @@ def tensor_xxh3(tensor: StoredTensor, block: int = 8 * 1024 * 1024) -> str:
     import xxhash
 
     digest = xxhash.xxh3_128()
-    nbytes = ITEMSIZES[tensor.dtype]
-    for dim in tensor.shape:
-        nbytes *= dim
+    nbytes = tensor.nbytes
     files = OpenFiles()
     try:
         for lo in range(0, nbytes, block):
