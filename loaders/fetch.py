@@ -11,8 +11,10 @@ Cache layout (``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.ca
     SCHEME/BUCKET/PREFIX/MANIFEST_XXH3/   the artifact folder returned for SCHEME://BUCKET/PREFIX (s3, gs, az, ...)
         manifest.json, config.json, ..., rank-0000R-of-0000N.safetensors
         .reshard/                         per-file locks and verified markers
-    hf/ORG/NAME/MANIFEST_XXH3/            locks and markers for hf:// (the files live in the Hub's own cache)
-    models--ORG--NAME/                    hf:// files when a cache_dir is given (the Hub's layout; else HF_HUB_CACHE)
+    hf/ORG/NAME/MANIFEST_XXH3/            the artifact folder returned for hf://ORG/NAME: hard links to the Hub
+        manifest.json, ...                cache's verified blobs (copies if the caches are on two file systems)
+        .reshard/                         per-file locks and verified markers
+    models--ORG--NAME/                    the Hub cache when a cache_dir is given (else HF_HUB_CACHE)
 
 Keying the folder by the manifest's hash means a republished artifact never mixes with an older one.
 """
@@ -23,6 +25,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -236,7 +239,28 @@ def _fetch_hub(
                     f"{object_uri}: does not match the manifest's size {entry.size} and xxh3 {entry.xxh3}; "
                     "removed it from the Hub cache"
                 )
-    return snapshot
+            _link(blob, resolve_in(state, entry.path, manifest_uri))
+    with _locked(_state(state, MANIFEST_NAME, ".lock")):  # last: a folder with a manifest has this rank's files
+        if not ((state / MANIFEST_NAME).is_file() and (state / MANIFEST_NAME).read_bytes() == data):
+            atomic_write(state / MANIFEST_NAME, data, durable=False)
+    return state
+
+
+def _link(blob: Path, target: Path) -> None:
+    """Make ``target`` the verified Hub blob: a hard link (the bytes stay in the Hub cache only), or a copy where the
+    two caches are on different file systems. The Hub's snapshot entries are symlinks into its ``blobs`` folder,
+    outside the snapshot, where an artifact's files may not resolve."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(blob, target):
+            return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(blob, partial)
+    except OSError:  # another file system, or no hard links there
+        shutil.copyfile(blob, partial)
+    os.replace(partial, target)
 
 
 def _download(
