@@ -77,7 +77,7 @@ def _minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _read_ahead(state_dict: Any, how: str) -> None:
+def _read_ahead(rank_share: Any, how: str) -> None:
     """Prototype of a loader fix: have the rank file read in a background thread while transformers is imported.
 
     ``willneed``: ``posix_fadvise(POSIX_FADV_WILLNEED)`` on the file. ``populate``: ``madvise(MADV_POPULATE_READ)``
@@ -88,7 +88,7 @@ def _read_ahead(state_dict: Any, how: str) -> None:
 
     from reshard.manifests import resolve_in
 
-    original = state_dict.map_rank_file
+    original = rank_share.open_rank_file
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
@@ -107,13 +107,14 @@ def _read_ahead(state_dict: Any, how: str) -> None:
     def mapped_and_read_ahead(root: Any, manifest: Any, rank: int, **kwargs: Any) -> Any:
         if how == "willneed":
             threading.Thread(target=willneed, args=(resolve_in(root, manifest.rank_file(rank).path),)).start()
-        tensors = original(root, manifest, rank, **kwargs)
+        opened = original(root, manifest, rank, **kwargs)
+        tensors = opened.tensors
         if how == "populate" and tensors:
             storage = next(iter(tensors.values())).untyped_storage()  # every view shares the file's mapping
             threading.Thread(target=populate, args=(storage.data_ptr(), storage.nbytes()), daemon=True).start()
-        return tensors
+        return opened
 
-    state_dict.map_rank_file = mapped_and_read_ahead
+    rank_share.open_rank_file = mapped_and_read_ahead
 
 
 def main() -> None:
@@ -133,6 +134,7 @@ def main() -> None:
 
     import reshard.loaders.consensus as consensus
     import reshard.loaders.model as model_module
+    import reshard.loaders.rank_share as rank_share
     import reshard.loaders.state_dict as state_dict
 
     def transformers_imports() -> None:  # exactly _build_model's and _assign's imports
@@ -167,16 +169,16 @@ def main() -> None:
     model_module._build_model = timed_build
     for owner, attr, name in (
         (state_dict, "resolve_mesh", "init process group + device mesh"),
-        (state_dict, "read_manifest", "read manifest"),
+        (rank_share, "read_manifest", "read manifest"),
         (state_dict, "check_mesh", "check mesh"),
         (state_dict, "check_dtype", "check dtype"),
-        (state_dict, "map_rank_file", "map rank file (header check + mmap)"),
+        (rank_share, "open_rank_file", "map rank file (header check + mmap)"),
         (state_dict, "to_global", "DTensor.from_local (all tensors)"),
         (consensus, "_gather", "consensus all-gathers (agreed)"),
     ):
         phases.wrap(owner, attr, name)
     if args.prefetch != "none":
-        _read_ahead(state_dict, args.prefetch)
+        _read_ahead(rank_share, args.prefetch)
     marks = {"imports done": _now() - start}
     model = phases.run("load_model (total)", lambda: model_module.load_model(args.artifact))
     marks["model ready"] = _now() - start

@@ -11,7 +11,10 @@ Cache layout (``$RESHARD_CACHE``, else ``$XDG_CACHE_HOME/reshard``, else ``~/.ca
     SCHEME/BUCKET/PREFIX/MANIFEST_XXH3/   the artifact folder returned for SCHEME://BUCKET/PREFIX (s3, gs, az, ...)
         manifest.json, config.json, ..., rank-0000R-of-0000N.safetensors
         .reshard/                         per-file locks and verified markers
-    hf/ORG/NAME/MANIFEST_XXH3/            locks and markers for hf:// (the files live in the Hub's own cache)
+    hf/ORG/NAME/MANIFEST_XXH3/            the artifact folder returned for hf://ORG/NAME: hard links to the Hub
+        manifest.json, ...                cache's verified blobs (copies if the caches are on two file systems)
+        .reshard/                         per-file locks and verified markers
+    models--ORG--NAME/                    the Hub cache when a cache_dir is given (else HF_HUB_CACHE)
 
 Keying the folder by the manifest's hash means a republished artifact never mixes with an older one.
 """
@@ -22,6 +25,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ def fetch_artifact(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
+    revision: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Download what ``rank`` needs of the artifact at ``uri`` and return the local folder holding it.
@@ -54,9 +59,12 @@ def fetch_artifact(
         uri: any fsspec URL (``s3://BUCKET/PREFIX``, ``gs://``, ``az://``, ... with the scheme's package
             installed), ``hf://ORG/NAME[@REVISION]``, or a local folder (returned unchanged).
         rank: the rank file to fetch, or a function of the manifest returning it (e.g. the mesh check).
-        cache_dir: the reshard cache root (default: see the module docstring). hf:// files always go to the
-            Hub's cache (``HF_HUB_CACHE``); only reshard's markers and locks go here.
-        token: Hub token for hf:// (default: the logged-in one).
+        cache_dir: the reshard cache root (default: see the module docstring); for hf:// also the Hub cache the
+            files go to, as ``from_pretrained``'s ``cache_dir`` (without it: ``HF_HUB_CACHE``).
+        token: Hub token for hf:// (default: the logged-in one; ``False``: none). Buckets ignore it: they take
+            their credentials from their backend's settings.
+        revision: the Hub branch, tag or commit for hf:// (the same as ``@REVISION`` in ``uri``; both given, they
+            must agree). Refused for a bucket or a folder, which hold one artifact only.
         progress: show a byte progress bar while downloading (buckets; the Hub shows its own).
 
     Returns:
@@ -66,7 +74,8 @@ def fetch_artifact(
     Raises:
         IntegrityError: a downloaded file does not match the manifest's size or xxh3 (nothing is cached).
         ManifestError: the manifest is malformed, names a path outside the artifact, or has no such rank.
-        StorageError: the object is missing or unreadable, or the client for the scheme is not installed.
+        StorageError: the object is missing or unreadable, the client for the scheme is not installed, or
+            ``revision`` does not apply to ``uri``.
 
     Example:
         >>> folder = fetch_artifact("s3://bucket/models/SmolLM2-1.7B-tp8", rank=3)  # doctest: +SKIP
@@ -74,13 +83,27 @@ def fetch_artifact(
         ['config.json', 'manifest.json', 'rank-00003-of-00008.safetensors', ...]
     """
     text = os.fspath(uri)
-    location = parse_location(text)
+    location = at_revision(text, revision)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if isinstance(location, StoreLocation):
         return _fetch_store(location, rank, root, progress)
     if isinstance(location, HubLocation):
-        return _fetch_hub(location, rank, root, token)
+        hub_cache = os.fspath(cache_dir) if cache_dir is not None else None
+        return _fetch_hub(location, rank, root, token, hub_cache)
     return Path(text.removeprefix("file://"))
+
+
+def at_revision(uri: str, revision: str | None) -> HubLocation | StoreLocation | None:
+    """``parse_location(uri)`` with ``revision`` applied: a Hub location's revision (which an ``@REVISION`` in the
+    URI must not contradict); for anything else a revision is refused, since it would be silently ignored."""
+    location = parse_location(uri)
+    if revision is None:
+        return location
+    if not isinstance(location, HubLocation):
+        raise StorageError(f"{uri}: revision={revision!r} applies to hf:// artifacts only (this one has no revisions)")
+    if location.revision is not None and location.revision != revision:
+        raise StorageError(f"{uri}: revision={revision!r} contradicts the URI's @{location.revision}")
+    return HubLocation(location.repo_id, revision)
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -96,6 +119,7 @@ def refetch_rank_file(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
+    revision: str | None = None,
 ) -> Path:
     """Evict ``rank``'s cached file (and its marker) from ``folder`` if its bytes no longer match ``manifest``, then
     ``fetch_artifact`` again; return the folder.
@@ -104,7 +128,7 @@ def refetch_rank_file(
     changed on disk since (the marker compares size, mtime and inode, not bytes). The file is re-hashed under its
     lock first, so a copy another process sharing the cache has already replaced is kept rather than evicted twice.
     """
-    location = parse_location(os.fspath(uri))
+    location = at_revision(os.fspath(uri), revision)
     entry = manifest.rank_file(rank)
     if isinstance(location, StoreLocation):
         state = folder
@@ -120,7 +144,7 @@ def refetch_rank_file(
             blob.unlink(missing_ok=True)
             local.unlink(missing_ok=True)
             _marker(state, entry.path).unlink(missing_ok=True)
-    return fetch_artifact(uri, rank, cache_dir=cache_dir, token=token)
+    return fetch_artifact(uri, rank, cache_dir=cache_dir, token=token, revision=revision)
 
 
 def folder_identity(folder: Path) -> tuple[int, int] | None:
@@ -181,13 +205,15 @@ def _fetch_store(location: StoreLocation, rank: RankArg, root: Path, progress: b
     return folder
 
 
-def _fetch_hub(location: HubLocation, rank: RankArg, root: Path, token: str | bool | None) -> Path:
+def _fetch_hub(
+    location: HubLocation, rank: RankArg, root: Path, token: str | bool | None, hub_cache: str | None
+) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     def download(path: str, revision: str | None) -> Path:
         try:
-            return Path(hf_hub_download(location.repo_id, path, revision=revision, token=token))
+            return Path(hf_hub_download(location.repo_id, path, revision=revision, token=token, cache_dir=hub_cache))
         except (OSError, EntryNotFoundError) as exc:  # not found, no access, offline, network
             raise StorageError(f"{location.uri(path, revision)}: cannot download ({exc})") from exc
 
@@ -213,7 +239,28 @@ def _fetch_hub(location: HubLocation, rank: RankArg, root: Path, token: str | bo
                     f"{object_uri}: does not match the manifest's size {entry.size} and xxh3 {entry.xxh3}; "
                     "removed it from the Hub cache"
                 )
-    return snapshot
+            _link(blob, resolve_in(state, entry.path, manifest_uri))
+    with _locked(_state(state, MANIFEST_NAME, ".lock")):  # last: a folder with a manifest has this rank's files
+        if not ((state / MANIFEST_NAME).is_file() and (state / MANIFEST_NAME).read_bytes() == data):
+            atomic_write(state / MANIFEST_NAME, data, durable=False)
+    return state
+
+
+def _link(blob: Path, target: Path) -> None:
+    """Make ``target`` the verified Hub blob: a hard link (the bytes stay in the Hub cache only), or a copy where the
+    two caches are on different file systems. The Hub's snapshot entries are symlinks into its ``blobs`` folder,
+    outside the snapshot, where an artifact's files may not resolve."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(blob, target):
+            return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(blob, partial)
+    except OSError:  # another file system, or no hard links there
+        shutil.copyfile(blob, partial)
+    os.replace(partial, target)
 
 
 def _download(

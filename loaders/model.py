@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from reshard.loaders.consensus import agreed
+from reshard.loaders.options import LoadOptions
 from reshard.loaders.state_dict import CASTABLE, DeviceArg, DtypeArg, LoadedArtifact, cast_tensor, open_artifact
 from reshard.loaders.versions import check_release
 from reshard.manifests.dtypes import DTYPES
@@ -38,12 +39,15 @@ logger = logging.getLogger(__name__)
 
 def load_model(
     path: str | os.PathLike[str],
-    device_mesh: DeviceMesh | None = None,
     *,
+    device_mesh: DeviceMesh | None = None,
     device: DeviceArg = None,
     dtype: DtypeArg = "auto",
     verify: bool = False,
     populate: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
     model_class: type[PreTrainedModel] | None = None,
@@ -52,9 +56,10 @@ def load_model(
     """Build the artifact's transformers model, tensor-parallel over ``device_mesh``, from this rank's file only.
 
     Args:
-        path, device_mesh, device, dtype, verify, populate: as for ``load_state_dict`` (with ``populate`` the rank
-            file is read in the background while the model is built), except that ``dtype="auto"`` builds the model
-            in the dtype ``from_pretrained(dtype="auto")`` would (``model_dtype``), weights cast where stored otherwise.
+        path, device_mesh, device, dtype, verify, populate, revision, cache_dir, token: as for ``load_state_dict``
+            (see ``LoadOptions``; with ``populate`` the rank file is read in the background while the model is
+            built), except that ``dtype="auto"`` builds the model in the dtype ``from_pretrained(dtype="auto")``
+            would (``model_dtype``), weights cast where stored otherwise.
         attn_implementation, experts_implementation: as for ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         model_class: the ``PreTrainedModel`` class to build; default ``AutoModelForCausalLM``'s for the config.
         ep_implementation: for an expert-parallel artifact, how tokens reach the experts, as
@@ -74,7 +79,17 @@ def load_model(
         >>> model = load_model("./SmolLM2-1.7B-tp2")  # doctest: +SKIP
         >>> model.generate(input_ids, max_new_tokens=20, do_sample=False)  # doctest: +SKIP
     """
-    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify, populate=populate)
+    options = LoadOptions(
+        device_mesh=device_mesh,
+        device=device,
+        dtype=dtype,
+        verify=verify,
+        populate=populate,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+    )
+    artifact = open_artifact(path, options)
     try:  # with populate, the rank file's pages are made resident in the background while the model is built
         with agreed(artifact.mesh):  # building and assigning runs no collective; a failure on one rank stops all
             return _build_model(artifact, attn_implementation, experts_implementation, model_class, ep_implementation)

@@ -21,7 +21,7 @@ from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from reshard.loaders.consensus import agreed, same_on_every_rank
-from reshard.loaders.fetch import fetch_artifact, folder_identity, is_remote, refetch_rank_file
+from reshard.loaders.fetch import is_remote
 from reshard.loaders.mesh import (
     EP,
     as_device,
@@ -35,12 +35,13 @@ from reshard.loaders.mesh import (
     stage_mesh,
     tp_submesh,
 )
-from reshard.loaders.rank_file import RankFile, open_rank_file
-from reshard.loaders.regrid import regrid_refusal, regrid_tensors
+from reshard.loaders.options import LoadOptions
+from reshard.loaders.rank_file import RankFile
+from reshard.loaders.rank_share import read_rank
 from reshard.loaders.tensors import torch_dtype
-from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry, read_manifest
+from reshard.manifests import MANIFEST_NAME, Manifest, Placement, TensorEntry
 from reshard.manifests.dtypes import DTYPES
-from reshard.manifests.errors import FileFormatError, IntegrityError, ManifestError, MeshError, ReshardError
+from reshard.manifests.errors import ManifestError, ReshardError
 from reshard.manifests.hashing import hash_bytes
 
 logger = logging.getLogger(__name__)
@@ -85,32 +86,24 @@ class LoadedArtifact:
 
 def load_state_dict(
     path: str | os.PathLike[str],
-    device_mesh: DeviceMesh | None = None,
     *,
+    device_mesh: DeviceMesh | None = None,
     device: DeviceArg = None,
     dtype: DtypeArg = "auto",
     verify: bool = False,
     populate: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Map this rank's file of a reshard artifact into the tensors of a tensor-parallel state dict.
 
     Args:
-        path: the artifact folder (``manifest.json`` and one ``rank-*.safetensors`` per tp rank).
-        device_mesh: a 1-D mesh, or an n-D mesh with a ``tp`` dimension (replicas along the others load the same
-            file). Default: a ``("tp",)`` mesh over the torchrun world, initialising the process group if needed.
-            For an expert-parallel artifact, an ``ep`` dimension over the tp ranks may be given too; by default the
-            experts go on a ``("ep",)`` mesh over the tp group.
-        device: where the tensors go (default: the mesh's device, CPU in a plain single process). On CPU they
-            stay zero-copy views of the mapped file.
-        dtype: ``"auto"``/``None`` (as stored; ``load_model`` builds its model in config.json's dtype instead, as
-            ``from_pretrained(dtype="auto")`` does), or a floating dtype: floating tensors stored in another one are
-            cast as ``from_pretrained(..., dtype=)`` casts them, and are then copies, not views of the mapped file
-            (logged once; ``reshard --dtype`` stores the artifact in the dtype it will be loaded in).
-        verify: check every tensor's xxh3-128 against the manifest while mapping.
-        populate: on CPU, make every page of the rank file resident before returning (``MADV_POPULATE_READ``)
-            instead of on first use. Off by default: measured on a 2-core VM it never made the weights usable
-            sooner (warm: the same; cold: the first forward still took seconds to touch the read pages; MoE: it
-            reads the experts no token visits). See docs/performance.md.
+        path: the artifact: a folder (``manifest.json`` and one ``rank-*.safetensors`` per rank),
+            ``hf://ORG/NAME[@REVISION]`` or a bucket URL (``s3://``, ``gs://``, ...), of which this rank fetches the
+            manifest, the small files and its own rank file only.
+        device_mesh, device, dtype, verify, populate, revision, cache_dir, token: see ``LoadOptions`` (default
+            mesh: a ``("tp",)`` mesh over the torchrun world; tensors as stored, verified by size and header).
 
     Returns:
         ``{name: tensor}`` under transformers' parameter names: a ``DTensor`` on the tp mesh for every planned
@@ -124,57 +117,46 @@ def load_state_dict(
         >>> state["model.layers.0.self_attn.q_proj.weight"].placements  # doctest: +SKIP
         (Shard(dim=0),)
     """
-    artifact = open_artifact(path, device_mesh, device=device, dtype=dtype, verify=verify, populate=populate)
+    options = LoadOptions(
+        device_mesh=device_mesh,
+        device=device,
+        dtype=dtype,
+        verify=verify,
+        populate=populate,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+    )
+    artifact = open_artifact(path, options)
     artifact.wait_resident()
-    if dtype is None or dtype == "auto":  # as stored, every tensor a view of the mapped file
+    if options.auto_dtype:  # as stored, every tensor a view of the mapped file
         return artifact.tensors
     return {name: cast_floating(value, artifact.dtype) for name, value in artifact.tensors.items()}
 
 
-def open_artifact(
-    path: str | os.PathLike[str],
-    device_mesh: DeviceMesh | None = None,
-    *,
-    device: DeviceArg = None,
-    dtype: DtypeArg = "auto",
-    verify: bool = False,
-    populate: bool = False,
-) -> LoadedArtifact:
-    """Do the work of ``load_state_dict`` and keep what ``load_model`` needs besides the tensors."""
-    wanted = as_device(device)
+def open_artifact(path: str | os.PathLike[str], options: LoadOptions | None = None) -> LoadedArtifact:
+    """Do the work of ``load_state_dict`` and keep what ``load_model`` needs besides the tensors: ``rank_tensors``
+    for the rank the mesh gives (every rank raising alike if one fails), then the tensors as DTensors."""
+    options = options or LoadOptions()
+    wanted = as_device(options.device)
+    device_mesh = options.device_mesh
     mesh = resolve_mesh(device_mesh, wanted)
     default = device_mesh is None  # the world as one tp dimension, reshaped below for pipeline stages
-    with agreed(mesh):  # a rank whose manifest or file is bad makes every rank raise; no collective inside
-        # s3:// and hf:// artifacts: this rank fetches the manifest, small files and its own rank file only
-        origin = f"{path}/{MANIFEST_NAME}"
-        root = fetch_artifact(path, lambda manifest: check_mesh(manifest, mesh, origin, default=default))
-        folder = folder_identity(root)  # checked again once this rank's file is mapped
-        manifest = read_manifest(root)
-        origin = str(root / MANIFEST_NAME)
+    remote = is_remote(path)
+
+    def choose(manifest: Manifest, origin: str) -> tuple[int, int]:
         tp = manifest.tp if manifest.pp > 1 else tp_submesh(mesh).size() if mesh is not None else 1
-        main_dtype = check_dtype(manifest, dtype, origin)
-        target = wanted or default_device(mesh)
-        opened: RankFile | None = None
-        if mesh is not None and tp != manifest.tp and not is_remote(path):  # at another world size: cut anew
+        if mesh is not None and tp != manifest.tp and not remote:  # at another world size: cut anew
             check_no_stages(mesh, origin)
             check_expert_mesh(manifest, origin)
-            if reason := regrid_refusal(root, manifest, tp):
-                raise MeshError(f"{origin}: converted for tp={manifest.tp}, it cannot load at tp={tp}: {reason}")
-            rank = tp_submesh(mesh).get_local_rank()
-            local = regrid_tensors(root, manifest, tp, rank, device=target, verify=verify)
-        else:
-            rank = check_mesh(manifest, mesh, origin, default=default)
-            try:
-                opened = open_rank_file(root, manifest, rank, device=target, verify=verify, populate=populate)
-            except (IntegrityError, FileFormatError):
-                if not is_remote(path):
-                    raise
-                # verified when downloaded, so the cached bytes changed since: evicted and fetched once more
-                root = refetch_rank_file(path, root, manifest, rank)
-                opened = open_rank_file(root, manifest, rank, device=target, verify=verify, populate=populate)
-            local = opened.tensors
-        if folder_identity(root) != folder:  # the rank file's header and its bytes could then be two conversions'
-            raise ManifestError(f"{root}: replaced while loading (another process wrote the artifact); load it again")
+            return tp_submesh(mesh).get_local_rank(), tp
+        return check_mesh(manifest, mesh, origin, default=default), manifest.tp
+
+    with agreed(mesh):  # a rank whose manifest or file is bad makes every rank raise; no collective inside
+        target = wanted or default_device(mesh)
+        read = read_rank(path, choose, options, target)
+        root, manifest, tp = read.root, read.manifest, read.tp
+        main_dtype = check_dtype(manifest, options.dtype, str(root / MANIFEST_NAME))
         ep_mesh = None  # an expert mesh the caller's mesh does not fit is refused here, on every rank alike
         if mesh is not None and manifest.ep_plan and (tp_mesh := _sharding_mesh(mesh, tp)) is not None:
             ep_mesh = ep_submesh(mesh, tp_mesh)  # expert-parallel artifacts have no pipeline stages: the final mesh
@@ -185,11 +167,11 @@ def open_artifact(
         mesh = stage_mesh(mesh, manifest)
     tp_mesh = _sharding_mesh(mesh, tp)
     tensors = {
-        entry.name: to_global(local[entry.name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
-        for entry in manifest.held_by(rank)
+        name: to_global(read.tensors[name], entry, ep_mesh if entry.placement.mesh == EP else tp_mesh)
+        for name, entry in read.entries.items()
     }
-    auto = dtype is None or dtype == "auto"
-    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, opened, auto)
+    auto = options.auto_dtype
+    return LoadedArtifact(root, manifest, mesh, target, main_dtype, tensors, ep_mesh, tp, read.rank_file, auto)
 
 
 def manifest_digest_of(manifest: Manifest) -> str:

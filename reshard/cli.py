@@ -6,17 +6,21 @@ Errors reshard raises on purpose print as one line (``reshard: error: ...``) wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from reshard.commands.default_group import DefaultToConvert
-from reshard.manifests.dtypes import STORED_DTYPES
 from reshard.manifests.errors import OutputError, ReshardError, ShardabilityError, SourceError
+from reshard.request import FLAG, TRANSFORMERS_HELP, ConversionRequest
 
 CONVERT_HELP = """Convert MODEL (a local folder or a Hub repo id) into one safetensors file per tp rank.
 
@@ -40,10 +44,6 @@ written into a hidden folder and renamed into place when complete; manifest.json
 tensor's placement, slices and xxh3-128 hashes. Rerunning a killed conversion reuses the rank
 files it had finished.
 """
-TRANSFORMERS_HELP = """The transformers release whose built-in plans and load-time key conversions to follow
-[default: the installed one; without transformers, the newest one reshard has plans for]."""
-
-
 _TRANSFORMERS = click.option("--transformers", "transformers_version", metavar="VERSION", help=TRANSFORMERS_HELP)
 
 
@@ -65,48 +65,35 @@ def cli() -> None:
     """
 
 
+def request_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The click options of every ``ConversionRequest`` field, made from the fields themselves (``Flag``): passed to
+    the command under the fields' names."""
+    hints = typing.get_type_hints(ConversionRequest)
+    for f in reversed(dataclasses.fields(ConversionRequest)):
+        if (flag := f.metadata.get(FLAG)) is None:
+            continue
+        kind: Any = None
+        if flag.choices is not None:
+            kind = click.Choice(flag.choices)
+        elif hints[f.name] in (int, int | None):
+            kind = click.IntRange(min=1)
+        elif hints[f.name] is Path:
+            kind = click.Path()
+        default = None if f.default is dataclasses.MISSING else f.default
+        shown = default is not None and not isinstance(default, bool)
+        spelling: dict[str, Any] = (
+            {"is_flag": True} if isinstance(default, bool) else {"default": default, "type": kind}
+        )
+        command = click.option(
+            *flag.decls, f.name, help=flag.help, required=flag.required, metavar=flag.metavar, show_default=shown,
+            **spelling,
+        )(command)  # fmt: skip
+    return command
+
+
 @cli.command(help=CONVERT_HELP)
 @click.argument("model")
-@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel size (number of rank files).")
-@click.option(
-    "--pp",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Pipeline stages, split as transformers' DistributedConfig(pp_size=N) splits the layers; each stage's tp "
-    "rank files hold only its layers (pp x tp files) [default: 1; an artifact's own when re-sharding].",
-)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(),
-    default=None,
-    help="Artifact folder [default: ./NAME-tpN, then -ppP, -epE, -DTYPE when given].",
-)
-@click.option(
-    "--plan", default="auto", show_default=True, help="`auto`, or rules (JSON file or inline) merged into it."
-)
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Local processes to split the rank files over (under torchrun, every torchrun process is a worker).",
-)
-@click.option(
-    "--replicate-kv",
-    is_flag=True,
-    help="When tp exceeds the KV heads, duplicate them so each rank holds whole heads.",
-)
-@click.option(
-    "--ep",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Expert-parallel size (= tp): each rank holds whole experts (MoE models with an EP plan).",
-)
+@request_options
 @click.option(
     "--push-to",
     default=None,
@@ -114,69 +101,15 @@ def cli() -> None:
     help="Publish the artifact when done: a folder, a bucket (s3://, gs://, az://...) or hf://org/name (see publish).",
 )
 @click.option(
-    "--no-fsync",
-    is_flag=True,
-    help="Leave the rank files in the page cache instead of flushing them to disk (about the speed of cp -r). "
-    "Interrupting reshard stays safe; an OS crash or power cut soon after can leave an artifact whose files are "
-    "incomplete (`reshard verify` finds it).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(list(STORED_DTYPES)),
-    default="auto",
-    show_default=True,
-    help="Store floating tensors in this dtype (cast like torch's .to), the one the runtime will load them in, "
-    "so that loading stays zero-copy. `auto` keeps each tensor's dtype (the runtime builds the model in config.json's "
-    "dtype, as transformers does, casting what is stored otherwise).",
-)
-@_TRANSFORMERS
-@click.option("--allow-missing", is_flag=True, help="Convert even if some parameters would load at random.")
-@click.option(
     "--worker", "worker_slot", default=None, hidden=True, help="INDEX/COUNT: one local worker's share (internal)."
 )
-def convert(
-    model: str,
-    tp: int,
-    pp: int | None,
-    output: str | None,
-    plan: str,
-    revision: str | None,
-    overwrite: bool,
-    quiet: bool,
-    workers: int,
-    replicate_kv: bool,
-    ep: int,
-    push_to: str | None,
-    no_fsync: bool,
-    dtype: str,
-    transformers_version: str | None,
-    allow_missing: bool,
-    worker_slot: str | None,
-) -> None:
-    from pathlib import Path
-
+def convert(model: str, push_to: str | None, worker_slot: str | None, **options: Any) -> None:
     from reshard.commands.convert import convert_part, default_output, run
-    from reshard.request import ConversionRequest
     from reshard.workers import from_torchrun, solo
 
-    out = output or str(default_output(model, tp, pp, ep, dtype))
-    request = ConversionRequest(
-        model,
-        Path(out),
-        tp,
-        plan,
-        revision,
-        replicate_kv=replicate_kv,
-        ep=ep,
-        overwrite=overwrite,
-        progress=not quiet,
-        workers=workers,
-        durable=not no_fsync,
-        dtype=dtype,
-        pp=pp,
-        transformers=transformers_version,
-        allow_missing=allow_missing,
-    )
+    if options["out"] is None:
+        options["out"] = default_output(model, options["tp"], options["pp"], options["ep"], options["dtype"])
+    request = ConversionRequest.from_flags(model, {**options, "out": Path(options["out"])})
     if worker_slot is not None:
         index, size = (int(part) for part in worker_slot.split("/"))
         convert_part(request, index, size)
@@ -184,11 +117,12 @@ def convert(
     manifest = run(request, from_torchrun() or solo())
     size = sum(f.size for f in manifest.files if f.rank is not None)
     mesh = ", ".join(f"{dim}={n}" for dim, n in manifest.mesh.items())
+    out = str(options["out"])
     click.echo(f"wrote {out}: {len(manifest.tensors)} tensors, {mesh}, {size / 1e9:.2f} GB in rank files")
     if push_to and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one worker publishes
         from reshard.commands.publish import publish
 
-        click.echo(f"published {publish(out, push_to, progress=not quiet)}")
+        click.echo(f"published {publish(out, push_to, progress=request.progress)}")
 
 
 @cli.command()

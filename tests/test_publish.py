@@ -397,8 +397,17 @@ def test_fetch_from_the_hub_downloads_only_the_needed_files_pinned_to_one_commit
     assert sorted(name for _, name, _ in later) == sorted(
         [*(f.path for f in manifest.files if f.rank is None), manifest.rank_file(1).path]
     )
-    assert folder == hub.cache / "snapshots" / FakeHub.commit
-    assert (folder / manifest.rank_file(1).path).read_bytes() == (artifact / manifest.rank_file(1).path).read_bytes()
+    # the artifact folder is reshard's, of hard links to the Hub cache's blobs (its snapshot entries are symlinks
+    # out of the snapshot, which a manifest's paths may not be)
+    assert folder == tmp_path / "reshard" / "hf" / "my-org" / "tiny-tp2" / hash_bytes(
+        (artifact / MANIFEST_NAME).read_bytes()
+    )
+    name = manifest.rank_file(1).path
+    assert (folder / name).samefile(hub.cache / "snapshots" / FakeHub.commit / name) and not (
+        folder / name
+    ).is_symlink()
+    assert (folder / name).read_bytes() == (artifact / name).read_bytes()
+    assert read_manifest(folder) == manifest
 
 
 def test_a_corrupt_hub_download_is_removed_from_the_hub_cache(artifact: Path, hub: FakeHub, tmp_path: Path) -> None:
