@@ -15,7 +15,19 @@ import dataclasses
 from reshard.manifests.errors import SourceError
 from reshard.manifests.keymap import KeyName
 from reshard.manifests.transforms import Transforms
-from reshard.transforms import Table
+from reshard.transforms import Context, Records, Table
+
+KINDS = ("renamed", "key_renames")
+
+
+def apply(table: Table, context: Context) -> tuple[Table, Records]:
+    """Every key under its name before any converter (``context.names``); records what changed."""
+    table, renamed = forward(table, context.names)
+    return table, {"renamed": renamed}
+
+
+def undo(table: Table, records: Transforms, context: Context) -> Table:
+    return reverse(table, records)
 
 
 def forward(table: Table, names: dict[str, KeyName]) -> tuple[Table, dict[str, str]]:
