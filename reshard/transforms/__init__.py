@@ -3,7 +3,8 @@
 A transform changes a tensor table (``{name: StoredTensor}``: names, shapes and chunk lists, never bytes). Every
 module here is a ``Transform``: ``apply(table, context)`` is its forward half (the checkpoint's tensors towards the
 model's: convert, re-shard) and returns the records of what it did, keyed by kind; ``undo(table, records, context)``
-is its reverse half (consolidate, re-shard). ``KINDS`` names the record kinds it writes (``manifests/records.py``);
+is its reverse half (consolidate, re-shard); ``replays(converter)`` says which of transformers' load-time
+converters it replays. ``KINDS`` names the record kinds it writes (``manifests/records.py``);
 one whose record was made for the tp (``RecordKind.follows_tp``) is undone and applied again when re-sharding.
 ``chain.CHAIN`` is the one order they run in: forward in order, reverse in reverse order. A new transform is one
 module here and one line in ``CHAIN`` (and its record kind in ``manifests/records.py`` if it records something).
@@ -59,3 +60,5 @@ class Transform(Protocol):
     def apply(self, table: Table, context: Context) -> tuple[Table, Records]: ...
 
     def undo(self, table: Table, records: Transforms, context: Context) -> Table: ...
+
+    def replays(self, converter: ConverterRecord) -> bool: ...  # one of transformers' load-time converters

@@ -34,6 +34,11 @@ def undo(table: Table, records: Transforms, context: Context) -> Table:
     return reverse(table, records.fused or {})
 
 
+def replays(converter: ConverterRecord) -> bool:
+    """A per-expert ``MergeModulelist`` (with ``Concatenate(dim=1)`` of gate and up)."""
+    return converter.kind == "WeightConverter" and converter.operation_names in SUPPORTED_OPERATIONS
+
+
 def _pattern(source: str) -> re.Pattern[str]:
     """A converter's source in transformers' dialect (``mlp.experts.*.gate_proj.weight``, or with escaped dots,
     ``\\.experts.*.w1.weight``) → a regex capturing the expert index (``*`` is a number), dots literal."""

@@ -17,6 +17,7 @@ from typing import Any
 from reshard.manifests.chunks import remapped
 from reshard.manifests.claims import KV_PROJECTIONS, is_kv_tensor
 from reshard.manifests.errors import ShardabilityError
+from reshard.manifests.plans import ConverterRecord
 from reshard.manifests.preflight import text_config
 from reshard.manifests.safetensors import ITEMSIZES
 from reshard.manifests.transforms import KvReplication, Transforms
@@ -34,6 +35,11 @@ def apply(table: Table, context: Context) -> tuple[Table, Records]:
 def undo(table: Table, records: Transforms, context: Context) -> Table:
     record = records.replicate_kv
     return reverse(table, record, context.plan) if record else table
+
+
+def replays(converter: ConverterRecord) -> bool:
+    """None: transformers has no converter that replicates KV heads."""
+    return False
 
 
 def needed(config: dict[str, Any], tp: int) -> KvReplication | None:
@@ -93,6 +99,7 @@ __all__ = [
     "forward",
     "is_kv_tensor",
     "needed",
+    "replays",
     "reverse",
     "undo",
     "with_kv_heads",
