@@ -254,11 +254,6 @@ KINDS: dict[str, RecordKind] = {  # in the order the manifest writes them
         _interleaved_problem,
         follows_tp="its interleaved rows were de-interleaved per rank for tp={tp} (as transformers does)",
     ),
-    "toy_flipped": RecordKind(
-        lambda data, origin: {"tp": data["tp"], "names": tuple(data["names"])},
-        lambda record: {"tp": record["tp"], "names": list(record["names"])},
-        follows_tp="its norms were flipped for tp={tp}",
-    ),
 }
 RENAME_KINDS = ("renamed", "key_renames")
 """The kinds that rename tensors (``Transforms.source_key``); the others make tensors from others (``made_from``)."""

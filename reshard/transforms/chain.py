@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from reshard.manifests.records import KINDS
 from reshard.manifests.transforms import Transforms
-from reshard.transforms import Context, Table, Transform, experts, interleave, kv_heads, renames, row_blocks, toy_flip
+from reshard.transforms import Context, Table, Transform, experts, interleave, kv_heads, renames, row_blocks
 
-CHAIN: tuple[Transform, ...] = (renames, row_blocks, interleave, experts, kv_heads, toy_flip)
+CHAIN: tuple[Transform, ...] = (renames, row_blocks, interleave, experts, kv_heads)
 
 
 def follows_tp(transform: Transform) -> bool:
