@@ -132,9 +132,9 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config, version)
-    rules_used = {**plan, **ep_plan}
+    tp_and_ep = {**plan, **ep_plan}
     table, transforms = converted(
-        stored, builtin, rules_used, tp, model, config, version, tp_plan=plan, replicate_kv=request.replicate_kv
+        stored, builtin, tp_and_ep, tp, model, config, version, tp_plan=plan, replicate_kv=request.replicate_kv
     )
     replication = transforms.replicate_kv
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
