@@ -23,6 +23,7 @@ from reshard.manifests import Manifest
 from reshard.manifests.errors import ReshardError, ShardabilityError
 from reshard.manifests.layout import regrid_parts, tensor_layout
 from reshard.manifests.preflight import check_shardability, require_expert_parallel
+from reshard.manifests.records import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,9 @@ def regrid_refusal(root: str | os.PathLike[str], manifest: Manifest, tp: int) ->
 def _refusal(root: str | os.PathLike[str], config: dict[str, Any], manifest: Manifest, tp: int) -> str | None:
     if tp == manifest.tp:
         return None
-    if manifest.options.replicate_kv is not None:
-        return f"its KV heads were replicated for tp={manifest.tp}"
-    if manifest.options.interleaved:
-        return f"its interleaved rows were de-interleaved per rank for tp={manifest.tp} (as transformers does)"
+    for kind in manifest.options.records:  # a record made for the artifact's tp: at another tp, another model
+        if reason := KINDS[kind].follows_tp:
+            return reason.format(tp=manifest.tp)
     verdict = check_shardability(config, manifest.plan, tp)
     if not verdict.ok:
         return "; ".join(verdict.problems)

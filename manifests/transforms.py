@@ -1,126 +1,103 @@
-"""The manifest's record of what was done to the checkpoint's tensors (its ``options``), as typed records.
+"""The manifest's record of what was done to the checkpoint's tensors (its ``options``): records keyed by kind.
 
-Each record is written by the forward half of a transform (``reshard/transforms/``) and read by its reverse half
-(consolidate, re-shard) and by the runtime: ``key_renames`` (transformers' load-time renames, e.g. gpt_neox's
-``embed_out`` → ``lm_head``), ``fused`` (per-expert checkpoint tensors stacked into fused ones),
-``replicate_kv`` (KV heads duplicated so that every rank holds whole heads), ``concatenated`` (checkpoint tensors
-joined along dim 0 into one model tensor, transformers' ``Concatenate(dim=0)``) and ``chunked`` (one checkpoint
-tensor cut along dim 0 into several model tensors, ``Chunk(dim=0)``) and ``interleaved`` (a checkpoint tensor whose
-rows alternate gate, up, de-interleaved per rank as transformers' ``Interleave`` does at load), and ``renamed``
-(checkpoint keys renamed at load, transformers' renamings and base-model prefix as its loader applied them: name
-before any converter -> the checkpoint's own key; older manifests record ``key_renames`` rules instead).
+Each transform (``reshard/transforms/``) writes its records in its forward half and reads them in its reverse half
+(consolidate, re-shard); the validator and the runtime read them too. The kinds and what each one means are in
+``manifests/records.py``: ``renamed`` (or older manifests' ``key_renames`` rules), ``fused``, ``replicate_kv``,
+``concatenated``, ``chunked``, ``interleaved``. This module holds them together (``Transforms``), and the name
+functions both halves need (checkpoint keys <-> model names).
 
 Example:
-    >>> Transforms.from_json({"replicate_kv": {"original_kv_heads": 2, "replicated_kv_heads": 4, "head_dim": 16}})
-    ... # doctest: +ELLIPSIS
-    Transforms(key_renames=(), fused=None, replicate_kv=KvReplication(original=2, replicated=4, head_dim=16), ...)
+    >>> options = Transforms.from_json({"replicate_kv": {"original_kv_heads": 2, "replicated_kv_heads": 4,
+    ...                                                  "head_dim": 16}})
+    >>> options.replicate_kv, options.fused
+    (KvReplication(original=2, replicated=4, head_dim=16), None)
+    >>> options.to_json()["replicate_kv"]["replicated_kv_heads"]
+    4
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from reshard.manifests.errors import ManifestError, ReshardError
+from reshard.manifests.records import (
+    KINDS,
+    RENAME_KINDS,
+    FusedTensor,
+    Interleaved,
+    KvReplication,
+    Origins,
+    Problem,
+    RecordKind,
+    RenameRules,
+    RowBlocks,
+    Tensors,
+)
 
-RenameRules = tuple[tuple[str, str], ...]
+__all__ = [
+    "KINDS",
+    "FusedTensor",
+    "Interleaved",
+    "KvReplication",
+    "RecordKind",
+    "RowBlocks",
+    "Transforms",
+    "checkpoint_key",
+    "model_key",
+]
+
 _LITERAL_PATTERN = re.compile(r"\^?(?:\w|\\\.|\.)+")
 
 
-@dataclass(frozen=True)
-class KvReplication:
-    """KV heads go from ``original`` to ``replicated`` heads of ``head_dim`` rows each (``replicated`` a multiple)."""
+@dataclass(frozen=True, init=False)
+class Transforms:
+    """Everything a conversion did to the checkpoint's tensors besides slicing them: its records by kind (``KINDS``
+    order; a kind that did nothing is absent, so an empty ``Transforms`` did nothing). Built as
+    ``Transforms({"fused": ...})`` or ``Transforms(fused=...)``."""
 
-    original: int
-    replicated: int
-    head_dim: int
+    records: dict[str, Any]
+
+    def __init__(self, records: Mapping[str, Any] | None = None, /, **by_kind: Any) -> None:
+        given = {**(records or {}), **by_kind}
+        if unknown := sorted(set(given) - set(KINDS)):
+            raise TypeError(f"{unknown[0]!r} is not a kind of transform record")
+        object.__setattr__(self, "records", {kind: given[kind] for kind in KINDS if given.get(kind)})
+
+    def replaced(self, records: Mapping[str, Any]) -> Transforms:
+        """These records instead of their kinds' (an empty one removes its kind)."""
+        return Transforms({**self.records, **records})
 
     @property
-    def factor(self) -> int:
-        return self.replicated // self.original
+    def renamed(self) -> dict[str, str] | None:  # name before any converter -> the checkpoint's key
+        return self.records.get("renamed")
 
-    def to_json(self) -> dict[str, int]:
-        return {"original_kv_heads": self.original, "replicated_kv_heads": self.replicated, "head_dim": self.head_dim}
+    @property
+    def key_renames(self) -> RenameRules:  # older manifests' rename rules
+        return self.records.get("key_renames", ())
 
-    @classmethod
-    def from_json(cls, data: Any, origin: str) -> KvReplication:
-        fields = ("original_kv_heads", "replicated_kv_heads", "head_dim")
-        if not isinstance(data, dict) or set(data) != set(fields):
-            raise ManifestError(f"{origin}: options.replicate_kv must be an object with exactly {list(fields)}")
-        values = [data[name] for name in fields]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**20 for v in values):
-            raise ManifestError(f"{origin}: options.replicate_kv holds a value that is not a positive integer")
-        original, replicated, head_dim = values
-        if replicated % original:
-            raise ManifestError(f"{origin}: options.replicate_kv: {replicated} heads are not copies of {original}")
-        return cls(original, replicated, head_dim)
+    @property
+    def fused(self) -> dict[str, FusedTensor] | None:
+        return self.records.get("fused")
 
+    @property
+    def replicate_kv(self) -> KvReplication | None:
+        return self.records.get("replicate_kv")
 
-@dataclass(frozen=True)
-class FusedTensor:
-    """One fused tensor: the checkpoint tensors it was made of, in fused order, with each one's size in bytes."""
+    @property
+    def concatenated(self) -> dict[str, RowBlocks] | None:  # model tensor -> the checkpoint tensors joined into it
+        return self.records.get("concatenated")
 
-    parts: tuple[tuple[str, int], ...]
+    @property
+    def chunked(self) -> dict[str, RowBlocks] | None:  # checkpoint tensor -> the model tensors cut from it
+        return self.records.get("chunked")
 
-
-@dataclass(frozen=True)
-class RowBlocks:
-    """A tensor whose dim-0 rows are other tensors' rows one after another: ``parts`` as (name, rows), in order.
-
-    In ``Transforms.concatenated`` the tensor is a model tensor and the parts checkpoint tensors; in
-    ``Transforms.chunked`` the other way round. Rows, not bytes, so that the validator can check them against the
-    manifest's shapes."""
-
-    parts: tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
-class Interleaved:
-    """A model tensor made from checkpoint tensor ``source`` (rows along ``dim`` alternating a, b, a, b, ...) by
-    transformers' ``Interleave(dim)``: within each of ``blocks`` (consecutive runs of rows along ``dim``, one per
-    rank that holds a part of ``dim``, else the whole dim) the even rows come first, then the odd ones. transformers
-    de-interleaves each rank's local tensor after cutting it, so the blocks are the ranks' slices."""
-
-    source: str
-    dim: int
-    blocks: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "dim": self.dim, "blocks": list(self.blocks)}
-
-    @classmethod
-    def from_json(cls, name: str, data: Any, origin: str) -> Interleaved:
-        path = f"{origin}: options.interleaved.{name}"
-        if not isinstance(data, dict) or set(data) != {"source", "dim", "blocks"}:
-            raise ManifestError(f"{path} must be an object with exactly ['source', 'dim', 'blocks']")
-        source, dim, blocks = data["source"], data["dim"], data["blocks"]
-        if not isinstance(source, str) or not source:
-            raise ManifestError(f"{path}.source must be a tensor name")
-        if not _is_count(dim, 0):
-            raise ManifestError(f"{path}.dim must be a non-negative integer, got {dim!r}")
-        if not isinstance(blocks, list) or not blocks or not all(_is_count(b, 0) and b % 2 == 0 for b in blocks):
-            raise ManifestError(f"{path}.blocks must be a list of even row counts, got {blocks!r}")
-        return cls(source, dim, tuple(blocks))
-
-
-def _is_count(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**40
-
-
-@dataclass(frozen=True)
-class Transforms:
-    """Everything a conversion did to the checkpoint's tensors besides slicing them (empty: nothing)."""
-
-    key_renames: tuple[tuple[str, str], ...] = ()
-    fused: dict[str, FusedTensor] | None = None
-    replicate_kv: KvReplication | None = None
-    concatenated: dict[str, RowBlocks] | None = None  # model tensor -> the checkpoint tensors joined into it
-    chunked: dict[str, RowBlocks] | None = None  # checkpoint tensor -> the model tensors cut from it
-    interleaved: dict[str, Interleaved] | None = None  # model tensor -> the interleaved checkpoint tensor
-    renamed: dict[str, str] | None = None  # name before any converter -> the checkpoint's key
+    @property
+    def interleaved(self) -> dict[str, Interleaved] | None:  # model tensor -> the interleaved checkpoint tensor
+        return self.records.get("interleaved")
 
     def source_key(self, name: str) -> str:
         """The checkpoint's key of a name before any converter (a model tensor, or a part of a fused one)."""
@@ -128,84 +105,46 @@ class Transforms:
             return self.renamed[name]
         return checkpoint_key(name, self.key_renames)
 
+    def made_from(self, kinds: Iterable[str], names: Iterable[str] = ()) -> Origins:
+        """What the ``kinds``' transforms made from what: each tensor they made -> the tensors it was made from, in
+        order (the first kind that names a tensor wins); with a renames kind, each of ``names`` that is renamed ->
+        its checkpoint key."""
+        wanted = set(kinds)
+        out: Origins = {}
+        for kind, record in self.records.items():
+            if kind in wanted:
+                for made, sources in KINDS[kind].made_from(record).items():
+                    out.setdefault(made, sources)
+        if wanted.intersection(RENAME_KINDS):
+            for name in names:
+                if (key := self.source_key(name)) != name:
+                    out.setdefault(name, (key,))
+        return out
+
     def checkpoint_keys(self, names: list[str]) -> list[str]:
         """The source checkpoint's own keys for the model's tensor ``names``: fused tensors split into their parts,
         renames undone (what ``from_pretrained`` would have read, and what ``save_pretrained`` writes back)."""
-        cut_from = {part: key for key, blocks in (self.chunked or {}).items() for part, _ in blocks.parts}
-        keys: list[str] = []
-        for name in names:
-            fused = self.fused.get(name) if self.fused else None
-            joined = self.concatenated.get(name) if self.concatenated else None
-            if fused is not None:
-                keys.extend(self.source_key(key) for key, _ in fused.parts)
-            elif self.interleaved and name in self.interleaved:
-                keys.append(self.source_key(self.interleaved[name].source))
-            elif joined is not None:
-                keys.extend(self.source_key(key) for key, _ in joined.parts)
-            elif name in cut_from:
-                keys.append(self.source_key(cut_from[name]))
-            else:
-                keys.append(self.source_key(name))
+        made = self.made_from(set(KINDS) - set(RENAME_KINDS))
+        keys = [self.source_key(source) for name in names for source in made.get(name, (name,))]
         return list(dict.fromkeys(keys))  # the parts cut from one checkpoint tensor name it once
 
-    def problem(self, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[str, str] | None:
-        """The first way the row-block records disagree with the manifest's ``tensors`` (name -> dtype, shape), as
-        ``(field path, message)``, or None: every named model tensor exists, the rows add up, and parts cut from one
-        checkpoint tensor have its dtype and trailing shape."""
-        for name, blocks in sorted((self.concatenated or {}).items()):
-            path = f"options.concatenated.{name}"
-            if name not in tensors:
-                return path, f"{name!r} is not a tensor of this manifest"
-            shape = tensors[name][1]
-            if not shape or sum(rows for _, rows in blocks.parts) != shape[0]:
-                return path, f"parts of {sum(r for _, r in blocks.parts)} rows do not make {name!r} {list(shape)}"
-            if clash := [key for key, _ in blocks.parts if key in tensors]:
-                return path, f"part {clash[0]!r} is also a tensor of this manifest"
-        for name, record in sorted((self.interleaved or {}).items()):
-            path = f"options.interleaved.{name}"
-            if name not in tensors:
-                return path, f"{name!r} is not a tensor of this manifest"
-            shape = tensors[name][1]
-            if record.dim >= len(shape) or sum(record.blocks) != shape[record.dim]:
-                return f"{path}.blocks", f"blocks of {list(record.blocks)} rows do not cover {name!r} {list(shape)}"
-            if record.source in tensors:
-                return f"{path}.source", f"{record.source!r} is a tensor of this manifest, not a checkpoint tensor"
-        if problem := self._renamed_problem(tensors):
-            return problem
-        owners: dict[str, str] = {}
-        for key, blocks in sorted((self.chunked or {}).items()):
-            path = f"options.chunked.{key}"
-            if key in tensors:
-                return path, f"{key!r} is a tensor of this manifest, not a checkpoint tensor cut into several"
-            first = tensors.get(blocks.parts[0][0])
-            for index, (name, rows) in enumerate(blocks.parts):
-                where = f"{path}[{index}]"
-                if name not in tensors:
-                    return where, f"{name!r} is not a tensor of this manifest"
-                if name in owners:
-                    return where, f"{name!r} is cut from {owners[name]!r} as well"
-                owners[name] = key
-                dtype, shape = tensors[name]
-                if not shape or shape[0] != rows:
-                    return where, f"{rows} rows, but {name!r} is {list(shape)}"
-                if first is not None and (dtype != first[0] or shape[1:] != first[1][1:]):
-                    return where, f"{name!r} {dtype} {list(shape)} does not join {first[0]} {list(first[1])}"
-        return None
+    def problem(self, tensors: Tensors) -> Problem | None:
+        """The first way the records disagree with the manifest's ``tensors``, or None: each kind's own check
+        (every named model tensor exists, the rows add up, ...), then the renames against all of them."""
+        for kind, record in self.records.items():
+            if problem := KINDS[kind].problem(record, tensors):
+                return problem
+        return self._renamed_problem(tensors)
 
-    def _renamed_problem(self, tensors: dict[str, Any]) -> tuple[str, str] | None:
+    def _renamed_problem(self, tensors: Tensors) -> Problem | None:
         """Renamed names must be names of this conversion (a tensor, or a converter's part), and the checkpoint
         keys they give back one each, none of them another name's that stays as it is."""
         if not self.renamed:
             return None
+        made = [KINDS[kind].made_from(record) for kind, record in self.records.items() if kind not in RENAME_KINDS]
         names = set(tensors)
-        names.update(key for record in (self.fused or {}).values() for key, _ in record.parts)
-        names.update(key for record in (self.concatenated or {}).values() for key, _ in record.parts)
-        names.update(record.source for record in (self.interleaved or {}).values())
-        names.update(self.chunked or {})
-        names.difference_update(
-            name for name in list(self.fused or {}) + list(self.concatenated or {}) + list(self.interleaved or {})
-        )
-        names.difference_update(part for r in (self.chunked or {}).values() for part, _ in r.parts)
+        names.update(source for origins in made for sources in origins.values() for source in sources)
+        names.difference_update(name for origins in made for name in origins)
         kept = names - set(self.renamed)
         given: dict[str, str] = {}
         for name, key in sorted(self.renamed.items()):
@@ -220,23 +159,7 @@ class Transforms:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.renamed:
-            out["renamed"] = dict(sorted(self.renamed.items()))
-        if self.key_renames:
-            out["key_renames"] = [list(rule) for rule in self.key_renames]
-        if self.fused:
-            out["fused"] = {
-                name: [[key, nbytes] for key, nbytes in fused.parts] for name, fused in sorted(self.fused.items())
-            }
-        if self.replicate_kv:
-            out["replicate_kv"] = self.replicate_kv.to_json()
-        for field, records in (("concatenated", self.concatenated), ("chunked", self.chunked)):
-            if records:
-                out[field] = {name: [[part, rows] for part, rows in r.parts] for name, r in sorted(records.items())}
-        if self.interleaved:
-            out["interleaved"] = {name: record.to_json() for name, record in sorted(self.interleaved.items())}
-        return out
+        return {kind: KINDS[kind].write(record) for kind, record in self.records.items()}
 
     @classmethod
     def from_json(cls, data: Any, origin: str = "manifest.json") -> Transforms:
@@ -244,64 +167,9 @@ class Transforms:
             return cls()
         if not isinstance(data, dict):
             raise ManifestError(f"{origin}: options must be an object")
-        known = {"key_renames", "fused", "replicate_kv", "concatenated", "chunked", "interleaved", "renamed"}
-        if unknown := sorted(set(data) - known):
+        if unknown := sorted(set(data) - set(KINDS)):
             raise ManifestError(f"{origin}: options.{unknown[0]} is not a transform this reshard knows")
-        renames = data.get("key_renames") or []
-        if not isinstance(renames, list) or not all(
-            isinstance(r, list) and len(r) == 2 and all(isinstance(s, str) for s in r) for r in renames
-        ):
-            raise ManifestError(f"{origin}: options.key_renames must be a list of [pattern, replacement] strings")
-        fused = data.get("fused")
-        if fused is not None and not _is_fused_record(fused):
-            raise ManifestError(f"{origin}: options.fused must map tensor names to [[checkpoint name, bytes], ...]")
-        replicate = data.get("replicate_kv")
-        blocks: dict[str, dict[str, RowBlocks] | None] = {}
-        for field in ("concatenated", "chunked"):
-            value = data.get(field)
-            if value is not None and not _is_fused_record(value):
-                raise ManifestError(f"{origin}: options.{field} must map tensor names to [[tensor name, rows], ...]")
-            blocks[field] = {n: RowBlocks(tuple((k, r) for k, r in p)) for n, p in value.items()} if value else None
-        renamed = data.get("renamed")
-        if renamed is not None and not (
-            isinstance(renamed, dict)
-            and renamed
-            and all(isinstance(k, str) and k and isinstance(v, str) and v and k != v for k, v in renamed.items())
-        ):
-            raise ManifestError(f"{origin}: options.renamed must map tensor names to other checkpoint keys")
-        interleaved = data.get("interleaved")
-        if interleaved is not None and not isinstance(interleaved, dict):
-            raise ManifestError(f"{origin}: options.interleaved must map tensor names to records")
-        return cls(
-            key_renames=tuple((a, b) for a, b in renames),
-            fused={n: FusedTensor(tuple((k, b) for k, b in p)) for n, p in fused.items()} if fused else None,
-            replicate_kv=KvReplication.from_json(replicate, origin) if replicate is not None else None,
-            concatenated=blocks["concatenated"],
-            chunked=blocks["chunked"],
-            interleaved={n: Interleaved.from_json(n, r, origin) for n, r in interleaved.items()}
-            if interleaved
-            else None,
-            renamed=dict(renamed) if renamed else None,
-        )
-
-
-def _is_fused_record(data: Any) -> bool:
-    """``{name: [[name, positive count], ...]}``: a fused tensor's parts and their bytes, or row blocks' rows."""
-    return isinstance(data, dict) and all(
-        isinstance(name, str)
-        and isinstance(parts, list)
-        and parts
-        and all(
-            isinstance(p, list)
-            and len(p) == 2
-            and isinstance(p[0], str)
-            and isinstance(p[1], int)
-            and not isinstance(p[1], bool)
-            and p[1] > 0
-            for p in parts
-        )
-        for name, parts in data.items()
-    )
+        return cls({kind: KINDS[kind].read(value, origin) for kind, value in data.items() if value is not None})
 
 
 def model_key(checkpoint_key: str, rules: RenameRules) -> str:

@@ -19,7 +19,7 @@ from reshard.manifests.progress import progress_bar
 from reshard.planning.unused import unused_tensors
 from reshard.source.artifact import InputCheck, artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import INDEX_NAME
-from reshard.transforms import experts, interleave, kv_heads, renames, row_blocks
+from reshard.transforms import Context, chain, kv_heads
 from reshard.write.rank_files import write_rank_files
 from reshard.write.reader import ChunkReader, OpenFiles
 from reshard.write.staging import copy_hashed, staging_folder, write_durably
@@ -95,35 +95,18 @@ def _checkpoint_tensors(
     root: Path, manifest: Manifest, files: OpenFiles
 ) -> dict[str, tuple[TensorLayout, ChunkReader]]:
     """Every tensor of the original checkpoint under its name there: the transforms' reverse halves (KV heads
-    folded, fused experts split, renames undone) applied to the artifact's tensors and to those the model does not
-    use (its unused file), each laid out whole.
+    folded, fused experts split, renames undone, ...) applied to the artifact's tensors and to those the model does
+    not use (its unused file), each laid out whole.
 
-    A tensor keeps its style's placement dim (a fused part its fused tensor's style), so the engine reads the rank
-    files' pieces in the geometry they were cut in.
+    A tensor keeps the placement dim of the artifact's tensor it comes from (a fused part its fused tensor's), so
+    the engine reads the rank files' pieces in the geometry they were cut in.
     """
-    options = manifest.options
     styles = {t.name: t.style for t in manifest.tensors}
     table = {**artifact_tensors(root, manifest), **unused_tensors(root, manifest)}  # the unused ones were converted too
-    if options.replicate_kv:
-        table = kv_heads.reverse(table, options.replicate_kv, manifest.plan)
-    if options.fused:
-        for fused, record in options.fused.items():
-            styles.update({key: styles.get(fused) for key, _ in record.parts})
-        table = experts.reverse(table, options.fused)
-    for joined, record in (options.concatenated or {}).items():  # a part keeps its model tensor's placement dim
-        styles.update({key: styles.get(joined) for key, _ in record.parts})
-    for key, record in (options.chunked or {}).items():
-        styles[key] = styles.get(record.parts[0][0])
-    for joined, interleaved in (options.interleaved or {}).items():
-        styles[interleaved.source] = styles.get(joined)
-    table = interleave.reverse(table, options.interleaved)
-    table = row_blocks.reverse(table, options.concatenated, options.chunked)
-    named = {name: options.source_key(name) for name in table}
-    table = renames.reverse(table, options)
-    styles = {named.get(name, name): style for name, style in styles.items()}
+    table, came_from = chain.reverse(table, manifest.options, Context(manifest.tp, manifest.plan))
     outputs = {}
     for name, tensor in table.items():
-        layout = tensor_layout(name, tensor.dtype, tensor.shape, styles.get(name), 1)
+        layout = tensor_layout(name, tensor.dtype, tensor.shape, styles.get(came_from[name]), 1)
         outputs[name] = (layout, ChunkReader(files, tensor, Geometry.of(layout)))
     return outputs
 

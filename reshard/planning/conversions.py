@@ -13,7 +13,7 @@ from reshard.manifests.plans import UNRECORDED_VERSION, BuiltinPlan, plan_for_co
 from reshard.manifests.transforms import Transforms
 from reshard.planning.meta_names import names_for
 from reshard.planning.tp_plan import style_of
-from reshard.transforms import Table, experts, interleave, renames, row_blocks
+from reshard.transforms import Context, Table, chain
 
 
 def converted(
@@ -24,27 +24,29 @@ def converted(
     origin: str,
     config: dict[str, Any] | None = None,
     version: str = UNRECORDED_VERSION,
+    *,
+    tp_plan: dict[str, str] | None = None,
+    replicate_kv: bool = False,
 ) -> tuple[Table, Transforms]:
     """The checkpoint's tensors as the model's, by the conversions transformers' loader applies to their keys
-    (renamings, then converters), and the records of what was done; refused when the replay does not give the
-    tensors transformers fills."""
+    (renamings, then converters) and the KV heads replicated if ``replicate_kv`` and the tp needs it (along
+    ``tp_plan``, the plan without its expert-parallel rules; ``plan`` by default): every transform of the chain
+    applied, with the records of what was done. Refused when the replay does not give the tensors transformers
+    fills."""
     converters = builtin.key_converters if builtin else ()
     names = names_for(stored, builtin, config) if builtin else {}
-    table, renamed = renames.forward(stored, names)
-    table, concatenated, chunked = row_blocks.forward(table, converters)
-    blocks = interleave.blocks_for(lambda name: style_of(name, plan), tp)
-    interleaved = interleave.records(table, converters, blocks)
-    table = interleave.forward(table, interleaved)
-    table, fused = experts.forward(table, converters)
+    context = Context(
+        tp=tp,
+        plan=plan if tp_plan is None else tp_plan,
+        style=lambda name: style_of(name, plan),
+        config=config or {},
+        converters=converters,
+        names=names,
+        replicate_kv=replicate_kv,
+    )
+    table, records = chain.forward(stored, context)
     refuse_unreplayed(table, converters, origin, version)
     keymap.require_same(table, names, origin)
-    records = Transforms(
-        fused=fused or None,
-        concatenated=concatenated or None,
-        chunked=chunked or None,
-        interleaved=interleaved or None,
-        renamed=renamed or None,
-    )
     return table, records
 
 

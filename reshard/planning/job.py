@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from reshard.request import ConversionRequest
 from reshard.source.artifact import artifact_tensors, manifest_and_digest
 from reshard.source.checkpoint import artifact_config, read_model_config
 from reshard.source.distributed_checkpoint import checkpoint_table
-from reshard.transforms import Table, interleave, kv_heads
+from reshard.transforms import Context, Table, chain, kv_heads
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,11 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
     require_shardable(config, plan, tp, model, request.replicate_kv)
     checkpoint, stored = checkpoint_table(model, request.revision)  # a distributed checkpoint's slices, or whole
     builtin = plan_for_config(config, version)
-    table, transforms = converted(stored, builtin, {**plan, **ep_plan}, tp, model, config, version)
-    replication = kv_heads.needed(config, tp) if request.replicate_kv else None
-    if replication:
-        table = kv_heads.forward(table, replication, plan)
+    tp_and_ep = {**plan, **ep_plan}
+    table, transforms = converted(
+        stored, builtin, tp_and_ep, tp, model, config, version, tp_plan=plan, replicate_kv=request.replicate_kv
+    )
+    replication = transforms.replicate_kv
     new_config = kv_heads.with_kv_heads(config, replication.replicated) if replication else None
     table, unused, load_report = checked_table(table, new_config or config, request.allow_missing, model)
     tied = tied_embeddings(config)
@@ -158,7 +159,7 @@ def job_from_checkpoint(request: ConversionRequest) -> ConversionJob:
         plan_overrides=rules if request.custom_plan else None,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=replace(transforms, replicate_kv=replication),
+        transforms=transforms,
         extra_files=checkpoint.extra_files,
         source=SourceInfo(checkpoint.repo_id, checkpoint.revision, checkpoint.commit, skipped=checkpoint.skipped),
         identity={
@@ -196,7 +197,9 @@ def pipeline_split(
 def job_from_artifact(request: ConversionRequest) -> ConversionJob:
     """Re-shard an artifact: same plan and tensors, new tp, bytes read from the old rank files only.
 
-    Replicated KV heads are folded back to the original heads and replicated again as the new tp needs.
+    The transforms whose records follow the tp are undone and applied again at the new tp (``chain.reshard``):
+    replicated KV heads folded back to the original heads and replicated again as the new tp needs, interleaved
+    rows de-interleaved in the new ranks' blocks.
     """
     root, tp = Path(request.source), request.tp
     old, manifest_digest = manifest_and_digest(root)
@@ -215,22 +218,10 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         require_expert_parallel(config, tp, ep, str(root))
         if not old.ep_plan:
             raise PlanError(f"{root}: re-sharding keeps the artifact's plan; convert from the checkpoint to add --ep")
-    table = artifact_tensors(root, old)
-    if stored:
-        table = kv_heads.reverse(table, stored, old.plan)
     styles = {t.name: t.style for t in old.tensors}
-    interleaved = None
-    if old.options.interleaved:  # transformers de-interleaves each rank's rows: the blocks follow the new tp
-        blocks = interleave.blocks_for(styles.get, tp)
-        table = interleave.reverse(table, old.options.interleaved)
-        interleaved = {
-            name: replace(r, blocks=blocks(name, table[r.source].shape, r.dim))
-            for name, r in old.options.interleaved.items()
-        }
-        table = interleave.forward(table, interleaved)
-    replication = kv_heads.needed(config, tp) if replicate_kv else None
-    if replication:
-        table = kv_heads.forward(table, replication, old.plan)
+    context = Context(tp, old.plan, styles.get, config, replicate_kv=replicate_kv, recorded=old.options)
+    table, transforms = chain.reshard(artifact_tensors(root, old), context)
+    replication = transforms.replicate_kv
     pp = request.pp if request.pp is not None else old.pp
     tied = old.pipeline.tied if old.pipeline is not None else tied_embeddings(config)
     pipeline = pipeline_split(config, table, pp, tied, str(root), ep)
@@ -247,7 +238,7 @@ def job_from_artifact(request: ConversionRequest) -> ConversionJob:
         plan_overrides=old.plan_overrides,
         layouts=_layouts(table, styles, tp, dtypes),
         tensors=table,
-        transforms=replace(old.options, replicate_kv=replication, interleaved=interleaved),
+        transforms=transforms,
         extra_files=[resolve_in(root, f.path) for f in old.files if f.rank is None],
         source=old.source,
         identity={"artifact": manifest_digest},

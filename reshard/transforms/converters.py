@@ -1,28 +1,25 @@
-"""Which of transformers' load-time weight converters reshard replays offline, and by which transform.
+"""Which of transformers' load-time weight converters reshard replays offline: those a transform of the chain replays.
 
 ``experts`` replays the per-expert ones (``MergeModulelist``, with ``Concatenate(dim=1)`` of gate and up);
-``row_blocks`` the dim-0 ``Concatenate`` and ``Chunk`` of whole tensors; ``interleave`` an ``Interleave``. Any other
+``row_blocks`` the dim-0 ``Concatenate`` and ``Chunk`` of whole tensors; ``interleave`` an ``Interleave``; ``renames``
+the renamings (``PrefixChange`` and inkling2's index-shifting one included, replayed by ``keymap``). Any other
 converter (an ``Interleave`` inverse, a transpose, ...) makes a model type unsupported: the architectures table and
-the model-type matrix ask here, and a conversion that meets one refuses it with one line (``experts.forward``).
-Renamings (``PrefixChange`` and inkling2's index-shifting one included) are replayed by ``keymap``.
+the model-type matrix ask here, and a conversion that meets one refuses it with one line
+(``planning.conversions.refuse_unreplayed``).
 """
 
 from __future__ import annotations
 
-from reshard.manifests import keymap
 from reshard.manifests.plans import ConverterRecord
-from reshard.transforms import experts, interleave, row_blocks
+from reshard.transforms.chain import CHAIN
 
 
 def replayable(converter: ConverterRecord) -> bool:
-    """Whether a converter is one a transform here replays.
+    """Whether a converter is one a transform of the chain replays.
 
     Example:
         >>> replayable(ConverterRecord("WeightConverter", ("gate_up.weight",), ("gate.weight", "up.weight"),
         ...                            (("Chunk", {"dim": 0}),)))
         True
     """
-    fused = converter.kind == "WeightConverter" and converter.operation_names in experts.SUPPORTED_OPERATIONS
-    if converter.kind in keymap.RENAMING_KINDS:
-        return keymap.replayable(converter)
-    return fused or row_blocks.replays(converter) or interleave.replays(converter)
+    return any(transform.replays(converter) for transform in CHAIN)

@@ -16,10 +16,26 @@ from reshard.manifests.chunks import StoredTensor, remapped, shifted
 from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import PlanError, SourceError
 from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.transforms import FusedTensor
-from reshard.transforms import Table
+from reshard.manifests.transforms import FusedTensor, Transforms
+from reshard.transforms import Context, Records, Table
 
 SUPPORTED_OPERATIONS = (frozenset({"MergeModulelist"}), frozenset({"MergeModulelist", "Concatenate"}))
+KINDS = ("fused",)
+
+
+def apply(table: Table, context: Context) -> tuple[Table, Records]:
+    """Each of the model type's per-expert converters fused (``forward``)."""
+    table, fused = forward(table, context.converters)
+    return table, {"fused": fused}
+
+
+def undo(table: Table, records: Transforms, context: Context) -> Table:
+    return reverse(table, records.fused or {})
+
+
+def replays(converter: ConverterRecord) -> bool:
+    """A per-expert ``MergeModulelist`` (with ``Concatenate(dim=1)`` of gate and up)."""
+    return converter.kind == "WeightConverter" and converter.operation_names in SUPPORTED_OPERATIONS
 
 
 def _pattern(source: str) -> re.Pattern[str]:

@@ -31,11 +31,30 @@ from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import ShardabilityError, SourceError
 from reshard.manifests.layout import placement_for, rank_ranges
 from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.transforms import Interleaved
-from reshard.transforms import Table
+from reshard.manifests.transforms import Interleaved, Transforms
+from reshard.transforms import Context, Records, Table
 
 Blocks = Callable[[str, tuple[int, ...], int], tuple[int, ...]]
 """(model tensor name, shape, dim) → the rows of ``dim`` in each block transformers de-interleaves."""
+KINDS = ("interleaved",)
+
+
+def apply(table: Table, context: Context) -> tuple[Table, Records]:
+    """Each replayed ``Interleave``'s tensor de-interleaved in the blocks of ``context.tp``. Re-sharding has the
+    artifact's records instead of the converters: the same tensors, their blocks at the new tp."""
+    blocks = blocks_for(context.style, context.tp)
+    if context.recorded is None:
+        interleaved = records(table, context.converters, blocks)
+    else:
+        interleaved = {
+            name: dataclasses.replace(r, blocks=blocks(name, table[r.source].shape, r.dim))
+            for name, r in (context.recorded.interleaved or {}).items()
+        }
+    return forward(table, interleaved), {"interleaved": interleaved}
+
+
+def undo(table: Table, records: Transforms, context: Context) -> Table:
+    return reverse(table, records.interleaved)
 
 
 def replays(converter: ConverterRecord) -> bool:

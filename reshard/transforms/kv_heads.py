@@ -17,9 +17,28 @@ from reshard.manifests.chunks import remapped
 from reshard.manifests.claims import KV_PROJECTIONS, is_kv_tensor
 from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import ShardabilityError
+from reshard.manifests.plans import ConverterRecord
 from reshard.manifests.preflight import text_config
-from reshard.manifests.transforms import KvReplication
-from reshard.transforms import Table
+from reshard.manifests.transforms import KvReplication, Transforms
+from reshard.transforms import Context, Records, Table
+
+KINDS = ("replicate_kv",)
+
+
+def apply(table: Table, context: Context) -> tuple[Table, Records]:
+    """KV heads replicated as ``context.tp`` needs, when ``context.replicate_kv`` allows it."""
+    record = needed(context.config, context.tp) if context.replicate_kv else None
+    return (forward(table, record, context.plan) if record else table), {"replicate_kv": record}
+
+
+def undo(table: Table, records: Transforms, context: Context) -> Table:
+    record = records.replicate_kv
+    return reverse(table, record, context.plan) if record else table
+
+
+def replays(converter: ConverterRecord) -> bool:
+    """None: transformers has no converter that replicates KV heads."""
+    return False
 
 
 def needed(config: dict[str, Any], tp: int) -> KvReplication | None:
@@ -71,4 +90,16 @@ def config_json(config: dict[str, Any]) -> bytes:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-__all__ = ["KV_PROJECTIONS", "config_json", "forward", "is_kv_tensor", "needed", "reverse", "with_kv_heads"]
+__all__ = [
+    "KINDS",
+    "KV_PROJECTIONS",
+    "apply",
+    "config_json",
+    "forward",
+    "is_kv_tensor",
+    "needed",
+    "replays",
+    "reverse",
+    "undo",
+    "with_kv_heads",
+]

@@ -12,10 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 
+from reshard.manifests import keymap
 from reshard.manifests.errors import SourceError
 from reshard.manifests.keymap import KeyName
+from reshard.manifests.plans import ConverterRecord
 from reshard.manifests.transforms import Transforms
-from reshard.transforms import Table
+from reshard.transforms import Context, Records, Table
+
+KINDS = ("renamed", "key_renames")
+
+
+def apply(table: Table, context: Context) -> tuple[Table, Records]:
+    """Every key under its name before any converter (``context.names``); records what changed."""
+    table, renamed = forward(table, context.names)
+    return table, {"renamed": renamed}
+
+
+def undo(table: Table, records: Transforms, context: Context) -> Table:
+    return reverse(table, records)
+
+
+def replays(converter: ConverterRecord) -> bool:
+    """A renaming ``keymap`` replays (renamings, ``PrefixChange``, inkling2's index-shifting one)."""
+    return keymap.replayable(converter)
 
 
 def forward(table: Table, names: dict[str, KeyName]) -> tuple[Table, dict[str, str]]:

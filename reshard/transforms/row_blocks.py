@@ -26,10 +26,21 @@ from reshard.manifests.chunks import StoredTensor, remapped, shifted
 from reshard.manifests.dtypes import row_bytes
 from reshard.manifests.errors import SourceError
 from reshard.manifests.plans import ConverterRecord
-from reshard.manifests.transforms import RowBlocks
-from reshard.transforms import Table
+from reshard.manifests.transforms import RowBlocks, Transforms
+from reshard.transforms import Context, Records, Table
 
 OPERATIONS = ("Concatenate", "Chunk")
+KINDS = ("concatenated", "chunked")
+
+
+def apply(table: Table, context: Context) -> tuple[Table, Records]:
+    """The model type's replayed ``Concatenate``s joined and ``Chunk``s cut (``forward``)."""
+    table, concatenated, chunked = forward(table, context.converters)
+    return table, {"concatenated": concatenated, "chunked": chunked}
+
+
+def undo(table: Table, records: Transforms, context: Context) -> Table:
+    return reverse(table, records.concatenated, records.chunked)
 
 
 def replays(converter: ConverterRecord) -> bool:
