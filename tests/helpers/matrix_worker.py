@@ -22,6 +22,7 @@ that raises is recorded with its error on every rank (all ranks agree on the out
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -64,11 +65,24 @@ def main() -> None:
         result["seconds"] = round(time.monotonic() - started, 1)
         results[case["name"]] = result
         path.write_text(json.dumps(results, indent=1))
+        release_groups()
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # see runtime_worker.py: gloo's thread at interpreter finalization
+
+
+def release_groups() -> None:
+    """Destroy the process groups the case created (transformers' device mesh, reshard's): each gloo group keeps
+    three threads alive, and a hundred cases left thousands of them, slowing every later case and the machine."""
+    from torch.distributed.distributed_c10d import _world
+
+    gc.collect()
+    for group in list(_world.pg_map):
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
+    gc.collect()
 
 
 def run_case(case: dict[str, Any], out: Path, rank: int, result: dict[str, Any]) -> None:
